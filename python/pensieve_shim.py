@@ -1,0 +1,410 @@
+"""pensieve's MLX shim: every call into MLX / mlx-lm lives here.
+
+The Rust binary embeds this file (include_str!) and drives it from exactly one
+engine thread. Nothing here starts threads, sockets or servers: Rust owns the
+request path, this module owns the model, the tokenizer, the batch generator
+and the prompt (prefix) cache.
+
+Data crosses the boundary as plain Python values (ints, strs, tuples) or JSON
+strings, so the Rust side never holds Python objects outside its GIL scope.
+"""
+
+import copy
+import json
+import os
+import time
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+import mlx_lm
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import (
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    trim_prompt_cache,
+)
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+DEMO_MODEL_VERSION = "demo-v1"
+
+
+class ModelLoadError(Exception):
+    """Raised when --model does not name a loadable model."""
+
+
+class PromptTooLong(Exception):
+    """The rendered prompt leaves no room to generate within the context."""
+
+
+def _greedy(logprobs):
+    return mx.argmax(logprobs, axis=-1)
+
+
+def make_sampler(temperature, top_p, top_k, seed):
+    """One request's sampler. Greedy requests share one object so that the
+    batch generator can sample the whole batch in one call."""
+    if temperature <= 0.0:
+        return _greedy
+    state = {"key": mx.random.key(seed) if seed is not None else None}
+    inv_temp = 1.0 / temperature
+
+    def sample(logprobs):
+        if top_k and top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
+        if 0.0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        if state["key"] is None:
+            return mx.random.categorical(logprobs * inv_temp)
+        state["key"], sub = mx.random.split(state["key"])
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sample
+
+
+class _Active:
+    """Book-keeping for one in-flight request inside the batch."""
+
+    __slots__ = ("rid", "detok", "generated", "fault_after", "prompt")
+
+    def __init__(self, rid, detok, fault_after, prompt):
+        self.rid = rid
+        self.detok = detok
+        self.generated = 0
+        self.fault_after = fault_after
+        self.prompt = prompt
+
+
+class Engine:
+    def __init__(self, model, options_json):
+        opts = json.loads(options_json)
+        t0 = time.perf_counter()
+        self.model_path = model
+        if os.path.isdir(model):
+            missing = [
+                f
+                for f in ("config.json",)
+                if not os.path.exists(os.path.join(model, f))
+            ]
+            has_weights = any(f.endswith(".safetensors") for f in os.listdir(model))
+            if not has_weights:
+                missing.append("*.safetensors")
+            if missing:
+                raise ModelLoadError(
+                    f"model folder {model} is missing {', '.join(missing)}"
+                )
+        elif model.startswith(("/", "./", "../", "~")) or os.path.exists(model):
+            raise ModelLoadError(f"model path {model} does not exist or is not a folder")
+        try:
+            self.model, self.tokenizer, self.config = mlx_lm.load(
+                model, return_config=True
+            )
+        except Exception as e:  # hub failures, bad configs, missing tokenizer
+            raise ModelLoadError(f"could not load model {model}: {e}") from e
+        self.load_seconds = time.perf_counter() - t0
+        self.context_length = int(
+            self.config.get("max_position_embeddings")
+            or self.config.get("text_config", {}).get("max_position_embeddings")
+            or opts.get("default_context", 4096)
+        )
+        self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        self.max_batch = int(opts.get("max_batch", 8))
+        self.prefill_step = int(opts.get("prefill_step", 512))
+        self.prompt_cache_bytes = int(opts.get("prompt_cache_bytes", 1 << 30))
+        self.eos_ids = sorted(self.tokenizer.eos_token_ids)
+        self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
+        self._new_generator()
+        self.active = {}  # uid -> _Active
+        self.by_rid = {}  # rid -> uid
+
+    def _new_generator(self):
+        self.gen = BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in self.eos_ids],
+            sampler=_greedy,
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=self.max_batch,
+            prefill_step_size=self.prefill_step,
+        )
+
+    # ---- facts the Rust side reports ------------------------------------
+
+    def info(self):
+        return json.dumps(
+            {
+                "model": self.model_path,
+                "model_type": self.config.get("model_type"),
+                "context_length": self.context_length,
+                "vocab_size": self.config.get("vocab_size"),
+                "model_bytes": self.model_bytes,
+                "load_seconds": self.load_seconds,
+                "eos_token_ids": self.eos_ids,
+                "has_chat_template": bool(self.tokenizer.has_chat_template),
+                "mlx_version": mx.__version__,
+                "device": str(mx.default_device()),
+            }
+        )
+
+    def memory(self):
+        return (
+            int(mx.get_active_memory()),
+            int(mx.get_peak_memory()),
+            int(mx.get_cache_memory()),
+            int(self.prompt_cache.nbytes),
+            len(self.active),
+        )
+
+    # ---- prompts ---------------------------------------------------------
+
+    def render(self, prompt_json):
+        """Turn the internal prompt (messages + tools, or a raw prompt) into
+        token ids with the model's own chat template."""
+        p = json.loads(prompt_json)
+        if p.get("raw_prompt") is not None:
+            return self.tokenizer.encode(p["raw_prompt"])
+        messages = p["messages"]
+        kwargs = {}
+        if p.get("tools"):
+            kwargs["tools"] = p["tools"]
+        if self.tokenizer.has_chat_template:
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **kwargs
+            )
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        # No template: a plain transcript, so base models still work.
+        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        return self.tokenizer.encode(text + "assistant: ")
+
+    def count(self, prompt_json):
+        return len(self.render(prompt_json))
+
+    # ---- generation ------------------------------------------------------
+
+    def submit(self, rid, tokens, max_tokens, temperature, top_p, top_k, seed, fault_after):
+        """Queue one request into the running batch. Returns the number of
+        prompt tokens served from the prefix cache."""
+        if len(tokens) >= self.context_length:
+            raise PromptTooLong(
+                f"prompt is {len(tokens)} tokens; the model's context is {self.context_length}"
+            )
+        max_tokens = max(1, min(max_tokens, self.context_length - len(tokens)))
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_path, tokens)
+        if cache is not None and not rest:
+            # Exact hit: the generator needs at least one token to feed.
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            else:
+                cache, rest = None, tokens
+        cached = len(tokens) - len(rest)
+        (uid,) = self.gen.insert(
+            [rest],
+            max_tokens=[max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[tokens[:cached]],
+            samplers=[make_sampler(temperature, top_p, top_k, seed)],
+        )
+        self.active[uid] = _Active(rid, self.tokenizer.detokenizer, fault_after, tokens)
+        self.by_rid[rid] = uid
+        self._trim_prompt_cache()
+        return cached, max_tokens
+
+    def _trim_prompt_cache(self):
+        active = self.gen.prompt_cache_nbytes
+        self.prompt_cache.trim_to(n_bytes=max(0, self.prompt_cache_bytes - active))
+
+    def cancel(self, rid):
+        uid = self.by_rid.pop(rid, None)
+        if uid is None:
+            return
+        self.active.pop(uid, None)
+        self.gen.remove([uid])
+
+    def has_work(self):
+        return bool(self.active)
+
+    def step(self):
+        """Advance the batch by one step (a prefill chunk and/or one decode
+        token for every running sequence).
+
+        Returns a list of (rid, text, finish_reason, error) tuples. A Python
+        error while handling one request's output fails only that request; an
+        error in the shared forward pass fails every request in the batch and
+        the generator is rebuilt so later requests still run.
+        """
+        out = []
+        try:
+            _, responses = self.gen.next()
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+            for a in self.active.values():
+                out.append((a.rid, "", None, msg))
+            self.active.clear()
+            self.by_rid.clear()
+            self._new_generator()
+            return out
+        finished = []
+        for r in responses:
+            a = self.active.get(r.uid)
+            if a is None:
+                continue
+            try:
+                a.generated += 1
+                if a.fault_after is not None and a.generated > a.fault_after:
+                    raise RuntimeError(
+                        f"injected fault after {a.fault_after} tokens (test hook)"
+                    )
+                if r.finish_reason == "stop":
+                    a.detok.finalize()
+                elif r.finish_reason is not None:
+                    a.detok.add_token(r.token)
+                    a.detok.finalize()
+                else:
+                    a.detok.add_token(r.token)
+                text = a.detok.last_segment
+                out.append((a.rid, text, r.finish_reason, None))
+                if r.finish_reason is not None:
+                    finished.append(r.uid)
+                    if r.prompt_cache is not None:
+                        self.prompt_cache.insert_cache(
+                            self.model_path, r.all_tokens[:], r.prompt_cache
+                        )
+            except Exception as e:
+                out.append((a.rid, "", None, f"{type(e).__name__}: {e}"))
+                if r.finish_reason is None:
+                    self.gen.remove([r.uid])
+                finished.append(r.uid)
+        for uid in finished:
+            a = self.active.pop(uid, None)
+            if a is not None:
+                self.by_rid.pop(a.rid, None)
+        if finished:
+            self._trim_prompt_cache()
+        return out
+
+
+# ---- the built-in demo model ---------------------------------------------
+
+_DEMO_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif -%}"
+    "# Tools\nYou may call one or more functions. Function signatures:\n<tools>\n"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n"
+    "To call a function, reply with <tool_call>{\"name\": <name>, \"arguments\": <args-json>}</tool_call>"
+    "<|im_end|>\n"
+    "{%- elif messages and messages[0]['role'] == 'system' %}"
+    "<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>\n"
+    "{%- else %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] or '' }}"
+    "{%- if message.get('tool_calls') %}{%- for tc in message['tool_calls'] %}"
+    "\n<tool_call>{\"name\": \"{{ tc['function']['name'] }}\", \"arguments\": {{ tc['function']['arguments'] | tojson }}}</tool_call>"
+    "{%- endfor %}{%- endif %}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu "
+    "the a an and or of to in on for with is are was were be it this that you I we they "
+    "hello world weather sunny rain cloudy wind city today tomorrow temperature degrees "
+    "function call tool result error file read write edit bash search agent code test "
+    "name arguments description type object string number boolean array properties required "
+    "system user assistant model token prompt cache server request response stream message"
+).split()
+
+
+def _demo_corpus():
+    import random
+
+    rng = random.Random(1234)
+    lines = []
+    for _ in range(4000):
+        n = rng.randint(4, 16)
+        words = [rng.choice(_WORDS) for _ in range(n)]
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ",", ":", ";"]))
+    lines.append('{"name": "get_weather", "arguments": {"city": "Paris"}} [1, 2, 3] <tool_call></tool_call>')
+    lines.append("0123456789 ()[]{}<>/\\|-_=+*&^%$#@~`'\" é ü ñ 你好 😀")
+    return lines
+
+
+def make_demo_model(dest):
+    """Create the built-in demo model folder at `dest` (atomically), unless it
+    exists. A real llama-architecture model with seeded random weights and an
+    offline-trained byte-level BPE tokenizer; its output is not meaningful."""
+    marker = os.path.join(dest, ".complete")
+    if os.path.exists(marker):
+        return dest
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from mlx_lm.models import llama
+
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=768,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_demo_corpus(), trainer=trainer)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": None,
+                "model_max_length": 32768,
+                "clean_up_tokenization_spaces": False,
+                "chat_template": _DEMO_TEMPLATE,
+            },
+            f,
+            indent=1,
+        )
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "max_position_embeddings": 32768,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "eos_token_id": tok.token_to_id("<|im_end|>"),
+        "pensieve_demo": DEMO_MODEL_VERSION,
+    }
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(os.path.join(tmp, "model.safetensors"), weights)
+    with open(os.path.join(tmp, ".complete"), "w") as f:
+        f.write(DEMO_MODEL_VERSION)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        # Another process made it first; theirs is as good as ours.
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,624 @@
+//! The Anthropic Messages dialect: wire types, conversion to the internal
+//! request, and the response / event-stream rendering.
+
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+
+use super::{check_range, check_stops};
+use crate::engine::{ChatMessage, FunctionCall, GenerateRequest, Prompt, Sampling, StopReason, ToolCall};
+use crate::error::ApiError;
+
+/// Claude Code's first system block is an attribution line for Anthropic's
+/// billing, not for the model; it can carry a per-request hash, so keeping it
+/// would also defeat the prefix cache.
+const BILLING_HEADER_PREFIX: &str = "x-anthropic-billing-header:";
+
+// ---------------------------------------------------------------------------
+// Wire types (requests). Unknown fields are ignored by serde's default.
+
+/// Body of `POST /v1/messages` and `POST /v1/messages/count_tokens`.
+#[derive(Debug, Deserialize)]
+pub struct MessagesRequest {
+    pub model: String,
+    /// Required by /v1/messages, absent in count_tokens.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    pub messages: Vec<InputMessage>,
+    #[serde(default)]
+    pub system: Option<Content>,
+    #[serde(default)]
+    pub stop_sequences: Option<Vec<String>>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<u64>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub tools: Option<Vec<ToolDef>>,
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+    /// Not in the API reference, but Claude Code sends one mid-conversation.
+    System,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InputMessage {
+    pub role: Role,
+    pub content: Content,
+}
+
+/// A string, or a list of content blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Content {
+    Text(String),
+    Blocks(Vec<Block>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Content::Text(s)),
+            Value::Array(items) => {
+                let mut blocks = Vec::with_capacity(items.len());
+                for (i, item) in items.into_iter().enumerate() {
+                    let b = Block::deserialize(item).map_err(|e| D::Error::custom(format!("block {i}: {e}")))?;
+                    blocks.push(b);
+                }
+                Ok(Content::Blocks(blocks))
+            }
+            other => Err(D::Error::custom(format!(
+                "expected a string or an array of content blocks, got {}",
+                json_kind(&other)
+            ))),
+        }
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Block {
+    Text {
+        text: String,
+    },
+    Image {},
+    Document {},
+    ToolUse {
+        id: String,
+        name: String,
+        #[serde(default)]
+        input: Value,
+    },
+    ToolResult {
+        tool_use_id: String,
+        #[serde(default)]
+        content: Option<Content>,
+        #[serde(default)]
+        is_error: Option<bool>,
+    },
+    Thinking {},
+    RedactedThinking {},
+    /// Server-tool and other block types we do not act on.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct ToolDef {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub input_schema: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToolChoice {
+    Auto {},
+    Any {},
+    Tool { name: String },
+    None {},
+}
+
+// ---------------------------------------------------------------------------
+// Conversion to the internal request.
+
+impl MessagesRequest {
+    /// The prompt the model sees.
+    pub fn to_prompt(&self) -> Result<Prompt, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::InvalidRequest("messages: at least one message is required".into()));
+        }
+        let mut system_parts: Vec<String> = Vec::new();
+        if let Some(sys) = &self.system {
+            match sys {
+                Content::Text(t) => push_nonempty(&mut system_parts, t.clone()),
+                Content::Blocks(blocks) => {
+                    for (i, b) in blocks.iter().enumerate() {
+                        match b {
+                            Block::Text { text } if text.starts_with(BILLING_HEADER_PREFIX) => {}
+                            Block::Text { text } => push_nonempty(&mut system_parts, text.clone()),
+                            _ => {
+                                return Err(ApiError::InvalidRequest(format!(
+                                    "system[{i}]: only text blocks are allowed in system"
+                                )))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut out: Vec<ChatMessage> = Vec::new();
+        // tool_use id -> tool name, so tool results can name their tool.
+        let mut tool_names: Vec<(String, String)> = Vec::new();
+        for (i, m) in self.messages.iter().enumerate() {
+            match m.role {
+                Role::System => push_nonempty(&mut system_parts, flatten_text(&m.content, i)?),
+                Role::Assistant => {
+                    let mut msg = ChatMessage::new("assistant", String::new());
+                    for b in blocks_of(&m.content) {
+                        match b {
+                            Block::Text { text } => msg.content.push_str(&text),
+                            Block::ToolUse { id, name, input } => {
+                                tool_names.push((id.clone(), name.clone()));
+                                msg.tool_calls.push(ToolCall {
+                                    id,
+                                    kind: "function",
+                                    function: FunctionCall {
+                                        name,
+                                        arguments: if input.is_null() { json!({}) } else { input },
+                                    },
+                                });
+                            }
+                            Block::Image {} | Block::Document {} => return Err(unsupported_media(i)),
+                            _ => {}
+                        }
+                    }
+                    out.push(msg);
+                }
+                Role::User => {
+                    let mut text = String::new();
+                    for b in blocks_of(&m.content) {
+                        match b {
+                            Block::Text { text: t } => {
+                                if !text.is_empty() {
+                                    text.push('\n');
+                                }
+                                text.push_str(&t);
+                            }
+                            Block::ToolResult { tool_use_id, content, is_error } => {
+                                let mut body = match &content {
+                                    Some(c) => flatten_text(c, i)?,
+                                    None => String::new(),
+                                };
+                                if is_error == Some(true) {
+                                    body = format!("Error: {body}");
+                                }
+                                let name = tool_names.iter().rev().find(|(id, _)| *id == tool_use_id).map(|(_, n)| n.clone());
+                                out.push(ChatMessage {
+                                    role: "tool".into(),
+                                    content: body,
+                                    tool_calls: vec![],
+                                    tool_call_id: Some(tool_use_id),
+                                    name,
+                                });
+                            }
+                            Block::Image {} | Block::Document {} => return Err(unsupported_media(i)),
+                            _ => {}
+                        }
+                    }
+                    let only_tool_results = matches!(&m.content, Content::Blocks(b)
+                        if !b.is_empty() && b.iter().all(|b| matches!(b, Block::ToolResult { .. })));
+                    if !only_tool_results {
+                        out.push(ChatMessage::new("user", text));
+                    }
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(ApiError::InvalidRequest(
+                "messages: at least one user or assistant message is required".into(),
+            ));
+        }
+        if !system_parts.is_empty() {
+            out.insert(0, ChatMessage::new("system", system_parts.join("\n\n")));
+        }
+        let tools = match (&self.tools, &self.tool_choice) {
+            (_, Some(ToolChoice::None {})) | (None, _) => vec![],
+            (Some(tools), _) => tools.iter().map(tool_to_function).collect(),
+        };
+        Ok(Prompt { messages: out, tools, raw_prompt: None })
+    }
+
+    /// The full internal request for /v1/messages.
+    pub fn to_generate(&self) -> Result<GenerateRequest, ApiError> {
+        let max_tokens = match self.max_tokens {
+            None => return Err(ApiError::InvalidRequest("max_tokens: field required".into())),
+            Some(0) => return Err(ApiError::InvalidRequest("max_tokens: must be at least 1".into())),
+            Some(n) => n,
+        };
+        check_range("temperature", self.temperature, 0.0, 1.0)?;
+        check_range("top_p", self.top_p, 0.0, 1.0)?;
+        let stop = self.stop_sequences.clone().unwrap_or_default();
+        check_stops("stop_sequences", &stop, 64)?;
+        Ok(GenerateRequest {
+            prompt: self.to_prompt()?,
+            max_tokens,
+            sampling: Sampling {
+                temperature: self.temperature.unwrap_or(1.0) as f32,
+                top_p: self.top_p.unwrap_or(1.0) as f32,
+                top_k: self.top_k.unwrap_or(0).min(u32::MAX as u64) as u32,
+                seed: None,
+            },
+            stop,
+            fault_after: None,
+        })
+    }
+}
+
+fn push_nonempty(parts: &mut Vec<String>, s: String) {
+    if !s.trim().is_empty() {
+        parts.push(s);
+    }
+}
+
+fn unsupported_media(i: usize) -> ApiError {
+    ApiError::InvalidRequest(format!(
+        "messages[{i}]: image and document blocks are not supported: the loaded model reads text only"
+    ))
+}
+
+fn blocks_of(c: &Content) -> Vec<Block> {
+    match c {
+        Content::Text(t) => vec![Block::Text { text: t.clone() }],
+        Content::Blocks(b) => b.clone(),
+    }
+}
+
+/// The text of a content value (system messages, tool results).
+fn flatten_text(c: &Content, i: usize) -> Result<String, ApiError> {
+    let mut parts = Vec::new();
+    for b in blocks_of(c) {
+        match b {
+            Block::Text { text } => parts.push(text),
+            Block::Image {} | Block::Document {} => return Err(unsupported_media(i)),
+            _ => {}
+        }
+    }
+    Ok(parts.join("\n"))
+}
+
+fn tool_to_function(t: &ToolDef) -> Value {
+    json!({
+        "type": "function",
+        "function": {
+            "name": t.name,
+            "description": t.description.clone().unwrap_or_default(),
+            "parameters": t.input_schema.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Responses.
+
+/// Token accounting for one response. Anthropic's `input_tokens` excludes
+/// tokens read from the cache: input + cache_read = the prompt's tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub output_tokens: u32,
+}
+
+impl Usage {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "input_tokens": self.prompt_tokens - self.cached_tokens.min(self.prompt_tokens),
+            "output_tokens": self.output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": self.cached_tokens,
+        })
+    }
+}
+
+pub fn stop_reason_fields(r: &StopReason) -> (&'static str, Value) {
+    match r {
+        StopReason::EndTurn => ("end_turn", Value::Null),
+        StopReason::MaxTokens => ("max_tokens", Value::Null),
+        StopReason::StopSequence(s) => ("stop_sequence", json!(s)),
+    }
+}
+
+/// A complete non-streaming response.
+pub fn message_response(id: &str, model: &str, text: &str, reason: &StopReason, usage: Usage) -> Value {
+    let (stop_reason, stop_sequence) = stop_reason_fields(reason);
+    json!({
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": usage.to_json(),
+    })
+}
+
+/// One server-sent event: its `event:` name and `data:` JSON.
+pub type Event = (&'static str, Value);
+
+/// Produces the event sequence of a streamed message, enforcing the grammar:
+/// message_start, (content_block_start, content_block_delta*, content_block_stop)*,
+/// message_delta, message_stop.
+pub struct EventStream {
+    id: String,
+    model: String,
+    index: usize,
+    open: bool,
+    finished: bool,
+}
+
+impl EventStream {
+    pub fn new(id: &str, model: &str) -> EventStream {
+        EventStream { id: id.into(), model: model.into(), index: 0, open: false, finished: false }
+    }
+
+    pub fn start(&mut self, usage: Usage) -> Vec<Event> {
+        let mut u = usage.to_json();
+        u["output_tokens"] = json!(usage.output_tokens.max(1));
+        let start = json!({
+            "type": "message_start",
+            "message": {
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": [], "stop_reason": null, "stop_sequence": null, "usage": u,
+            }
+        });
+        // The text block opens at once: clients show progress from here.
+        let mut ev = vec![("message_start", start)];
+        ev.extend(self.open_text());
+        ev.push(("ping", json!({"type": "ping"})));
+        ev
+    }
+
+    fn open_text(&mut self) -> Vec<Event> {
+        self.open = true;
+        vec![(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": self.index, "content_block": {"type": "text", "text": ""}}),
+        )]
+    }
+
+    pub fn text(&mut self, delta: &str) -> Vec<Event> {
+        if delta.is_empty() || self.finished {
+            return vec![];
+        }
+        let mut ev = vec![];
+        if !self.open {
+            ev.extend(self.open_text());
+        }
+        ev.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": delta}}),
+        ));
+        ev
+    }
+
+    fn close_block(&mut self) -> Vec<Event> {
+        if !self.open {
+            return vec![];
+        }
+        self.open = false;
+        let ev = vec![("content_block_stop", json!({"type": "content_block_stop", "index": self.index}))];
+        self.index += 1;
+        ev
+    }
+
+    pub fn finish(&mut self, reason: &StopReason, usage: Usage) -> Vec<Event> {
+        let mut ev = self.close_block();
+        self.finished = true;
+        let (stop_reason, stop_sequence) = stop_reason_fields(reason);
+        ev.push((
+            "message_delta",
+            json!({
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                "usage": usage.to_json(),
+            }),
+        ));
+        ev.push(("message_stop", json!({"type": "message_stop"})));
+        ev
+    }
+
+    /// An error after the 200 header went out: an `error` event, then nothing.
+    pub fn error(&mut self, e: &ApiError) -> Vec<Event> {
+        self.finished = true;
+        vec![("error", e.body(crate::error::Dialect::Anthropic, None))]
+    }
+
+    pub fn ping() -> Event {
+        ("ping", json!({"type": "ping"}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::parse_json;
+
+    fn req(v: Value) -> Result<MessagesRequest, ApiError> {
+        parse_json(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn string_content_and_system_string() {
+        let r = req(json!({"model": "m", "max_tokens": 5, "system": "be brief",
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .unwrap();
+        let p = r.to_prompt().unwrap();
+        assert_eq!(p.messages, vec![ChatMessage::new("system", "be brief"), ChatMessage::new("user", "hi")]);
+    }
+
+    #[test]
+    fn billing_header_dropped_and_system_messages_folded() {
+        let r = req(json!({"model": "m", "max_tokens": 5,
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cc_entrypoint=cli;"},
+                       {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]},
+                         {"role": "system", "content": [{"type": "text", "text": "late rule"}]}]}))
+        .unwrap();
+        let p = r.to_prompt().unwrap();
+        assert_eq!(p.messages.len(), 2);
+        assert_eq!(p.messages[0].role, "system");
+        assert_eq!(p.messages[0].content, "You are Claude Code.\n\nlate rule");
+        assert!(!p.messages[0].content.contains("billing"));
+        assert_eq!(p.messages[1], ChatMessage::new("user", "hello"));
+    }
+
+    #[test]
+    fn tool_use_and_results_become_template_messages() {
+        let r = req(json!({"model": "m", "max_tokens": 5,
+            "tools": [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Let me check."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                    "content": [{"type": "text", "text": "sunny"}], "is_error": false}]}
+            ]}))
+        .unwrap();
+        let p = r.to_prompt().unwrap();
+        assert_eq!(p.messages.len(), 3);
+        assert_eq!(p.messages[1].tool_calls[0].function.name, "get_weather");
+        assert_eq!(p.messages[1].tool_calls[0].function.arguments, json!({"city": "Paris"}));
+        assert_eq!(p.messages[2].role, "tool");
+        assert_eq!(p.messages[2].content, "sunny");
+        assert_eq!(p.messages[2].name.as_deref(), Some("get_weather"));
+        assert_eq!(p.tools[0]["function"]["name"], "get_weather");
+        assert_eq!(p.tools[0]["function"]["parameters"], json!({"type": "object"}));
+    }
+
+    #[test]
+    fn tool_choice_none_hides_tools() {
+        let r = req(json!({"model": "m", "max_tokens": 5, "tool_choice": {"type": "none"},
+            "tools": [{"name": "t", "input_schema": {}}], "messages": [{"role": "user", "content": "x"}]}))
+        .unwrap();
+        assert!(r.to_prompt().unwrap().tools.is_empty());
+    }
+
+    #[test]
+    fn bad_requests_name_the_problem() {
+        let e = req(json!({"model": "m", "max_tokens": 5, "messages": []})).unwrap().to_generate().unwrap_err();
+        assert!(e.message().contains("at least one message"));
+        let e = req(json!({"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]})).unwrap_err();
+        assert!(e.message().starts_with("messages[0].role"), "{}", e.message());
+        let e = req(json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 7}]})).unwrap_err();
+        assert!(e.message().contains("expected a string or an array"), "{}", e.message());
+        let e = req(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]})).unwrap().to_generate().unwrap_err();
+        assert!(e.message().contains("max_tokens"));
+        let e = req(json!({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}))
+            .unwrap()
+            .to_generate()
+            .unwrap_err();
+        assert!(e.message().contains("at least 1"));
+        let e = req(json!({"model": "m", "max_tokens": 1, "temperature": 3, "messages": [{"role": "user", "content": "x"}]}))
+            .unwrap()
+            .to_generate()
+            .unwrap_err();
+        assert!(e.message().starts_with("temperature"));
+        let e = req(json!({"max_tokens": 1, "messages": [{"role": "user", "content": "x"}]})).unwrap_err();
+        assert!(e.message().contains("model"));
+        let e = req(json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user",
+            "content": [{"type": "image", "source": {}}]}]}))
+        .unwrap()
+        .to_generate()
+        .unwrap_err();
+        assert!(e.message().contains("text only"));
+    }
+
+    #[test]
+    fn unknown_fields_and_blocks_are_ignored() {
+        let r = req(json!({"model": "m", "max_tokens": 128000, "metadata": {"user_id": "u"},
+            "thinking": {"type": "adaptive"}, "context_management": {}, "output_config": {"effort": "medium"},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}},
+                {"type": "server_tool_use", "id": "x"}]}]}))
+        .unwrap();
+        let g = r.to_generate().unwrap();
+        assert_eq!(g.max_tokens, 128000);
+        assert_eq!(g.prompt.messages, vec![ChatMessage::new("user", "a")]);
+    }
+
+    #[test]
+    fn the_claude_code_fixture_converts() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/claude-code-request.json");
+        let Ok(text) = std::fs::read_to_string(path) else { return };
+        let fixture: Value = serde_json::from_str(&text).unwrap();
+        let r: MessagesRequest = parse_json(fixture["body"].to_string().as_bytes()).unwrap();
+        let g = r.to_generate().unwrap();
+        assert_eq!(g.prompt.tools.len(), 12);
+        assert_eq!(g.prompt.messages[0].role, "system");
+        assert!(!g.prompt.messages[0].content.contains("x-anthropic-billing-header"));
+        assert!(g.prompt.messages.iter().skip(1).all(|m| m.role != "system"));
+    }
+
+    #[test]
+    fn usage_splits_cached_tokens() {
+        let u = Usage { prompt_tokens: 100, cached_tokens: 60, output_tokens: 5 };
+        let j = u.to_json();
+        assert_eq!(j["input_tokens"], 40);
+        assert_eq!(j["cache_read_input_tokens"], 60);
+        assert_eq!(j["output_tokens"], 5);
+    }
+
+    #[test]
+    fn event_stream_grammar() {
+        let mut s = EventStream::new("msg_1", "m");
+        let mut names: Vec<&str> = vec![];
+        let u = Usage { prompt_tokens: 3, cached_tokens: 0, output_tokens: 0 };
+        names.extend(s.start(u).iter().map(|e| e.0));
+        names.extend(s.text("").iter().map(|e| e.0));
+        names.extend(s.text("he").iter().map(|e| e.0));
+        names.extend(s.text("llo").iter().map(|e| e.0));
+        let fin = s.finish(&StopReason::StopSequence("X".into()), Usage { output_tokens: 2, ..u });
+        assert_eq!(fin[1].1["delta"]["stop_reason"], "stop_sequence");
+        assert_eq!(fin[1].1["delta"]["stop_sequence"], "X");
+        assert_eq!(fin[1].1["usage"]["output_tokens"], 2);
+        names.extend(fin.iter().map(|e| e.0));
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "ping",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert!(s.text("late").is_empty());
+    }
+}

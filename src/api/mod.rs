@@ -1,0 +1,128 @@
+//! API dialects. Each converts its wire format into the one internal
+//! [`GenerateRequest`](crate::engine::GenerateRequest) at the edge and renders
+//! engine events back into its own wire format.
+
+pub mod anthropic;
+
+use rand::Rng;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// Parses a JSON body into a wire type, naming the offending field on error
+/// (`messages[0].role: unknown variant ...`).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::InvalidRequest("request body is empty: expected a JSON object".into()));
+    }
+    // serde_json's recursion limit (128 levels) stays on: deeply nested JSON
+    // is a 400, never a stack overflow.
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::InvalidRequest(format!("malformed JSON body: {msg}"))
+        } else if path == "." {
+            ApiError::InvalidRequest(format!("invalid request: {msg}"))
+        } else {
+            ApiError::InvalidRequest(format!("{path}: {msg}"))
+        }
+    })?;
+    de.end().map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))?;
+    Ok(value)
+}
+
+/// A random id with the given prefix (`msg_`, `toolu_`, `chatcmpl-`).
+pub fn new_id(prefix: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let tail: String = (0..24).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    format!("{prefix}{tail}")
+}
+
+/// Checks a sampling number against its documented range.
+pub fn check_range(name: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => {
+            Err(ApiError::InvalidRequest(format!("{name}: must be between {lo} and {hi}, got {x}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Stop strings: at most `max`, none empty.
+pub fn check_stops(name: &str, stops: &[String], max: usize) -> Result<(), ApiError> {
+    if stops.len() > max {
+        return Err(ApiError::InvalidRequest(format!("{name}: at most {max} stop sequences, got {}", stops.len())));
+    }
+    if let Some(i) = stops.iter().position(|s| s.is_empty()) {
+        return Err(ApiError::InvalidRequest(format!("{name}[{i}]: must not be empty")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct T {
+        a: u32,
+        b: Vec<String>,
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let e = parse_json::<T>(br#"{"a": 1, "b": [1]}"#).unwrap_err();
+        assert!(e.message().starts_with("b[0]:"), "{}", e.message());
+        let e = parse_json::<T>(br#"{"a": 1"#).unwrap_err();
+        assert!(e.message().starts_with("malformed JSON"), "{}", e.message());
+        let e = parse_json::<T>(b"").unwrap_err();
+        assert!(e.message().contains("empty"));
+        let e = parse_json::<T>(br#"{"b": []}"#).unwrap_err();
+        assert!(e.message().contains("missing field `a`"), "{}", e.message());
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct V {
+        v: serde_json::Value,
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{{\"v\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let e = parse_json::<V>(deep.as_bytes()).unwrap_err();
+        assert_eq!(e.status(), 400);
+        // In an ignored field serde skips it without recursion: accepted, no crash.
+        let ignored = format!("{{\"a\":1,\"b\":[],\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse_json::<T>(ignored.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn trailing_garbage_is_rejected() {
+        let e = parse_json::<T>(br#"{"a": 1, "b": []} xyz"#).unwrap_err();
+        assert!(e.message().starts_with("malformed JSON"), "{}", e.message());
+    }
+
+    #[test]
+    fn ids_have_prefix_and_entropy() {
+        let a = new_id("msg_");
+        let b = new_id("msg_");
+        assert!(a.starts_with("msg_") && a.len() == 28);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn ranges_and_stops() {
+        assert!(check_range("temperature", Some(1.5), 0.0, 1.0).is_err());
+        assert!(check_range("temperature", Some(f64::NAN), 0.0, 1.0).is_err());
+        assert!(check_range("temperature", Some(0.5), 0.0, 1.0).is_ok());
+        assert!(check_range("temperature", None, 0.0, 1.0).is_ok());
+        assert!(check_stops("stop", &["".into()], 4).is_err());
+        assert!(check_stops("stop", &vec!["a".into(); 5], 4).is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! Validated settings. Every flag is also readable from a `PENSIEVE_*`
+//! environment variable (clap's `env`), so a service manager can configure
+//! pensieve without a command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "pensieve", version, about = "A local LLM server: MLX in-process, Anthropic and OpenAI APIs")]
+pub struct Config {
+    /// Address to bind. Loopback by default: exposing a model server is a choice.
+    #[arg(long, env = "PENSIEVE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PENSIEVE_PORT", default_value_t = 7777)]
+    pub port: u16,
+
+    /// A local MLX model folder or a Hugging Face id (e.g. mlx-community/Qwen2.5-7B-Instruct-4bit).
+    /// Without it the built-in demo model is served.
+    #[arg(long, env = "PENSIEVE_MODEL")]
+    pub model: Option<String>,
+
+    /// The id /v1/models reports. Defaults to the folder or repo name.
+    #[arg(long, env = "PENSIEVE_MODEL_NAME")]
+    pub model_name: Option<String>,
+
+    /// Most sequences generating at once (the continuous batch's size).
+    #[arg(long, env = "PENSIEVE_MAX_CONCURRENT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_concurrent: u32,
+
+    /// Requests allowed to wait for a slot; beyond it they get 529 with retry-after.
+    #[arg(long, env = "PENSIEVE_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: u32,
+
+    /// Refuse new work (529) while available system memory is below this (e.g. 1GiB, 512MiB).
+    #[arg(long, env = "PENSIEVE_MIN_FREE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub min_free_memory: u64,
+
+    /// Byte budget of the prefix (prompt) KV cache, LRU-evicted.
+    #[arg(long, env = "PENSIEVE_PROMPT_CACHE_BYTES", default_value = "2GiB", value_parser = parse_bytes)]
+    pub prompt_cache_bytes: u64,
+
+    /// Prompt tokens processed per prefill chunk; smaller chunks interleave
+    /// with running streams more often.
+    #[arg(long, env = "PENSIEVE_PREFILL_STEP", default_value_t = 512)]
+    pub prefill_step: u32,
+
+    /// Require this key (x-api-key or Authorization: Bearer). Off when unset.
+    #[arg(long, env = "PENSIEVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Largest accepted request body.
+    #[arg(long, env = "PENSIEVE_MAX_BODY_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
+    pub max_body_bytes: u64,
+
+    /// Where the demo model is created (default: $XDG_CACHE_HOME/pensieve or ~/.cache/pensieve).
+    #[arg(long, env = "PENSIEVE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// The Python virtual environment with mlx and mlx-lm (default: the one the build created).
+    #[arg(long, env = "PENSIEVE_VENV")]
+    pub venv: Option<PathBuf>,
+
+    /// Which BLAS MLX's CPU backend uses for matrix products (Linux).
+    #[arg(long, env = "PENSIEVE_BLAS", value_enum, default_value_t = BlasChoice::Auto)]
+    pub blas: BlasChoice,
+
+    /// Seconds to let in-flight requests finish on SIGINT/SIGTERM before cancelling them.
+    #[arg(long, env = "PENSIEVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+
+    /// Test hook: honour the `x-pensieve-fault` request header (makes a
+    /// request's generation raise in Python). Never enable in production.
+    #[arg(long, env = "PENSIEVE_ENABLE_FAULT_INJECTION", hide = true)]
+    pub enable_fault_injection: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlasChoice {
+    /// OpenBLAS from the venv's scipy-openblas32 wheel, else the system's, else reference.
+    Auto,
+    /// Whatever the MLX wheel was linked with (the reference BLAS on Linux).
+    Off,
+}
+
+impl Config {
+    /// Defaults as if run with no flags and no environment (for tests and embedding).
+    pub fn default_for_tests() -> Config {
+        Config::parse_from(["pensieve", "--port", "0"])
+    }
+
+    pub fn venv_dir(&self) -> PathBuf {
+        self.venv.clone().unwrap_or_else(|| PathBuf::from(env!("PENSIEVE_VENV")))
+    }
+
+    pub fn cache_root(&self) -> PathBuf {
+        if let Some(dir) = &self.cache_dir {
+            return dir.clone();
+        }
+        if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+            return PathBuf::from(x).join("pensieve");
+        }
+        match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".cache/pensieve"),
+            None => std::env::temp_dir().join("pensieve-cache"),
+        }
+    }
+
+    /// The id clients see in /v1/models.
+    pub fn served_model_id(&self) -> String {
+        if let Some(n) = &self.model_name {
+            return n.clone();
+        }
+        match &self.model {
+            None => "pensieve-demo".to_string(),
+            Some(m) => m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).to_string(),
+        }
+    }
+}
+
+/// Parses "1073741824", "1GiB", "512MiB", "2G", "64k" into bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("not a size: {s:?} (try 1GiB or 512MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5k").unwrap(), 1536);
+        assert_eq!(parse_bytes("42").unwrap(), 42);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn model_id_from_path_or_repo() {
+        let mut c = Config::default_for_tests();
+        assert_eq!(c.served_model_id(), "pensieve-demo");
+        c.model = Some("mlx-community/Qwen2.5-7B-Instruct-4bit".into());
+        assert_eq!(c.served_model_id(), "Qwen2.5-7B-Instruct-4bit");
+        c.model_name = Some("mine".into());
+        assert_eq!(c.served_model_id(), "mine");
+    }
+}

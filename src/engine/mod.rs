@@ -1,0 +1,428 @@
+//! The engine: one thread that owns the model, fed over channels.
+//!
+//! `EngineHandle::generate` takes an admission permit (bounded concurrency,
+//! bounded queue, memory gate), sends a `Command::Generate` to the engine
+//! thread and returns a [`Generation`]: the per-request token stream with the
+//! permit inside it. Dropping the `Generation` (client gone, stop sequence hit)
+//! closes the channel; the engine sees that before its next step and removes
+//! the sequence from the batch, and the permit returns to the pool.
+
+mod admission;
+mod py;
+mod worker;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+pub use admission::Admission;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::stop::StopMatcher;
+
+// ---------------------------------------------------------------------------
+// The internal request: both API dialects convert into these.
+
+/// A chat message as chat templates expect it (the Hugging Face convention).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatMessage {
+    /// "system", "user", "assistant" or "tool".
+    pub role: String,
+    pub content: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For role "tool": which call this is the result of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// For role "tool": the tool's name, which some templates print.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> ChatMessage {
+        ChatMessage { role: role.to_string(), content: content.into(), tool_calls: vec![], tool_call_id: None, name: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// An object: most templates apply `tojson` to it themselves.
+    pub arguments: Value,
+}
+
+/// What gets rendered into prompt tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct Prompt {
+    pub messages: Vec<ChatMessage>,
+    /// Tool definitions in the OpenAI function format the templates expect.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Value>,
+    /// A plain prompt (text completions): no chat template.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_prompt: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Sampling {
+    /// 0 means greedy (deterministic).
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 means off.
+    pub top_k: u32,
+    pub seed: Option<u64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    /// Requested; the engine clamps it to what fits in the context.
+    pub max_tokens: u64,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+    /// Test hook: make generation raise in Python after this many tokens.
+    pub fault_after: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------
+// What flows back.
+
+/// Raw events from the engine thread, one `Token` per generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum TokenEvent {
+    Started { prompt_tokens: u32, cached_tokens: u32, max_tokens: u32 },
+    Token(String),
+    Finished(EngineFinish),
+    Failed(ApiError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EngineFinish {
+    Eos,
+    Length,
+}
+
+/// Why a generation ended, in API-neutral terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    EndTurn,
+    MaxTokens,
+    StopSequence(String),
+}
+
+/// What a [`Generation`] yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    Text(String),
+    Done { reason: StopReason, output_tokens: u32 },
+    Error(ApiError),
+}
+
+/// One admitted request's output stream. Owns the admission permit: the slot
+/// is held exactly as long as this value lives.
+pub struct Generation {
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub max_tokens: u32,
+    output_tokens: u32,
+    rx: Option<mpsc::UnboundedReceiver<TokenEvent>>,
+    stop: StopMatcher,
+    pending: VecDeque<GenEvent>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Generation {
+    pub fn output_tokens(&self) -> u32 {
+        self.output_tokens
+    }
+
+    /// The next event; `None` after `Done` or `Error`.
+    pub async fn next(&mut self) -> Option<GenEvent> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            let rx = self.rx.as_mut()?;
+            match rx.recv().await {
+                Some(TokenEvent::Token(t)) => {
+                    self.output_tokens += 1;
+                    let out = self.stop.push(&t);
+                    if !out.emit.is_empty() {
+                        self.pending.push_back(GenEvent::Text(out.emit));
+                    }
+                    if let Some(i) = out.matched {
+                        let seq = self.stop.stops()[i].clone();
+                        self.finish(StopReason::StopSequence(seq));
+                    }
+                }
+                Some(TokenEvent::Finished(f)) => {
+                    let rest = self.stop.flush();
+                    if !rest.is_empty() {
+                        self.pending.push_back(GenEvent::Text(rest));
+                    }
+                    self.finish(match f {
+                        EngineFinish::Eos => StopReason::EndTurn,
+                        EngineFinish::Length => StopReason::MaxTokens,
+                    });
+                }
+                Some(TokenEvent::Failed(e)) => {
+                    self.rx = None;
+                    self.pending.push_back(GenEvent::Error(e));
+                }
+                Some(TokenEvent::Started { .. }) => {}
+                None => {
+                    self.rx = None;
+                    self.pending.push_back(GenEvent::Error(ApiError::Unavailable(
+                        "the engine stopped while generating".into(),
+                    )));
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, reason: StopReason) {
+        // Dropping the receiver tells the engine to stop this sequence now
+        // (it matters for stop sequences; for EOS/length it is already gone).
+        self.rx = None;
+        self.pending.push_back(GenEvent::Done { reason, output_tokens: self.output_tokens });
+    }
+
+    /// Runs to the end and collects the text (non-streaming responses).
+    pub async fn collect(&mut self) -> Result<(String, StopReason), ApiError> {
+        let mut text = String::new();
+        while let Some(ev) = self.next().await {
+            match ev {
+                GenEvent::Text(t) => text.push_str(&t),
+                GenEvent::Done { reason, .. } => return Ok((text, reason)),
+                GenEvent::Error(e) => return Err(e),
+            }
+        }
+        Err(ApiError::Internal("generation ended without a result".into()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Engine state shared with the HTTP side (read without the GIL).
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EngineState {
+    Loading = 0,
+    Ready = 1,
+    Failed = 2,
+    Stopped = 3,
+}
+
+/// Facts about the loaded model, from the shim's `info()`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ModelInfo {
+    pub model: String,
+    pub model_type: Option<String>,
+    pub context_length: u64,
+    pub vocab_size: Option<u64>,
+    pub model_bytes: u64,
+    pub load_seconds: f64,
+    pub mlx_version: String,
+    pub device: String,
+    #[serde(default)]
+    pub blas: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MemorySnapshot {
+    pub mlx_active_bytes: u64,
+    pub mlx_peak_bytes: u64,
+    pub mlx_cache_bytes: u64,
+    pub prompt_cache_bytes: u64,
+    pub running_sequences: u64,
+}
+
+#[derive(Debug)]
+pub struct EngineStatus {
+    state: AtomicU8,
+    pub info: OnceLock<ModelInfo>,
+    pub memory: Mutex<MemorySnapshot>,
+    pub generated_tokens: AtomicU64,
+}
+
+impl EngineStatus {
+    fn new() -> EngineStatus {
+        EngineStatus {
+            state: AtomicU8::new(EngineState::Loading as u8),
+            info: OnceLock::new(),
+            memory: Mutex::new(MemorySnapshot::default()),
+            generated_tokens: AtomicU64::new(0),
+        }
+    }
+
+    pub fn state(&self) -> EngineState {
+        match self.state.load(Ordering::Acquire) {
+            0 => EngineState::Loading,
+            1 => EngineState::Ready,
+            2 => EngineState::Failed,
+            _ => EngineState::Stopped,
+        }
+    }
+
+    fn set_state(&self, s: EngineState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Commands to the engine thread.
+
+pub(crate) enum Command {
+    Generate { id: u64, request: GenerateRequest, events: mpsc::UnboundedSender<TokenEvent> },
+    CountTokens { prompt: Prompt, reply: oneshot::Sender<Result<u32, ApiError>> },
+    Shutdown,
+}
+
+/// Settings the engine thread needs (a plain copy, no clap types).
+#[derive(Debug, Clone)]
+pub(crate) struct EngineOptions {
+    pub model: Option<String>,
+    pub cache_root: std::path::PathBuf,
+    pub venv: std::path::PathBuf,
+    pub blas: crate::config::BlasChoice,
+    pub max_batch: u32,
+    pub prefill_step: u32,
+    pub prompt_cache_bytes: u64,
+}
+
+/// Cheap to clone; the way the HTTP side talks to the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std::sync::mpsc::Sender<Command>,
+    status: Arc<EngineStatus>,
+    admission: Arc<Admission>,
+    next_id: Arc<AtomicU64>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread and waits until the model is loaded. A load
+    /// failure is returned here, before any listener opens.
+    pub fn start(config: &Config) -> anyhow::Result<EngineHandle> {
+        let opts = EngineOptions {
+            model: config.model.clone(),
+            cache_root: config.cache_root(),
+            venv: config.venv_dir(),
+            blas: config.blas,
+            max_batch: config.max_concurrent,
+            prefill_step: config.prefill_step,
+            prompt_cache_bytes: config.prompt_cache_bytes,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let status = Arc::new(EngineStatus::new());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let st = status.clone();
+        let thread = std::thread::Builder::new()
+            .name("pensieve-engine".into())
+            .spawn(move || worker::engine_thread(opts, rx, st, ready_tx))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => {
+                let _ = thread.join();
+                anyhow::bail!(msg);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                anyhow::bail!("the engine thread died while loading the model");
+            }
+        }
+        Ok(EngineHandle {
+            tx,
+            status,
+            admission: Arc::new(Admission::new(config.max_concurrent, config.max_queue, config.min_free_memory)),
+            next_id: Arc::new(AtomicU64::new(1)),
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    pub fn status(&self) -> &EngineStatus {
+        &self.status
+    }
+
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    pub fn info(&self) -> Option<&ModelInfo> {
+        self.status.info.get()
+    }
+
+    fn ensure_alive(&self) -> Result<(), ApiError> {
+        match self.status.state() {
+            EngineState::Ready => Ok(()),
+            EngineState::Loading => Err(ApiError::Unavailable("the model is still loading".into())),
+            _ => Err(ApiError::Unavailable("the engine is not running; restart pensieve".into())),
+        }
+    }
+
+    /// Admits, submits, and waits until the engine has rendered the prompt
+    /// (so prompt errors come back as plain 4xx, before any stream starts).
+    pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, ApiError> {
+        self.ensure_alive()?;
+        let permit = self.admission.acquire().await?;
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stop = StopMatcher::new(&request.stop);
+        self.tx
+            .send(Command::Generate { id, request, events: events_tx })
+            .map_err(|_| ApiError::Unavailable("the engine is not running".into()))?;
+        match events_rx.recv().await {
+            Some(TokenEvent::Started { prompt_tokens, cached_tokens, max_tokens }) => Ok(Generation {
+                prompt_tokens,
+                cached_tokens,
+                max_tokens,
+                output_tokens: 0,
+                rx: Some(events_rx),
+                stop,
+                pending: VecDeque::new(),
+                _permit: permit,
+            }),
+            Some(TokenEvent::Failed(e)) => Err(e),
+            Some(other) => Err(ApiError::Internal(format!("engine protocol error: {other:?}"))),
+            None => Err(ApiError::Unavailable("the engine stopped".into())),
+        }
+    }
+
+    /// Tokens the prompt renders to, with the model's own template.
+    pub async fn count_tokens(&self, prompt: Prompt) -> Result<u32, ApiError> {
+        self.ensure_alive()?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::CountTokens { prompt, reply })
+            .map_err(|_| ApiError::Unavailable("the engine is not running".into()))?;
+        rx.await.map_err(|_| ApiError::Unavailable("the engine stopped".into()))?
+    }
+
+    /// Asks the engine thread to finish and waits for it.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}

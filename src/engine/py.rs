@@ -1,0 +1,212 @@
+//! The only file that touches pyo3.
+//!
+//! The engine thread attaches to the interpreter once, for its whole life,
+//! imports the embedded shim (python/pensieve_shim.py), loads the model and
+//! then serves the loop in `worker.rs` through [`PyBackend`]. The GIL is
+//! released whenever the loop waits for work. Python objects never leave this
+//! thread: they are `Bound<'py, _>` values tied to the attach scope.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::PyModule;
+
+use super::worker::{self, Backend, StepItem, Submitted};
+use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, ModelInfo, Prompt};
+use crate::error::ApiError;
+
+const SHIM_SOURCE: &str = include_str!("../../python/pensieve_shim.py");
+
+pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<EngineStatus>, ready: Sender<Result<(), String>>) {
+    let site_packages = match find_site_packages(&opts.venv) {
+        Ok(p) => p,
+        Err(e) => {
+            status.set_state(EngineState::Failed);
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    // Must happen before mlx (and so its BLAS) is loaded.
+    let blas = crate::blas::init(opts.blas, &site_packages);
+    tracing::info!("BLAS for MLX's CPU matmuls: {blas}");
+
+    Python::attach(|py| {
+        let loaded = load(py, &opts, &site_packages).and_then(|(shim, engine)| {
+            let info_json: String = engine.call_method0("info")?.extract()?;
+            Ok((shim, engine, info_json))
+        });
+        let (_shim, engine, info_json) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                status.set_state(EngineState::Failed);
+                let _ = ready.send(Err(describe_load_error(py, &e, &opts)));
+                return;
+            }
+        };
+        let mut info: ModelInfo = match serde_json::from_str(&info_json) {
+            Ok(i) => i,
+            Err(e) => {
+                status.set_state(EngineState::Failed);
+                let _ = ready.send(Err(format!("shim returned bad model info: {e}")));
+                return;
+            }
+        };
+        info.blas = blas.to_string();
+        tracing::info!(
+            model = %info.model,
+            context = info.context_length,
+            weights_mib = info.model_bytes >> 20,
+            "model loaded in {:.2}s on {} (mlx {})",
+            info.load_seconds,
+            info.device,
+            info.mlx_version
+        );
+        let _ = status.info.set(info);
+        status.set_state(EngineState::Ready);
+        let _ = ready.send(Ok(()));
+        let mut backend = PyBackend { py, engine };
+        worker::serve(&mut backend, rx, &status);
+    });
+}
+
+fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyResult<(Bound<'py, PyModule>, Bound<'py, PyAny>)> {
+    let site = py.import("site")?;
+    site.call_method1("addsitedir", (site_packages.to_string_lossy().to_string(),))?;
+    let code = CString::new(SHIM_SOURCE).expect("shim has no NUL bytes");
+    let shim = PyModule::from_code(py, &code, c"pensieve_shim.py", c"pensieve_shim")?;
+    let model_path = match &opts.model {
+        Some(m) => m.clone(),
+        None => {
+            let dest = opts.cache_root.join(shim.getattr("DEMO_MODEL_VERSION")?.extract::<String>()?);
+            std::fs::create_dir_all(&opts.cache_root).map_err(|e| {
+                pyo3::exceptions::PyOSError::new_err(format!("cannot create {}: {e}", opts.cache_root.display()))
+            })?;
+            tracing::info!(
+                "no --model given: serving the built-in demo model from {} (random weights: its output is not meaningful text)",
+                dest.display()
+            );
+            let t = std::time::Instant::now();
+            let path: String = shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(),))?.extract()?;
+            tracing::debug!("demo model ready in {:.2?}", t.elapsed());
+            path
+        }
+    };
+    let options = serde_json::json!({
+        "max_batch": opts.max_batch,
+        "prefill_step": opts.prefill_step,
+        "prompt_cache_bytes": opts.prompt_cache_bytes,
+    })
+    .to_string();
+    tracing::info!("loading model {model_path}");
+    let engine = shim.getattr("Engine")?.call1((model_path, options))?;
+    Ok((shim, engine))
+}
+
+fn describe_load_error(py: Python<'_>, e: &PyErr, opts: &EngineOptions) -> String {
+    let what = opts.model.as_deref().unwrap_or("the built-in demo model");
+    let is_load_error = e.get_type(py).name().map(|n| n.to_string() == "ModelLoadError").unwrap_or(false);
+    if is_load_error {
+        format!("cannot load --model {what}: {}", e.value(py))
+    } else {
+        format!("cannot load {what}: {e}")
+    }
+}
+
+fn find_site_packages(venv: &Path) -> Result<PathBuf, String> {
+    let lib = venv.join("lib");
+    let entries = std::fs::read_dir(&lib).map_err(|_| {
+        format!(
+            "Python environment not found at {}: run `cargo build` in the pensieve checkout (it creates it), or pass --venv",
+            venv.display()
+        )
+    })?;
+    for e in entries.flatten() {
+        let sp = e.path().join("site-packages");
+        if e.file_name().to_string_lossy().starts_with("python") && sp.is_dir() {
+            return Ok(sp);
+        }
+    }
+    Err(format!("no site-packages under {}: the Python environment is incomplete; delete it and run `cargo build`", lib.display()))
+}
+
+struct PyBackend<'py> {
+    py: Python<'py>,
+    engine: Bound<'py, PyAny>,
+}
+
+impl PyBackend<'_> {
+    fn render_json(prompt: &Prompt) -> String {
+        serde_json::to_string(prompt).expect("prompt serializes")
+    }
+
+    /// Errors while rendering a prompt come from the request's content
+    /// (template refusals, a prompt longer than the context): client errors.
+    fn prompt_error(&self, e: PyErr) -> ApiError {
+        ApiError::InvalidRequest(format!("{}", e.value(self.py)))
+    }
+}
+
+impl Backend for PyBackend<'_> {
+    fn submit(&mut self, rid: u64, req: &GenerateRequest) -> Result<Submitted, ApiError> {
+        let tokens: Vec<u32> = self
+            .engine
+            .call_method1("render", (Self::render_json(&req.prompt),))
+            .and_then(|t| t.extract())
+            .map_err(|e| self.prompt_error(e))?;
+        let s = &req.sampling;
+        let submitted = self.engine.call_method1(
+            "submit",
+            (rid, tokens.clone(), req.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, req.fault_after),
+        );
+        let (cached, max_tokens): (u32, u32) = submitted.and_then(|r| r.extract()).map_err(|e| {
+            let too_long = e.get_type(self.py).name().map(|n| n.to_string() == "PromptTooLong").unwrap_or(false);
+            if too_long {
+                self.prompt_error(e)
+            } else {
+                ApiError::Internal(format!("could not start generation: {e}"))
+            }
+        })?;
+        Ok(Submitted { prompt_tokens: tokens.len() as u32, cached_tokens: cached, max_tokens })
+    }
+
+    fn count(&mut self, prompt: &Prompt) -> Result<u32, ApiError> {
+        self.engine
+            .call_method1("count", (Self::render_json(prompt),))
+            .and_then(|n| n.extract())
+            .map_err(|e| self.prompt_error(e))
+    }
+
+    fn cancel(&mut self, rid: u64) {
+        if let Err(e) = self.engine.call_method1("cancel", (rid,)) {
+            tracing::warn!(rid, "cancel failed: {e}");
+        }
+    }
+
+    fn step(&mut self) -> Result<Vec<StepItem>, ApiError> {
+        let items: Vec<(u64, String, Option<String>, Option<String>)> = self
+            .engine
+            .call_method0("step")
+            .and_then(|r| r.extract())
+            .map_err(|e| ApiError::Internal(format!("generation step failed: {e}")))?;
+        Ok(items.into_iter().map(|(rid, text, finish, error)| StepItem { rid, text, finish, error }).collect())
+    }
+
+    fn memory(&mut self) -> Option<MemorySnapshot> {
+        let r = self.engine.call_method0("memory").ok()?;
+        let (active, peak, cache, prompt_cache, running): (u64, u64, u64, u64, u64) = r.extract().ok()?;
+        Some(MemorySnapshot {
+            mlx_active_bytes: active,
+            mlx_peak_bytes: peak,
+            mlx_cache_bytes: cache,
+            prompt_cache_bytes: prompt_cache,
+            running_sequences: running,
+        })
+    }
+
+    fn wait<T: Send>(&mut self, f: impl FnOnce() -> T + Send) -> T {
+        self.py.detach(f)
+    }
+}

@@ -1,0 +1,208 @@
+//! The engine thread's loop, independent of pyo3: it talks to the model
+//! through the [`Backend`] trait (implemented over the Python shim in
+//! `py.rs`).
+//!
+//! Each turn: take new commands (blocking, with the GIL released, only when
+//! nothing is running), drop sequences whose client went away, run one batch
+//! step, and fan the step's tokens out to the per-request channels.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Command, EngineFinish, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, Prompt, TokenEvent};
+use crate::error::ApiError;
+
+/// One step's output for one request.
+pub(crate) struct StepItem {
+    pub rid: u64,
+    pub text: String,
+    /// "stop" (EOS) or "length", when this token ended the sequence.
+    pub finish: Option<String>,
+    /// A Python error that failed this request.
+    pub error: Option<String>,
+}
+
+pub(crate) struct Submitted {
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub max_tokens: u32,
+}
+
+/// The model, as the loop sees it. All methods run on the engine thread.
+pub(crate) trait Backend {
+    fn submit(&mut self, rid: u64, req: &GenerateRequest) -> Result<Submitted, ApiError>;
+    fn count(&mut self, prompt: &Prompt) -> Result<u32, ApiError>;
+    fn cancel(&mut self, rid: u64);
+    fn step(&mut self) -> Result<Vec<StepItem>, ApiError>;
+    fn memory(&mut self) -> Option<MemorySnapshot>;
+    /// Runs `f` with the interpreter released (waiting for work).
+    fn wait<T: Send>(&mut self, f: impl FnOnce() -> T + Send) -> T;
+}
+
+pub(crate) fn engine_thread(
+    opts: EngineOptions,
+    rx: Receiver<Command>,
+    status: Arc<EngineStatus>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let st = status.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        super::py::run(opts, rx, st, ready);
+    }));
+    if let Err(panic) = result {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!("engine thread panicked: {msg}");
+    }
+    // Whatever ended the loop, the engine is gone: health turns 503 and the
+    // request channels close, which fails every in-flight request cleanly.
+    if status.state() != EngineState::Failed {
+        status.set_state(EngineState::Stopped);
+    }
+}
+
+struct Active {
+    events: UnboundedSender<TokenEvent>,
+}
+
+/// The serving loop. Returns when told to shut down or when every handle is gone.
+pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: &EngineStatus) {
+    let mut active: HashMap<u64, Active> = HashMap::new();
+    let mut rx = Some(rx);
+    let mut last_memory = Instant::now() - Duration::from_secs(1);
+    loop {
+        // 1. Commands. Block (GIL released) only when there is nothing to run.
+        if active.is_empty() {
+            refresh_memory(backend, status, &mut last_memory, true);
+            let r = rx.take().unwrap();
+            let (r, cmd) = backend.wait(move || {
+                let c = r.recv();
+                (r, c)
+            });
+            rx = Some(r);
+            match cmd {
+                Ok(c) => {
+                    if !handle(backend, c, &mut active) {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.as_ref().unwrap().try_recv() {
+                Ok(c) => {
+                    if !handle(backend, c, &mut active) {
+                        return;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+
+        // 2. Cancellation: a closed channel means nobody reads this stream.
+        let gone: Vec<u64> = active.iter().filter(|(_, a)| a.events.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            backend.cancel(id);
+            active.remove(&id);
+        }
+        if active.is_empty() {
+            continue;
+        }
+
+        // 3. One batch step.
+        match backend.step() {
+            Ok(items) => {
+                let n_tokens = items.iter().filter(|i| i.error.is_none()).count() as u64;
+                status.generated_tokens.fetch_add(n_tokens, Ordering::Relaxed);
+                for item in items {
+                    dispatch(item, &mut active);
+                }
+            }
+            Err(e) => {
+                // The backend could not step at all: fail everything running.
+                for (_, a) in active.drain() {
+                    let _ = a.events.send(TokenEvent::Failed(e.clone()));
+                }
+            }
+        }
+        refresh_memory(backend, status, &mut last_memory, false);
+    }
+}
+
+fn dispatch(item: StepItem, active: &mut HashMap<u64, Active>) {
+    let Some(a) = active.get(&item.rid) else { return };
+    if let Some(err) = item.error {
+        tracing::warn!(rid = item.rid, "generation failed: {err}");
+        let _ = a.events.send(TokenEvent::Failed(ApiError::Internal(format!("generation failed: {err}"))));
+        active.remove(&item.rid);
+        return;
+    }
+    let finish = match item.finish.as_deref() {
+        None => None,
+        Some("stop") => Some(EngineFinish::Eos),
+        Some(_) => Some(EngineFinish::Length),
+    };
+    // Every step produced one token (EOS included, as hosted APIs count it);
+    // its text may be empty while the detokenizer waits for more bytes.
+    let _ = a.events.send(TokenEvent::Token(item.text));
+    if let Some(f) = finish {
+        let _ = a.events.send(TokenEvent::Finished(f));
+        active.remove(&item.rid);
+    }
+}
+
+/// Returns false when the loop should end.
+fn handle<B: Backend>(backend: &mut B, cmd: Command, active: &mut HashMap<u64, Active>) -> bool {
+    match cmd {
+        Command::Generate { id, request, events } => {
+            if events.is_closed() {
+                return true;
+            }
+            match backend.submit(id, &request) {
+                Ok(s) => {
+                    let _ = events.send(TokenEvent::Started {
+                        prompt_tokens: s.prompt_tokens,
+                        cached_tokens: s.cached_tokens,
+                        max_tokens: s.max_tokens,
+                    });
+                    active.insert(id, Active { events });
+                }
+                Err(e) => {
+                    let _ = events.send(TokenEvent::Failed(e));
+                }
+            }
+            true
+        }
+        Command::CountTokens { prompt, reply } => {
+            let _ = reply.send(backend.count(&prompt));
+            true
+        }
+        Command::Shutdown => {
+            for (id, a) in active.drain() {
+                backend.cancel(id);
+                let _ = a.events.send(TokenEvent::Failed(ApiError::Unavailable("the server is shutting down".into())));
+            }
+            false
+        }
+    }
+}
+
+fn refresh_memory<B: Backend>(backend: &mut B, status: &EngineStatus, last: &mut Instant, force: bool) {
+    if !force && last.elapsed() < Duration::from_millis(250) {
+        return;
+    }
+    *last = Instant::now();
+    if let Some(m) = backend.memory() {
+        *status.memory.lock().unwrap() = m;
+    }
+}

@@ -1,0 +1,236 @@
+//! Route handlers.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{json_response, AppState, Body};
+use crate::api::anthropic::{self, EventStream, MessagesRequest, Usage};
+use crate::api::{new_id, parse_json};
+use crate::engine::{EngineState, GenEvent, Generation};
+use crate::error::ApiError;
+
+/// How often an idle stream gets a `ping` (keeps proxies and clients from
+/// timing out during a long prefill).
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+pub fn health(state: &AppState) -> Response<Body> {
+    let engine = &state.engine;
+    let st = engine.status().state();
+    let adm = engine.admission();
+    let mem = *engine.status().memory.lock().unwrap();
+    let info = engine.info();
+    let body = json!({
+        "status": if st == EngineState::Ready { "ok" } else { "unavailable" },
+        "engine": match st {
+            EngineState::Loading => "loading",
+            EngineState::Ready => "ready",
+            EngineState::Failed => "failed",
+            EngineState::Stopped => "stopped",
+        },
+        "model": {
+            "id": state.model_id,
+            "path": info.map(|i| i.model.clone()),
+            "type": info.and_then(|i| i.model_type.clone()),
+            "context_length": info.map(|i| i.context_length),
+            "weights_bytes": info.map(|i| i.model_bytes),
+            "device": info.map(|i| i.device.clone()),
+            "mlx_version": info.map(|i| i.mlx_version.clone()),
+            "blas": info.map(|i| i.blas.clone()),
+        },
+        "memory": {
+            "system_available_bytes": adm.memory.available(),
+            "process_rss_bytes": adm.memory.process_rss(),
+            "mlx_active_bytes": mem.mlx_active_bytes,
+            "mlx_peak_bytes": mem.mlx_peak_bytes,
+            "mlx_cache_bytes": mem.mlx_cache_bytes,
+            "prompt_cache_bytes": mem.prompt_cache_bytes,
+        },
+        "slots": {"capacity": adm.capacity(), "in_use": adm.in_use(), "queued": adm.queued()},
+        "generated_tokens": engine.status().generated_tokens.load(std::sync::atomic::Ordering::Relaxed),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+    });
+    let status = if st == EngineState::Ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, &body)
+}
+
+fn model_entry(state: &AppState) -> Value {
+    let created = state.started.elapsed();
+    let created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d - created).unwrap_or_default().as_secs();
+    // Fields of both the Anthropic and the OpenAI model shapes, so both SDKs'
+    // `models.list()` parse the same answer.
+    json!({
+        "type": "model",
+        "id": state.model_id,
+        "display_name": state.model_id,
+        "created_at": rfc3339(created_unix),
+        "object": "model",
+        "created": created_unix,
+        "owned_by": "pensieve",
+    })
+}
+
+pub fn list_models(state: &AppState) -> Response<Body> {
+    let m = model_entry(state);
+    json_response(
+        StatusCode::OK,
+        &json!({"data": [m], "has_more": false, "first_id": state.model_id, "last_id": state.model_id, "object": "list"}),
+    )
+}
+
+pub fn get_model(state: &AppState, id: &str) -> Result<Response<Body>, ApiError> {
+    // Any name is served by the loaded model (clients ask for their own names).
+    let mut m = model_entry(state);
+    if !id.is_empty() {
+        m["id"] = json!(id);
+    }
+    Ok(json_response(StatusCode::OK, &m))
+}
+
+pub async fn count_tokens(state: &AppState, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let req: MessagesRequest = parse_json(body)?;
+    let n = state.engine.count_tokens(req.to_prompt()?).await?;
+    Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
+}
+
+pub async fn messages(
+    state: &Arc<AppState>,
+    body: &[u8],
+    request_id: &str,
+    fault_after: Option<u32>,
+) -> Result<Response<Body>, ApiError> {
+    let req: MessagesRequest = parse_json(body)?;
+    let mut gen_req = req.to_generate()?;
+    gen_req.fault_after = fault_after;
+    let stream = req.stream.unwrap_or(false);
+    let model = req.model.clone();
+    let mut generation = state.engine.generate(gen_req).await?;
+    let id = new_id("msg_");
+    tracing::debug!(
+        id = %request_id,
+        prompt_tokens = generation.prompt_tokens,
+        cached = generation.cached_tokens,
+        max_tokens = generation.max_tokens,
+        "generation admitted"
+    );
+    if !stream {
+        let (text, reason) = generation.collect().await?;
+        let usage = usage_of(&generation);
+        return Ok(json_response(StatusCode::OK, &anthropic::message_response(&id, &model, &text, &reason, usage)));
+    }
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(32);
+    tokio::spawn(stream_messages(generation, EventStream::new(&id, &model), tx));
+    Ok(sse_response(rx))
+}
+
+fn usage_of(g: &Generation) -> Usage {
+    Usage { prompt_tokens: g.prompt_tokens, cached_tokens: g.cached_tokens, output_tokens: g.output_tokens() }
+}
+
+fn sse_response(rx: mpsc::Receiver<Result<Frame<Bytes>, std::convert::Infallible>>) -> Response<Body> {
+    let mut r = Response::new(StreamBody::new(ReceiverStream::new(rx)).boxed());
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn sse_frame(events: Vec<anthropic::Event>) -> Option<Frame<Bytes>> {
+    if events.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for (name, data) in events {
+        out.push_str(&crate::sse::encode(Some(name), &data));
+    }
+    Some(Frame::data(Bytes::from(out)))
+}
+
+/// Drives one streamed message: generation events in, SSE frames out. Ends
+/// when the generation does or when the client goes away (the frame channel
+/// closes); either way `generation` is dropped, which cancels the sequence
+/// in the engine and frees its slot.
+async fn stream_messages(
+    mut generation: Generation,
+    mut events: EventStream,
+    tx: mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>,
+) {
+    let send = |evs: Vec<anthropic::Event>| {
+        let tx = tx.clone();
+        async move {
+            match sse_frame(evs) {
+                Some(f) => tx.send(Ok(f)).await.is_ok(),
+                None => true,
+            }
+        }
+    };
+    if !send(events.start(usage_of(&generation))).await {
+        return;
+    }
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    loop {
+        tokio::select! {
+            ev = generation.next() => {
+                let out = match ev {
+                    Some(GenEvent::Text(t)) => events.text(&t),
+                    Some(GenEvent::Done { reason, .. }) => {
+                        let u = usage_of(&generation);
+                        let _ = send(events.finish(&reason, u)).await;
+                        return;
+                    }
+                    Some(GenEvent::Error(e)) => {
+                        let _ = send(events.error(&e)).await;
+                        return;
+                    }
+                    None => return,
+                };
+                if !send(out).await {
+                    return;
+                }
+                keepalive.reset();
+            }
+            _ = keepalive.tick() => {
+                if !send(vec![EventStream::ping()]).await {
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// Seconds since the epoch as an RFC 3339 UTC timestamp.
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
+    }
+}
