@@ -1,0 +1,122 @@
+//! Test harness: the real server (real engine, real demo model) on 127.0.0.1:0,
+//! spoken to over real HTTP.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use pensieve::{Config, EngineHandle};
+use serde_json::Value;
+
+pub struct TestServer {
+    pub base: String,
+    pub config: Config,
+}
+
+/// Starts a server with `config` on its own runtime thread; it lives as long
+/// as the test process.
+pub fn start(mut config: Config) -> TestServer {
+    config.host = "127.0.0.1".into();
+    config.port = 0;
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let cfg = config.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let engine = match EngineHandle::start(&cfg) {
+                Ok(e) => e,
+                Err(e) => {
+                    addr_tx.send(Err(format!("{e:#}"))).unwrap();
+                    return;
+                }
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(Ok(listener.local_addr().unwrap())).unwrap();
+            pensieve::server::run(listener, cfg, engine, std::future::pending()).await;
+        });
+    });
+    let addr = addr_rx.recv().unwrap().expect("server starts");
+    TestServer { base: format!("http://{addr}"), config }
+}
+
+/// The default-config server shared by the tests of one test binary.
+pub fn shared() -> &'static TestServer {
+    static S: OnceLock<TestServer> = OnceLock::new();
+    S.get_or_init(|| start(Config::default_for_tests()))
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build().unwrap()
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = client().post(self.url(path)).json(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = client().get(self.url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    /// Polls /health until no slot is in use (or panics after `secs`).
+    pub async fn wait_idle(&self, secs: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let (_, h) = self.get("/health").await;
+            if h["slots"]["in_use"] == 0 && h["slots"]["queued"] == 0 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "slots never freed: {h}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Parses a complete SSE body into (event name, data) pairs.
+pub fn parse_sse(body: &str) -> Vec<(String, Value)> {
+    let mut out = vec![];
+    for chunk in body.split("\n\n").filter(|c| !c.trim().is_empty()) {
+        let mut name = String::new();
+        let mut data = String::new();
+        for line in chunk.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = n.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data.push_str(d);
+            } else {
+                panic!("unexpected SSE line {line:?}");
+            }
+        }
+        let v = if data == "[DONE]" { Value::String(data) } else { serde_json::from_str(&data).unwrap() };
+        out.push((name, v));
+    }
+    out
+}
+
+/// Reads a streaming response until at least `n` complete events arrived.
+pub async fn read_events(resp: &mut reqwest::Response, n: usize) -> Vec<(String, Value)> {
+    let mut buf = String::new();
+    loop {
+        let complete = buf.rfind("\n\n").map(|i| &buf[..i + 2]).unwrap_or("");
+        let evs = parse_sse(complete);
+        if evs.len() >= n {
+            return evs;
+        }
+        match resp.chunk().await.unwrap() {
+            Some(c) => buf.push_str(std::str::from_utf8(&c).unwrap()),
+            None => return parse_sse(&buf),
+        }
+    }
+}
+
+pub fn venv_python() -> String {
+    format!("{}/bin/python", env!("PENSIEVE_VENV"))
+}

@@ -1,0 +1,45 @@
+//! Real clients no one here wrote: the official SDKs, from the project venv.
+
+mod common;
+
+use pensieve::Config;
+use serde_json::Value;
+
+fn run_client(script: &str, base: &str, key: &str) -> Value {
+    let path = format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(common::venv_python()).args([&path, base, key]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{script} failed:\n{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{script} printed non-JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn the_anthropic_sdk_creates_streams_and_counts() {
+    let mut cfg = Config::default_for_tests();
+    cfg.api_key = Some("sdk-key".into());
+    let s = common::start(cfg);
+    let r = run_client("anthropic_sdk.py", &s.base, "sdk-key");
+
+    let create = &r["create"];
+    assert!(create["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(create["model"], "claude-sonnet-4-5");
+    assert_eq!(create["stop_reason"], "max_tokens");
+    assert_eq!(create["output_tokens"], 16);
+    assert_eq!(create["input_tokens"], r["count"]);
+
+    let stream = &r["stream"];
+    assert!(stream["pieces"].as_u64().unwrap() > 1, "text arrived in pieces: {stream}");
+    assert_eq!(stream["text"], stream["final_text"]);
+    assert_eq!(stream["text"], create["text"], "greedy: stream == create");
+    assert_eq!(stream["stop_reason"], "max_tokens");
+    assert_eq!(stream["output_tokens"], 16);
+
+    let stop = &r["stop"];
+    assert_eq!(stop["stop_reason"], "stop_sequence", "{stop}");
+    assert_eq!(stop["stop_sequence"], stop["stop"]);
+    assert!(!stop["text"].as_str().unwrap().contains(stop["stop"].as_str().unwrap()));
+
+    assert_eq!(r["models"], serde_json::json!(["pensieve-demo"]));
+    assert_eq!(r["bad_request"]["status"], 400);
+    assert_eq!(r["bad_request"]["type"], "invalid_request_error");
+}
