@@ -142,8 +142,30 @@ class Engine:
                 "has_chat_template": bool(self.tokenizer.has_chat_template),
                 "mlx_version": mx.__version__,
                 "device": str(mx.default_device()),
+                "template": self._template_info(),
             }
         )
+
+    def _template_kwargs(self):
+        """Template variables mlx-lm adds, so Rust can render identically."""
+        kwarg = getattr(self.tokenizer, "_thinking_kwarg", "enable_thinking")
+        return {kwarg: bool(self.tokenizer.has_thinking)}
+
+    def _template_info(self):
+        """What the Rust side needs to tokenize prompts itself (src/tokenizer.rs)."""
+        hf = self.tokenizer._tokenizer
+        folder = getattr(hf, "name_or_path", None) or ""
+        tok_file = os.path.join(folder, "tokenizer.json")
+        template = hf.chat_template if isinstance(getattr(hf, "chat_template", None), str) else None
+        specials = {
+            k: v for k, v in (getattr(hf, "special_tokens_map", None) or {}).items() if isinstance(v, str)
+        }
+        return {
+            "tokenizer_file": tok_file if os.path.exists(tok_file) else None,
+            "chat_template": template if self.tokenizer.has_chat_template else None,
+            "special_tokens": specials,
+            "template_kwargs": self._template_kwargs(),
+        }
 
     def memory(self):
         return (
@@ -167,6 +189,7 @@ class Engine:
         if p.get("tools"):
             kwargs["tools"] = p["tools"]
         if self.tokenizer.has_chat_template:
+            kwargs.update(self._template_kwargs())
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False, **kwargs
             )
@@ -174,9 +197,6 @@ class Engine:
         # No template: a plain transcript, so base models still work.
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
         return self.tokenizer.encode(text + "assistant: ")
-
-    def count(self, prompt_json):
-        return len(self.render(prompt_json))
 
     # ---- generation ------------------------------------------------------
 
@@ -334,16 +354,57 @@ def _demo_corpus():
     return lines
 
 
+def _bench_corpus():
+    """A large synthetic corpus (Zipf-distributed pseudo-words) so that BPE
+    training reaches a realistic vocabulary size."""
+    import random
+
+    rng = random.Random(4321)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ea")]
+    lexicon = list(_WORDS)
+    while len(lexicon) < 30000:
+        lexicon.append("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))))
+    weights = [1.0 / (i + 1) for i in range(len(lexicon))]
+    lines = _demo_corpus()
+    for _ in range(60000):
+        words = rng.choices(lexicon, weights, k=rng.randint(6, 20))
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
+    return lines
+
+
+# Architecture presets (llama family). "demo" is the built-in model; the
+# others give benchmark-realistic shapes with random weights.
+MODEL_SHAPES = {
+    "demo": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo"),
+    # SmolLM-135M's shape with an 8k vocabulary.
+    "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+                        num_attention_heads=9, num_key_value_heads=3, vocab=8192, corpus="bench"),
+    "smollm-360m": dict(hidden_size=960, num_hidden_layers=32, intermediate_size=2560,
+                        num_attention_heads=15, num_key_value_heads=5, vocab=8192, corpus="bench"),
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                     num_attention_heads=32, num_key_value_heads=8, vocab=8192, corpus="bench"),
+}
+
+
 def make_demo_model(dest):
-    """Create the built-in demo model folder at `dest` (atomically), unless it
-    exists. A real llama-architecture model with seeded random weights and an
-    offline-trained byte-level BPE tokenizer; its output is not meaningful."""
+    """The built-in demo model (see make_model)."""
+    return make_model(dest, "demo")
+
+
+def make_model(dest, shape="demo", dtype="float32"):
+    """Create a model folder at `dest` (atomically), unless it exists: a real
+    llama-architecture model with seeded random weights and a byte-level BPE
+    tokenizer trained offline. Loads with mlx_lm.load like any model; its
+    output is not meaningful text."""
     marker = os.path.join(dest, ".complete")
     if os.path.exists(marker):
         return dest
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from mlx_lm.models import llama
 
+    spec = dict(MODEL_SHAPES[shape])
+    corpus = _demo_corpus() if spec.pop("corpus") == "demo" else _bench_corpus()
     tmp = f"{dest}.tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -351,12 +412,12 @@ def make_demo_model(dest):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=768,
+        vocab_size=spec.pop("vocab"),
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_demo_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     vocab = tok.get_vocab_size()
     with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
@@ -377,26 +438,23 @@ def make_demo_model(dest):
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
+        **spec,
+        "head_dim": spec["hidden_size"] // spec["num_attention_heads"],
         "rms_norm_eps": 1e-5,
         "vocab_size": vocab,
         "max_position_embeddings": 32768,
         "rope_theta": 10000.0,
         "tie_word_embeddings": True,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "eos_token_id": tok.token_to_id("<|im_end|>"),
-        "pensieve_demo": DEMO_MODEL_VERSION,
+        "pensieve_shape": shape,
+        "pensieve_version": DEMO_MODEL_VERSION,
     }
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(config))
-    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(os.path.join(tmp, "model.safetensors"), weights)
     with open(os.path.join(tmp, ".complete"), "w") as f:
         f.write(DEMO_MODEL_VERSION)
@@ -408,3 +466,15 @@ def make_demo_model(dest):
 
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+if __name__ == "__main__":
+    # python python/pensieve_shim.py make-model SHAPE DEST [DTYPE]
+    import sys
+
+    if len(sys.argv) >= 4 and sys.argv[1] == "make-model":
+        t0 = time.perf_counter()
+        path = make_model(sys.argv[3], sys.argv[2], *(sys.argv[4:5] or []))
+        print(f"{path} ready in {time.perf_counter() - t0:.1f}s")
+    else:
+        sys.exit("usage: pensieve_shim.py make-model {" + ",".join(MODEL_SHAPES) + "} DEST [float32|bfloat16|float16]")

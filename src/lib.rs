@@ -25,6 +25,7 @@
 //! - [`sse`]: event-stream encoding.
 //! - [`blas`]: routes MLX's CPU matmuls to OpenBLAS on Linux.
 //! - [`memory`]: system / process memory readings.
+//! - [`tokenizer`]: chat template + tokenizer in Rust (verified against Python at start-up).
 //! - [`error`]: the one error type and its mapping to HTTP and each dialect.
 
 pub mod api;
@@ -36,6 +37,7 @@ pub mod memory;
 pub mod server;
 pub mod sse;
 pub mod stop;
+pub mod tokenizer;
 
 pub use config::Config;
 pub use engine::EngineHandle;

@@ -24,6 +24,7 @@ pub use admission::Admission;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::stop::StopMatcher;
+use crate::tokenizer::PromptTokenizer;
 
 // ---------------------------------------------------------------------------
 // The internal request: both API dialects convert into these.
@@ -246,6 +247,9 @@ pub struct ModelInfo {
     pub device: String,
     #[serde(default)]
     pub blas: String,
+    /// Tokenizer file and chat template, for the Rust-side tokenizer.
+    #[serde(default, skip_serializing)]
+    pub template: crate::tokenizer::TemplateInfo,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -293,8 +297,9 @@ impl EngineStatus {
 // Commands to the engine thread.
 
 pub(crate) enum Command {
-    Generate { id: u64, request: GenerateRequest, events: mpsc::UnboundedSender<TokenEvent> },
-    CountTokens { prompt: Prompt, reply: oneshot::Sender<Result<u32, ApiError>> },
+    /// `tokens`: the prompt already tokenized on the Rust side, if trusted.
+    Generate { id: u64, request: GenerateRequest, tokens: Option<Vec<u32>>, events: mpsc::UnboundedSender<TokenEvent> },
+    Tokenize { prompt: Prompt, reply: oneshot::Sender<Result<Vec<u32>, ApiError>> },
     Shutdown,
 }
 
@@ -318,6 +323,8 @@ pub struct EngineHandle {
     admission: Arc<Admission>,
     next_id: Arc<AtomicU64>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Set when the Rust tokenizer reproduced Python's ids on the probes.
+    tokenizer: Option<Arc<PromptTokenizer>>,
 }
 
 impl EngineHandle {
@@ -351,13 +358,79 @@ impl EngineHandle {
                 anyhow::bail!("the engine thread died while loading the model");
             }
         }
-        Ok(EngineHandle {
+        let mut handle = EngineHandle {
             tx,
             status,
             admission: Arc::new(Admission::new(config.max_concurrent, config.max_queue, config.min_free_memory)),
             next_id: Arc::new(AtomicU64::new(1)),
             thread: Arc::new(Mutex::new(Some(thread))),
-        })
+            tokenizer: None,
+        };
+        handle.tokenizer = handle.verified_rust_tokenizer().map(Arc::new);
+        Ok(handle)
+    }
+
+    /// Loads the Rust tokenizer and keeps it only if it reproduces the Python
+    /// tokenizer's ids on every probe prompt (errors must agree too).
+    fn verified_rust_tokenizer(&self) -> Option<PromptTokenizer> {
+        let info = self.status.info.get()?;
+        let tok = match PromptTokenizer::load(&info.template) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!("prompts are tokenized on the engine thread (Rust tokenizer unavailable: {e})");
+                return None;
+            }
+        };
+        for (i, probe) in crate::tokenizer::probe_prompts().into_iter().enumerate() {
+            let rust = tok.tokenize(&probe);
+            let (reply, rx) = oneshot::channel();
+            self.tx.send(Command::Tokenize { prompt: probe, reply }).ok()?;
+            let python = rx.blocking_recv().ok()?;
+            let agree = match (&rust, &python) {
+                (Ok(a), Ok(b)) => a == b,
+                (Err(_), Err(_)) => true,
+                _ => false,
+            };
+            if !agree {
+                tracing::info!(
+                    probe = i,
+                    "prompts are tokenized on the engine thread (the Rust chat-template render differs from Python's)"
+                );
+                tracing::debug!(?rust, ?python, "probe mismatch");
+                return None;
+            }
+        }
+        tracing::info!("prompts are tokenized in Rust (verified against the model's Python tokenizer)");
+        Some(tok)
+    }
+
+    /// Token ids from the model's Python tokenizer on the engine thread (the
+    /// reference the Rust tokenizer is checked against).
+    pub async fn tokenize_on_engine(&self, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Tokenize { prompt, reply })
+            .map_err(|_| ApiError::Unavailable("the engine is not running".into()))?;
+        rx.await.map_err(|_| ApiError::Unavailable("the engine stopped".into()))?
+    }
+
+    /// Token ids with the Rust tokenizer, if it is in use.
+    pub fn tokenize_in_rust_now(&self, prompt: &Prompt) -> Option<Result<Vec<u32>, String>> {
+        self.tokenizer.as_ref().map(|t| t.tokenize(prompt))
+    }
+
+    /// Whether prompts are tokenized in Rust (off the engine thread).
+    pub fn rust_tokenizer_active(&self) -> bool {
+        self.tokenizer.is_some()
+    }
+
+    /// Token ids with the Rust tokenizer, off the async workers.
+    async fn tokenize_in_rust(tok: &Arc<PromptTokenizer>, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
+        let tok = tok.clone();
+        tokio::task::spawn_blocking(move || tok.tokenize(&prompt))
+            .await
+            .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
+            .map_err(ApiError::InvalidRequest)
     }
 
     pub fn status(&self) -> &EngineStatus {
@@ -384,12 +457,16 @@ impl EngineHandle {
     /// (so prompt errors come back as plain 4xx, before any stream starts).
     pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, ApiError> {
         self.ensure_alive()?;
+        let tokens = match &self.tokenizer {
+            Some(tok) => Some(Self::tokenize_in_rust(tok, request.prompt.clone()).await?),
+            None => None,
+        };
         let permit = self.admission.acquire().await?;
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stop = StopMatcher::new(&request.stop);
         self.tx
-            .send(Command::Generate { id, request, events: events_tx })
+            .send(Command::Generate { id, request, tokens, events: events_tx })
             .map_err(|_| ApiError::Unavailable("the engine is not running".into()))?;
         match events_rx.recv().await {
             Some(TokenEvent::Started { prompt_tokens, cached_tokens, max_tokens }) => Ok(Generation {
@@ -411,11 +488,10 @@ impl EngineHandle {
     /// Tokens the prompt renders to, with the model's own template.
     pub async fn count_tokens(&self, prompt: Prompt) -> Result<u32, ApiError> {
         self.ensure_alive()?;
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::CountTokens { prompt, reply })
-            .map_err(|_| ApiError::Unavailable("the engine is not running".into()))?;
-        rx.await.map_err(|_| ApiError::Unavailable("the engine stopped".into()))?
+        if let Some(tok) = &self.tokenizer {
+            return Ok(Self::tokenize_in_rust(tok, prompt).await?.len() as u32);
+        }
+        Ok(self.tokenize_on_engine(prompt).await?.len() as u32)
     }
 
     /// Asks the engine thread to finish and waits for it.

@@ -150,12 +150,11 @@ impl PyBackend<'_> {
 }
 
 impl Backend for PyBackend<'_> {
-    fn submit(&mut self, rid: u64, req: &GenerateRequest) -> Result<Submitted, ApiError> {
-        let tokens: Vec<u32> = self
-            .engine
-            .call_method1("render", (Self::render_json(&req.prompt),))
-            .and_then(|t| t.extract())
-            .map_err(|e| self.prompt_error(e))?;
+    fn submit(&mut self, rid: u64, req: &GenerateRequest, tokens: Option<Vec<u32>>) -> Result<Submitted, ApiError> {
+        let tokens = match tokens {
+            Some(t) => t,
+            None => self.tokenize(&req.prompt)?,
+        };
         let s = &req.sampling;
         let submitted = self.engine.call_method1(
             "submit",
@@ -172,10 +171,10 @@ impl Backend for PyBackend<'_> {
         Ok(Submitted { prompt_tokens: tokens.len() as u32, cached_tokens: cached, max_tokens })
     }
 
-    fn count(&mut self, prompt: &Prompt) -> Result<u32, ApiError> {
+    fn tokenize(&mut self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
         self.engine
-            .call_method1("count", (Self::render_json(prompt),))
-            .and_then(|n| n.extract())
+            .call_method1("render", (Self::render_json(prompt),))
+            .and_then(|t| t.extract())
             .map_err(|e| self.prompt_error(e))
     }
 

@@ -35,8 +35,9 @@ pub(crate) struct Submitted {
 
 /// The model, as the loop sees it. All methods run on the engine thread.
 pub(crate) trait Backend {
-    fn submit(&mut self, rid: u64, req: &GenerateRequest) -> Result<Submitted, ApiError>;
-    fn count(&mut self, prompt: &Prompt) -> Result<u32, ApiError>;
+    /// Queues a request; `tokens` is the prompt if already tokenized.
+    fn submit(&mut self, rid: u64, req: &GenerateRequest, tokens: Option<Vec<u32>>) -> Result<Submitted, ApiError>;
+    fn tokenize(&mut self, prompt: &Prompt) -> Result<Vec<u32>, ApiError>;
     fn cancel(&mut self, rid: u64);
     fn step(&mut self) -> Result<Vec<StepItem>, ApiError>;
     fn memory(&mut self) -> Option<MemorySnapshot>;
@@ -164,11 +165,11 @@ fn dispatch(item: StepItem, active: &mut HashMap<u64, Active>) {
 /// Returns false when the loop should end.
 fn handle<B: Backend>(backend: &mut B, cmd: Command, active: &mut HashMap<u64, Active>) -> bool {
     match cmd {
-        Command::Generate { id, request, events } => {
+        Command::Generate { id, request, tokens, events } => {
             if events.is_closed() {
                 return true;
             }
-            match backend.submit(id, &request) {
+            match backend.submit(id, &request, tokens) {
                 Ok(s) => {
                     let _ = events.send(TokenEvent::Started {
                         prompt_tokens: s.prompt_tokens,
@@ -183,8 +184,8 @@ fn handle<B: Backend>(backend: &mut B, cmd: Command, active: &mut HashMap<u64, A
             }
             true
         }
-        Command::CountTokens { prompt, reply } => {
-            let _ = reply.send(backend.count(&prompt));
+        Command::Tokenize { prompt, reply } => {
+            let _ = reply.send(backend.tokenize(&prompt));
             true
         }
         Command::Shutdown => {

@@ -20,15 +20,16 @@ pub fn start(mut config: Config) -> TestServer {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let cfg = config.clone();
     std::thread::spawn(move || {
+        // Started outside the runtime, as `server::serve` does (it blocks until loaded).
+        let engine = match EngineHandle::start(&cfg) {
+            Ok(e) => e,
+            Err(e) => {
+                addr_tx.send(Err(format!("{e:#}"))).unwrap();
+                return;
+            }
+        };
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
-            let engine = match EngineHandle::start(&cfg) {
-                Ok(e) => e,
-                Err(e) => {
-                    addr_tx.send(Err(format!("{e:#}"))).unwrap();
-                    return;
-                }
-            };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(Ok(listener.local_addr().unwrap())).unwrap();
             pensieve::server::run(listener, cfg, engine, std::future::pending()).await;
