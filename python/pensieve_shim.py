@@ -303,6 +303,17 @@ class Engine:
         return out
 
 
+_forward_models = {}
+
+
+def forward_logits(model_path, tokens):
+    """Logits of one forward pass (float32, flattened): a numerical check."""
+    if model_path not in _forward_models:
+        _forward_models[model_path] = mlx_lm.load(model_path)[0]
+    out = _forward_models[model_path](mx.array([tokens]))
+    return out.astype(mx.float32).reshape(-1).tolist()
+
+
 # ---- the built-in demo model ---------------------------------------------
 
 _DEMO_TEMPLATE = (

@@ -3,15 +3,17 @@
 //! The `mlx[cpu]` wheel is linked against the reference (netlib) BLAS, about
 //! 5 GFLOP/s here. MLX calls `cblas_sgemm` through the global symbol scope,
 //! and the executable comes first in that scope, so this binary defines and
-//! exports (see build.rs) its own `cblas_sgemm` that forwards to OpenBLAS:
-//! the scipy-openblas32 wheel in the venv (whose symbols carry a `scipy_`
-//! prefix) or a system libopenblas. With `--blas off`, or when neither is
-//! found, calls go on to the next definition in the scope (RTLD_NEXT): the
-//! reference BLAS MLX was built with.
+//! exports (see build.rs) its own `cblas_sgemm` that forwards to OpenBLAS: the
+//! scipy-openblas32 wheel in the venv (its symbols carry a `scipy_` prefix) or
+//! a system libopenblas. With `--blas off`, or when neither is found, calls go
+//! to the reference BLAS the wheel ships (`mlx_cpu.libs/libblas-*.so`).
+//!
+//! Both targets are kept, so a test can run the same forward pass through each
+//! and compare the logits (`tests/blas.rs`).
 
-use std::ffi::{c_char, c_float, c_int, c_void, CString};
+use std::ffi::{c_float, c_int, c_void, CString};
 use std::path::Path;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use crate::config::BlasChoice;
 
@@ -21,7 +23,12 @@ type SgemmFn = unsafe extern "C" fn(
     c_float, *mut c_float, c_int,
 );
 
-static SGEMM: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+/// Where calls go now.
+static ACTIVE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static OPENBLAS: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static REFERENCE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static CALLS_OPENBLAS: AtomicU64 = AtomicU64::new(0);
+static CALLS_REFERENCE: AtomicU64 = AtomicU64::new(0);
 
 /// Our `cblas_sgemm`: same signature as CBLAS, forwards to the chosen BLAS.
 ///
@@ -33,19 +40,20 @@ pub unsafe extern "C" fn cblas_sgemm(
     alpha: c_float, a: *const c_float, lda: c_int, b: *const c_float, ldb: c_int,
     beta: c_float, c: *mut c_float, ldc: c_int,
 ) {
-    let mut f = SGEMM.load(Ordering::Acquire);
+    let mut f = ACTIVE.load(Ordering::Acquire);
     if f.is_null() {
-        f = next_sgemm();
-        SGEMM.store(f, Ordering::Release);
+        // Not initialised (MLX used outside the engine): behave like the wheel.
+        f = libc::dlsym(libc::RTLD_NEXT, c"cblas_sgemm".as_ptr());
+        assert!(!f.is_null(), "pensieve: no cblas_sgemm to forward to");
+        ACTIVE.store(f, Ordering::Release);
+    }
+    if f == OPENBLAS.load(Ordering::Relaxed) {
+        CALLS_OPENBLAS.fetch_add(1, Ordering::Relaxed);
+    } else {
+        CALLS_REFERENCE.fetch_add(1, Ordering::Relaxed);
     }
     let f: SgemmFn = std::mem::transmute(f);
     f(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-}
-
-fn next_sgemm() -> *mut c_void {
-    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, c"cblas_sgemm".as_ptr()) };
-    assert!(!p.is_null(), "no cblas_sgemm found after pensieve's own (is MLX loaded?)");
-    p
 }
 
 unsafe fn open(path: &str, symbol: &str) -> Option<*mut c_void> {
@@ -55,50 +63,83 @@ unsafe fn open(path: &str, symbol: &str) -> Option<*mut c_void> {
         return None;
     }
     let csym = CString::new(symbol).ok()?;
-    let f = libc::dlsym(handle, csym.as_ptr() as *const c_char);
+    let f = libc::dlsym(handle, csym.as_ptr());
     (!f.is_null()).then_some(f)
 }
 
-/// Picks the BLAS before mlx is imported. Returns a description for the log
-/// and /health.
+/// Finds both BLAS targets and activates the chosen one. Must run before mlx
+/// is imported. Returns a description for the log and /health.
 pub fn init(choice: BlasChoice, site_packages: &Path) -> String {
     // Keep our definition in the link even if nothing else names it.
     std::hint::black_box(cblas_sgemm as *const c_void);
     if !cfg!(target_os = "linux") {
         return "platform default (Accelerate/Metal)".into();
     }
-    if choice == BlasChoice::Off {
-        return reference(site_packages, "reference BLAS from the MLX wheel (--blas off)");
+    let reference = find_reference(site_packages);
+    if let Some(f) = reference {
+        REFERENCE.store(f, Ordering::Release);
     }
     let wheel = site_packages.join("scipy_openblas32/lib/libscipy_openblas.so");
     let candidates = [
         (wheel.to_string_lossy().to_string(), "scipy_cblas_sgemm", "OpenBLAS (scipy-openblas32 wheel)"),
         ("libopenblas.so.0".to_string(), "cblas_sgemm", "OpenBLAS (system libopenblas)"),
     ];
+    let mut openblas_name = None;
     for (path, sym, name) in candidates {
         if let Some(f) = unsafe { open(&path, sym) } {
-            SGEMM.store(f, Ordering::Release);
-            return name.into();
+            OPENBLAS.store(f, Ordering::Release);
+            openblas_name = Some(name);
+            break;
         }
     }
-    reference(site_packages, "reference BLAS from the MLX wheel (no OpenBLAS found)")
+    match (choice, openblas_name) {
+        (BlasChoice::Auto, Some(name)) => {
+            ACTIVE.store(OPENBLAS.load(Ordering::Acquire), Ordering::Release);
+            name.into()
+        }
+        (BlasChoice::Off, _) => {
+            ACTIVE.store(REFERENCE.load(Ordering::Acquire), Ordering::Release);
+            "reference BLAS from the MLX wheel (--blas off)".into()
+        }
+        (BlasChoice::Auto, None) => {
+            ACTIVE.store(REFERENCE.load(Ordering::Acquire), Ordering::Release);
+            "reference BLAS from the MLX wheel (no OpenBLAS found)".into()
+        }
+    }
 }
 
-/// Binds to the reference BLAS the mlx-cpu wheel ships (mlx_cpu.libs/libblas-*).
-fn reference(site_packages: &Path, what: &str) -> String {
+/// The reference BLAS the mlx-cpu wheel ships (mlx_cpu.libs/libblas-*).
+fn find_reference(site_packages: &Path) -> Option<*mut c_void> {
     let libs = site_packages.join("mlx_cpu.libs");
-    let found = std::fs::read_dir(&libs).ok().and_then(|dir| {
-        dir.flatten()
-            .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libblas")))
-    });
-    let f = found.and_then(|p| unsafe { open(&p.to_string_lossy(), "cblas_sgemm") });
-    match f {
-        Some(f) => {
-            SGEMM.store(f, Ordering::Release);
-            what.into()
-        }
-        // Not the pip wheel layout (a source build of MLX): resolve lazily.
-        None => format!("{what}; resolved at first use"),
+    let lib = std::fs::read_dir(libs)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libblas")))?;
+    unsafe { open(&lib.to_string_lossy(), "cblas_sgemm") }
+}
+
+/// Which BLAS the next calls use (tests compare the two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    OpenBlas,
+    Reference,
+}
+
+/// Switches targets; false if that target was not found.
+pub fn select(t: Target) -> bool {
+    let f = match t {
+        Target::OpenBlas => OPENBLAS.load(Ordering::Acquire),
+        Target::Reference => REFERENCE.load(Ordering::Acquire),
+    };
+    if f.is_null() {
+        return false;
     }
+    ACTIVE.store(f, Ordering::Release);
+    true
+}
+
+/// sgemm calls so far, (through OpenBLAS, through the reference BLAS).
+pub fn calls() -> (u64, u64) {
+    (CALLS_OPENBLAS.load(Ordering::Relaxed), CALLS_REFERENCE.load(Ordering::Relaxed))
 }

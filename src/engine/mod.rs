@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 pub use admission::Admission;
+pub use py::logits_per_blas;
 
 use crate::config::Config;
 use crate::error::ApiError;

@@ -21,18 +21,14 @@ use crate::error::ApiError;
 const SHIM_SOURCE: &str = include_str!("../../python/pensieve_shim.py");
 
 pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<EngineStatus>, ready: Sender<Result<(), String>>) {
-    let site_packages = match find_site_packages(&opts.venv) {
-        Ok(p) => p,
+    let (site_packages, blas) = match prepare(&opts.venv, opts.blas) {
+        Ok(x) => x,
         Err(e) => {
             status.set_state(EngineState::Failed);
             let _ = ready.send(Err(e));
             return;
         }
     };
-    // Must happen before mlx (and so its BLAS) is loaded.
-    let blas = crate::blas::init(opts.blas, &site_packages);
-    tracing::info!("BLAS for MLX's CPU matmuls: {blas}");
-
     Python::attach(|py| {
         let loaded = load(py, &opts, &site_packages).and_then(|(shim, engine)| {
             let info_json: String = engine.call_method0("info")?.extract()?;
@@ -54,7 +50,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
                 return;
             }
         };
-        info.blas = blas.to_string();
+        info.blas = blas;
         tracing::info!(
             model = %info.model,
             context = info.context_length,
@@ -72,37 +68,72 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
     });
 }
 
-fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyResult<(Bound<'py, PyModule>, Bound<'py, PyAny>)> {
+/// Finds the venv's packages and picks the BLAS; both must happen before
+/// mlx is imported.
+fn prepare(venv: &Path, blas: crate::config::BlasChoice) -> Result<(PathBuf, String), String> {
+    let site_packages = find_site_packages(venv)?;
+    let blas = crate::blas::init(blas, &site_packages);
+    tracing::info!("BLAS for MLX's CPU matmuls: {blas}");
+    Ok((site_packages, blas))
+}
+
+fn load_shim<'py>(py: Python<'py>, site_packages: &Path) -> PyResult<Bound<'py, PyModule>> {
     let site = py.import("site")?;
     site.call_method1("addsitedir", (site_packages.to_string_lossy().to_string(),))?;
     let code = CString::new(SHIM_SOURCE).expect("shim has no NUL bytes");
-    let shim = PyModule::from_code(py, &code, c"pensieve_shim.py", c"pensieve_shim")?;
-    let model_path = match &opts.model {
-        Some(m) => m.clone(),
-        None => {
-            let dest = opts.cache_root.join(shim.getattr("DEMO_MODEL_VERSION")?.extract::<String>()?);
-            std::fs::create_dir_all(&opts.cache_root).map_err(|e| {
-                pyo3::exceptions::PyOSError::new_err(format!("cannot create {}: {e}", opts.cache_root.display()))
-            })?;
-            tracing::info!(
-                "no --model given: serving the built-in demo model from {} (random weights: its output is not meaningful text)",
-                dest.display()
-            );
-            let t = std::time::Instant::now();
-            let path: String = shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(),))?.extract()?;
-            tracing::debug!("demo model ready in {:.2?}", t.elapsed());
-            path
-        }
-    };
+    PyModule::from_code(py, &code, c"pensieve_shim.py", c"pensieve_shim")
+}
+
+/// The model to load: --model, or the demo model (created on first use).
+fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path) -> PyResult<String> {
+    if let Some(m) = model {
+        return Ok(m.to_string());
+    }
+    let dest = cache_root.join(shim.getattr("DEMO_MODEL_VERSION")?.extract::<String>()?);
+    std::fs::create_dir_all(cache_root)
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot create {}: {e}", cache_root.display())))?;
+    tracing::info!(
+        "no --model given: serving the built-in demo model from {} (random weights: its output is not meaningful text)",
+        dest.display()
+    );
+    shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(),))?.extract()
+}
+
+fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyResult<(Bound<'py, PyModule>, Bound<'py, PyAny>)> {
+    let shim = load_shim(py, site_packages)?;
+    let path = model_path(&shim, opts.model.as_deref(), &opts.cache_root)?;
     let options = serde_json::json!({
         "max_batch": opts.max_batch,
         "prefill_step": opts.prefill_step,
         "prompt_cache_bytes": opts.prompt_cache_bytes,
     })
     .to_string();
-    tracing::info!("loading model {model_path}");
-    let engine = shim.getattr("Engine")?.call1((model_path, options))?;
+    tracing::info!("loading model {path}");
+    let engine = shim.getattr("Engine")?.call1((path, options))?;
     Ok((shim, engine))
+}
+
+/// One forward pass of `model` (the demo model when None) over `tokens`,
+/// once per BLAS target, on the calling thread; returns the logits of each.
+/// For checking that the OpenBLAS route computes what the reference BLAS does.
+pub fn logits_per_blas(
+    venv: &Path,
+    model: Option<&str>,
+    cache_root: &Path,
+    tokens: &[u32],
+    targets: &[crate::blas::Target],
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let (site_packages, _) = prepare(venv, crate::config::BlasChoice::Auto).map_err(anyhow::Error::msg)?;
+    Python::attach(|py| {
+        let shim = load_shim(py, &site_packages)?;
+        let path = model_path(&shim, model, cache_root)?;
+        let mut out = Vec::new();
+        for t in targets {
+            anyhow::ensure!(crate::blas::select(*t), "BLAS target {t:?} not available");
+            out.push(shim.call_method1("forward_logits", (path.clone(), tokens.to_vec()))?.extract()?);
+        }
+        Ok(out)
+    })
 }
 
 fn describe_load_error(py: Python<'_>, e: &PyErr, opts: &EngineOptions) -> String {
