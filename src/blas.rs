@@ -29,6 +29,11 @@ static OPENBLAS: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static REFERENCE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static CALLS_OPENBLAS: AtomicU64 = AtomicU64::new(0);
 static CALLS_REFERENCE: AtomicU64 = AtomicU64::new(0);
+/// OpenBLAS crashed here when several MLX stream threads (several engines
+/// in one process, as in the tests) called sgemm at once, so calls are
+/// serialized. A server has one engine and one caller: the lock is never
+/// contended there, and OpenBLAS still parallelizes inside each call.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Our `cblas_sgemm`: same signature as CBLAS, forwards to the chosen BLAS.
 ///
@@ -53,6 +58,7 @@ pub unsafe extern "C" fn cblas_sgemm(
         CALLS_REFERENCE.fetch_add(1, Ordering::Relaxed);
     }
     let f: SgemmFn = std::mem::transmute(f);
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     f(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 }
 

@@ -425,3 +425,36 @@ fn a_bad_model_path_fails_before_listening() {
     assert!(err.contains("config.json") && err.contains("safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn follow_up_turns_reuse_the_prefix_cache() {
+    let s = start(Config::default_for_tests());
+    let first = json!({"model": "m", "max_tokens": 8, "temperature": 0,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.328.593; cc_entrypoint=sdk-cli;"},
+                   {"type": "text", "text": "You are a helpful assistant. ".repeat(40)}],
+        "messages": [{"role": "user", "content": "tell me about the weather in Paris ".repeat(10)}]});
+    let (_, m1) = s.post("/v1/messages", &first).await;
+    assert_eq!(m1["usage"]["cache_read_input_tokens"], 0, "cold: {m1}");
+    let prompt1 = m1["usage"]["input_tokens"].as_u64().unwrap();
+
+    // Next turn: the whole conversation again plus a new question; the
+    // billing header's hash changed, which must not spoil the match.
+    let mut second = first.clone();
+    second["system"][0]["text"] = json!("x-anthropic-billing-header: cc_version=2.1.328.a1b; cc_entrypoint=sdk-cli;");
+    second["messages"] = json!([
+        first["messages"][0],
+        {"role": "assistant", "content": text_of(&m1)},
+        {"role": "user", "content": "and tomorrow?"}
+    ]);
+    let (_, m2) = s.post("/v1/messages", &second).await;
+    let cached = m2["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+    assert!(cached >= prompt1 - 1, "the first turn's prompt is reused: {cached} of {prompt1}: {m2}");
+    let (_, count) = s.post("/v1/messages/count_tokens", &second).await;
+    assert_eq!(cached + m2["usage"]["input_tokens"].as_u64().unwrap(), count["input_tokens"].as_u64().unwrap());
+
+    // A cached prefix gives the same greedy output as a cold run would.
+    let cold = start(Config::default_for_tests());
+    let (_, m2_cold) = cold.post("/v1/messages", &second).await;
+    assert_eq!(m2_cold["usage"]["cache_read_input_tokens"], 0);
+    assert_eq!(text_of(&m2), text_of(&m2_cold));
+}

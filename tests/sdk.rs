@@ -43,3 +43,26 @@ fn the_anthropic_sdk_creates_streams_and_counts() {
     assert_eq!(r["bad_request"]["status"], 400);
     assert_eq!(r["bad_request"]["type"], "invalid_request_error");
 }
+
+#[test]
+fn the_openai_sdk_chats_streams_completes_and_lists_models() {
+    let mut cfg = Config::default_for_tests();
+    cfg.api_key = Some("oa-key".into());
+    let s = common::start(cfg);
+    let r = run_client("openai_sdk.py", &s.base, "oa-key");
+    let create = &r["create"];
+    assert!(create["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(create["model"], "gpt-4o");
+    assert_eq!(create["finish_reason"], "length");
+    assert_eq!(create["completion_tokens"], 12);
+    let stream = &r["stream"];
+    assert!(stream["pieces"].as_u64().unwrap() > 1);
+    assert_eq!(stream["text"], create["text"], "greedy: stream == create");
+    assert_eq!(stream["finish_reason"], "length");
+    assert_eq!(stream["completion_tokens"], 12);
+    assert_eq!(r["completion"]["finish_reason"], "length");
+    assert_eq!(r["completion"]["tokens"], 5);
+    assert_eq!(r["models"], serde_json::json!(["pensieve-demo"]));
+    assert_eq!(r["bad_request"]["status"], 400);
+    assert!(r["bad_request"]["message"].as_str().unwrap().contains("n=1"));
+}

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
-use super::{check_range, check_stops};
+use super::{check_range, check_stops, StreamRenderer};
 use crate::engine::{ChatMessage, FunctionCall, GenerateRequest, Prompt, Sampling, StopReason, ToolCall};
 use crate::error::ApiError;
 
@@ -460,6 +460,28 @@ impl EventStream {
 
     pub fn ping() -> Event {
         ("ping", json!({"type": "ping"}))
+    }
+}
+
+fn encode(events: Vec<Event>) -> String {
+    events.into_iter().map(|(name, data)| crate::sse::encode(Some(name), &data)).collect()
+}
+
+impl StreamRenderer for EventStream {
+    fn start(&mut self, prompt_tokens: u32, cached_tokens: u32) -> String {
+        encode(EventStream::start(self, Usage { prompt_tokens, cached_tokens, output_tokens: 0 }))
+    }
+    fn text(&mut self, delta: &str) -> String {
+        encode(EventStream::text(self, delta))
+    }
+    fn finish(&mut self, reason: &StopReason, prompt_tokens: u32, cached_tokens: u32, output_tokens: u32) -> String {
+        encode(EventStream::finish(self, reason, Usage { prompt_tokens, cached_tokens, output_tokens }))
+    }
+    fn error(&mut self, e: &ApiError) -> String {
+        encode(EventStream::error(self, e))
+    }
+    fn keepalive(&mut self) -> String {
+        encode(vec![EventStream::ping()])
     }
 }
 

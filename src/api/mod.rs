@@ -3,10 +3,12 @@
 //! engine events back into its own wire format.
 
 pub mod anthropic;
+pub mod openai;
 
 use rand::Rng;
 use serde::de::DeserializeOwned;
 
+use crate::engine::StopReason;
 use crate::error::ApiError;
 
 /// Parses a JSON body into a wire type, naming the offending field on error
@@ -32,6 +34,19 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })?;
     de.end().map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))?;
     Ok(value)
+}
+
+/// Turns one generation's events into a dialect's event-stream text. The
+/// handler drives it; each method returns the bytes to send (maybe empty).
+pub trait StreamRenderer: Send + 'static {
+    /// Before any token (`message_start` / the role chunk).
+    fn start(&mut self, prompt_tokens: u32, cached_tokens: u32) -> String;
+    fn text(&mut self, delta: &str) -> String;
+    fn finish(&mut self, reason: &StopReason, prompt_tokens: u32, cached_tokens: u32, output_tokens: u32) -> String;
+    /// A failure after the 200 header went out.
+    fn error(&mut self, e: &ApiError) -> String;
+    /// Sent when nothing else went out for a while.
+    fn keepalive(&mut self) -> String;
 }
 
 /// A random id with the given prefix (`msg_`, `toolu_`, `chatcmpl-`).

@@ -14,8 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{json_response, AppState, Body};
 use crate::api::anthropic::{self, EventStream, MessagesRequest, Usage};
-use crate::api::{new_id, parse_json};
-use crate::engine::{EngineState, GenEvent, Generation};
+use crate::api::openai::{self, ChatRequest, ChunkStream, CompletionRequest, Endpoint};
+use crate::api::{new_id, parse_json, StreamRenderer};
+use crate::engine::{EngineState, GenEvent, GenerateRequest, Generation, StopReason};
 use crate::error::ApiError;
 
 /// How often an idle stream gets a `ping` (keeps proxies and clients from
@@ -110,10 +111,71 @@ pub async fn messages(
     let req: MessagesRequest = parse_json(body)?;
     let mut gen_req = req.to_generate()?;
     gen_req.fault_after = fault_after;
-    let stream = req.stream.unwrap_or(false);
-    let model = req.model.clone();
-    let mut generation = state.engine.generate(gen_req).await?;
     let id = new_id("msg_");
+    let model = req.model.clone();
+    let stream = req.stream.unwrap_or(false).then(|| EventStream::new(&id, &model));
+    serve_generation(state, gen_req, request_id, stream, |text, reason, g| {
+        anthropic::message_response(&id, &model, text, reason, usage_of(g))
+    })
+    .await
+}
+
+pub async fn chat_completions(
+    state: &Arc<AppState>,
+    body: &[u8],
+    request_id: &str,
+    fault_after: Option<u32>,
+) -> Result<Response<Body>, ApiError> {
+    let req: ChatRequest = parse_json(body)?;
+    let mut gen_req = req.to_generate()?;
+    gen_req.fault_after = fault_after;
+    let model = req.model.clone().unwrap_or_else(|| state.model_id.clone());
+    openai_generation(state, gen_req, request_id, Endpoint::Chat, &model, &req.common).await
+}
+
+pub async fn completions(
+    state: &Arc<AppState>,
+    body: &[u8],
+    request_id: &str,
+    fault_after: Option<u32>,
+) -> Result<Response<Body>, ApiError> {
+    let req: CompletionRequest = parse_json(body)?;
+    let mut gen_req = req.to_generate()?;
+    gen_req.fault_after = fault_after;
+    let model = req.model.clone().unwrap_or_else(|| state.model_id.clone());
+    openai_generation(state, gen_req, request_id, Endpoint::Completions, &model, &req.common).await
+}
+
+async fn openai_generation(
+    state: &Arc<AppState>,
+    gen_req: GenerateRequest,
+    request_id: &str,
+    endpoint: Endpoint,
+    model: &str,
+    common: &openai::Common,
+) -> Result<Response<Body>, ApiError> {
+    let id = match endpoint {
+        Endpoint::Chat => new_id("chatcmpl-"),
+        Endpoint::Completions => new_id("cmpl-"),
+    };
+    let stream = common.streaming().then(|| ChunkStream::new(endpoint, &id, model, common.include_usage()));
+    serve_generation(state, gen_req, request_id, stream, |text, reason, g| {
+        let usage = openai::usage_json(g.prompt_tokens, g.cached_tokens, g.output_tokens());
+        openai::response(endpoint, &id, model, text, reason, usage)
+    })
+    .await
+}
+
+/// Admits and runs one generation; answers with a JSON body built by
+/// `complete`, or, when `stream` is given, with an event stream it renders.
+async fn serve_generation<R: StreamRenderer>(
+    state: &Arc<AppState>,
+    gen_req: GenerateRequest,
+    request_id: &str,
+    stream: Option<R>,
+    complete: impl FnOnce(&str, &StopReason, &Generation) -> Value,
+) -> Result<Response<Body>, ApiError> {
+    let mut generation = state.engine.generate(gen_req).await?;
     tracing::debug!(
         id = %request_id,
         prompt_tokens = generation.prompt_tokens,
@@ -121,14 +183,17 @@ pub async fn messages(
         max_tokens = generation.max_tokens,
         "generation admitted"
     );
-    if !stream {
-        let (text, reason) = generation.collect().await?;
-        let usage = usage_of(&generation);
-        return Ok(json_response(StatusCode::OK, &anthropic::message_response(&id, &model, &text, &reason, usage)));
+    match stream {
+        None => {
+            let (text, reason) = generation.collect().await?;
+            Ok(json_response(StatusCode::OK, &complete(&text, &reason, &generation)))
+        }
+        Some(renderer) => {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(32);
+            tokio::spawn(drive_stream(generation, renderer, tx));
+            Ok(sse_response(rx))
+        }
     }
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(32);
-    tokio::spawn(stream_messages(generation, EventStream::new(&id, &model), tx));
-    Ok(sse_response(rx))
 }
 
 fn usage_of(g: &Generation) -> Usage {
@@ -142,36 +207,20 @@ fn sse_response(rx: mpsc::Receiver<Result<Frame<Bytes>, std::convert::Infallible
     r
 }
 
-fn sse_frame(events: Vec<anthropic::Event>) -> Option<Frame<Bytes>> {
-    if events.is_empty() {
-        return None;
-    }
-    let mut out = String::new();
-    for (name, data) in events {
-        out.push_str(&crate::sse::encode(Some(name), &data));
-    }
-    Some(Frame::data(Bytes::from(out)))
-}
-
-/// Drives one streamed message: generation events in, SSE frames out. Ends
+/// Drives one streamed response: generation events in, SSE frames out. Ends
 /// when the generation does or when the client goes away (the frame channel
 /// closes); either way `generation` is dropped, which cancels the sequence
 /// in the engine and frees its slot.
-async fn stream_messages(
+async fn drive_stream<R: StreamRenderer>(
     mut generation: Generation,
-    mut events: EventStream,
+    mut renderer: R,
     tx: mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>,
 ) {
-    let send = |evs: Vec<anthropic::Event>| {
+    let send = |text: String| {
         let tx = tx.clone();
-        async move {
-            match sse_frame(evs) {
-                Some(f) => tx.send(Ok(f)).await.is_ok(),
-                None => true,
-            }
-        }
+        async move { text.is_empty() || tx.send(Ok(Frame::data(Bytes::from(text)))).await.is_ok() }
     };
-    if !send(events.start(usage_of(&generation))).await {
+    if !send(renderer.start(generation.prompt_tokens, generation.cached_tokens)).await {
         return;
     }
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
@@ -179,14 +228,13 @@ async fn stream_messages(
         tokio::select! {
             ev = generation.next() => {
                 let out = match ev {
-                    Some(GenEvent::Text(t)) => events.text(&t),
-                    Some(GenEvent::Done { reason, .. }) => {
-                        let u = usage_of(&generation);
-                        let _ = send(events.finish(&reason, u)).await;
+                    Some(GenEvent::Text(t)) => renderer.text(&t),
+                    Some(GenEvent::Done { reason, output_tokens }) => {
+                        let _ = send(renderer.finish(&reason, generation.prompt_tokens, generation.cached_tokens, output_tokens)).await;
                         return;
                     }
                     Some(GenEvent::Error(e)) => {
-                        let _ = send(events.error(&e)).await;
+                        let _ = send(renderer.error(&e)).await;
                         return;
                     }
                     None => return,
@@ -197,7 +245,7 @@ async fn stream_messages(
                 keepalive.reset();
             }
             _ = keepalive.tick() => {
-                if !send(vec![EventStream::ping()]).await {
+                if !send(renderer.keepalive()).await {
                     return;
                 }
             }

@@ -124,7 +124,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) 
     }
     let allowed: &[Method] = match path.as_str() {
         "/health" | "/v1/models" => &[Method::GET],
-        "/v1/messages" | "/v1/messages/count_tokens" => &[Method::POST],
+        "/v1/messages" | "/v1/messages/count_tokens" | "/v1/chat/completions" | "/v1/completions" => &[Method::POST],
         p if p.starts_with("/v1/models/") => &[Method::GET],
         _ => return Err(ApiError::NotFound(format!("no route for {method} {}", req.uri().path()))),
     };
@@ -142,6 +142,16 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) 
             let fault = fault_hook(&state.config, &req)?;
             let body = read_body(req, state.config.max_body_bytes).await?;
             handlers::messages(state, &body, request_id, fault).await
+        }
+        "/v1/chat/completions" => {
+            let fault = fault_hook(&state.config, &req)?;
+            let body = read_body(req, state.config.max_body_bytes).await?;
+            handlers::chat_completions(state, &body, request_id, fault).await
+        }
+        "/v1/completions" => {
+            let fault = fault_hook(&state.config, &req)?;
+            let body = read_body(req, state.config.max_body_bytes).await?;
+            handlers::completions(state, &body, request_id, fault).await
         }
         "/v1/messages/count_tokens" => {
             let body = read_body(req, state.config.max_body_bytes).await?;
