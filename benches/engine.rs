@@ -45,13 +45,12 @@ fn words(seed: u64, n: usize) -> String {
 }
 
 fn request(text: String, max_tokens: u64) -> GenerateRequest {
-    GenerateRequest {
-        prompt: Prompt { messages: vec![ChatMessage::new("user", text)], ..Default::default() },
+    GenerateRequest::new(
+        Prompt { messages: vec![ChatMessage::new("user", text)], ..Default::default() },
         max_tokens,
-        sampling: Sampling { temperature: 0.0, ..Default::default() },
-        stop: vec![],
-        fault_after: None,
-    }
+        Sampling { temperature: 0.0, ..Default::default() },
+        vec![],
+    )
 }
 
 /// Runs one generation to the end; returns (output tokens, time to first token).
@@ -61,7 +60,7 @@ async fn run_one(engine: &EngineHandle, req: GenerateRequest) -> (u32, Duration)
     let mut ttft = None;
     while let Some(ev) = g.next().await {
         match ev {
-            GenEvent::Text(_) => {
+            GenEvent::Text(_) | GenEvent::Thinking(_) | GenEvent::ToolCall(_) => {
                 ttft.get_or_insert_with(|| t0.elapsed());
             }
             GenEvent::Done { output_tokens, .. } => return (output_tokens, ttft.unwrap_or_else(|| t0.elapsed())),

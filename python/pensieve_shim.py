@@ -62,17 +62,159 @@ def make_sampler(temperature, top_p, top_k, seed):
     return sample
 
 
+class Splitter:
+    """Splits one request's decoded text into ("text" | "thinking" | "tool", str)
+    pieces, using the model family's markers (from mlx-lm's tokenizer
+    wrapper) and its tool parser. Markers may arrive split across tokens, so
+    a tail that could still become a marker is held back.
+
+    A tool call body that does not parse is given back as plain text: output
+    that merely looks like a call never fails the request.
+    """
+
+    def __init__(self, tool_start=None, tool_end=None, parse_tool=None, tools=None,
+                 think_start=None, think_end=None, state="text", show_thinking=False):
+        self.tool_start, self.tool_end = tool_start or None, tool_end
+        self.parse_tool, self.tools = parse_tool, tools
+        self.think_start, self.think_end = think_start or None, think_end or None
+        self.state = state
+        self.show_thinking = show_thinking
+        self.buf = ""
+        self.tool_body = ""
+        self.calls = 0
+
+    def _markers(self):
+        if self.state == "text":
+            return [m for m in (self.tool_start if self.parse_tool else None, self.think_start) if m]
+        if self.state == "thinking":
+            return [self.think_end] if self.think_end else []
+        return [self.tool_end] if self.tool_end else []
+
+    def feed(self, text):
+        self.buf += text
+        out = []
+        while True:
+            markers = self._markers()
+            hits = [(self.buf.find(m), m) for m in markers if m in self.buf]
+            if not hits:
+                keep = self._partial(markers)
+                self._emit(out, self.buf[: len(self.buf) - keep])
+                self.buf = self.buf[len(self.buf) - keep:]
+                return out
+            pos, marker = min(hits)
+            self._emit(out, self.buf[:pos])
+            self.buf = self.buf[pos + len(marker):]
+            self._transition(out, marker)
+
+    def finish(self):
+        out = []
+        self._emit(out, self.buf)
+        self.buf = ""
+        if self.state == "tool":
+            # Cut off (max_tokens) or a format without an end marker.
+            self._close_tool(out, terminated=not self.tool_end)
+        return out
+
+    def _partial(self, markers):
+        best = 0
+        for m in markers:
+            for n in range(min(len(m) - 1, len(self.buf)), best, -1):
+                if m.startswith(self.buf[-n:]):
+                    best = n
+                    break
+        return best
+
+    def _emit(self, out, text):
+        if not text:
+            return
+        if self.state == "tool":
+            self.tool_body += text
+        elif self.state == "thinking":
+            if self.show_thinking:
+                out.append(("thinking", text))
+        else:
+            out.append(("text", text))
+
+    def _transition(self, out, marker):
+        if self.state == "text" and marker == self.tool_start:
+            self.state, self.tool_body = "tool", ""
+        elif self.state == "text":
+            self.state = "thinking"
+        elif self.state == "thinking":
+            self.state = "text"
+        else:
+            self._close_tool(out, terminated=True)
+
+    def _close_tool(self, out, terminated):
+        body, self.tool_body, self.state = self.tool_body, "", "text"
+        calls = None
+        if terminated:
+            try:
+                parsed = self.parse_tool(body, self.tools)
+                calls = parsed if isinstance(parsed, list) else [parsed]
+                calls = [
+                    {"name": c["name"], "arguments": _as_object(c.get("arguments", {}))}
+                    for c in calls
+                ]
+                if not all(isinstance(c["name"], str) and isinstance(c["arguments"], dict) for c in calls):
+                    calls = None
+            except Exception:
+                calls = None
+        if calls is None:
+            out.append(("text", (self.tool_start or "") + body + (self.tool_end or "" if terminated else "")))
+            return
+        for c in calls:
+            self.calls += 1
+            out.append(("tool", json.dumps(c, ensure_ascii=False)))
+
+
+def _as_object(args):
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except ValueError:
+            return args
+    return args
+
+
+class _ThinkingBudget:
+    """Logits processor: once a thinking block has run `budget` tokens, force
+    the end-of-thinking token (single-token markers only)."""
+
+    def __init__(self, tokenizer, budget):
+        self.start = tokenizer.think_start_tokens
+        self.end_id = tokenizer.think_end_id if len(tokenizer.think_end_tokens or ()) == 1 else None
+        self.budget = max(1, int(budget))
+
+    def __call__(self, tokens, logits):
+        if self.end_id is None or not self.start:
+            return logits
+        toks = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+        toks = toks[0] if toks and isinstance(toks[0], list) else toks
+        start = -1
+        for i in range(len(toks) - len(self.start), -1, -1):
+            if tuple(toks[i : i + len(self.start)]) == tuple(self.start):
+                start = i
+                break
+        if start == -1 or self.end_id in toks[start:]:
+            return logits
+        if len(toks) - start - len(self.start) < self.budget:
+            return logits
+        only_end = mx.arange(logits.shape[-1]) == self.end_id
+        return mx.where(only_end, mx.zeros_like(logits), mx.full(logits.shape, -float("inf"), dtype=logits.dtype))
+
+
 class _Active:
     """Book-keeping for one in-flight request inside the batch."""
 
-    __slots__ = ("rid", "detok", "generated", "fault_after", "prompt")
+    __slots__ = ("rid", "detok", "generated", "fault_after", "splitter")
 
-    def __init__(self, rid, detok, fault_after, prompt):
+    def __init__(self, rid, detok, fault_after, splitter):
         self.rid = rid
         self.detok = detok
         self.generated = 0
         self.fault_after = fault_after
-        self.prompt = prompt
+        self.splitter = splitter
 
 
 class Engine:
@@ -160,12 +302,22 @@ class Engine:
         specials = {
             k: v for k, v in (getattr(hf, "special_tokens_map", None) or {}).items() if isinstance(v, str)
         }
+        tk = self.tokenizer
         return {
             "tokenizer_file": tok_file if os.path.exists(tok_file) else None,
-            "chat_template": template if self.tokenizer.has_chat_template else None,
+            "chat_template": template if tk.has_chat_template else None,
             "special_tokens": specials,
             "template_kwargs": self._template_kwargs(),
+            "thinking_kwarg": getattr(tk, "_thinking_kwarg", "enable_thinking"),
+            "tool_call_start": tk.tool_call_start,
+            "tool_call_end": tk.tool_call_end,
+            "tool_parser": self._tool_parser_type(),
         }
+
+    def _tool_parser_type(self):
+        parser = self.tokenizer.tool_parser
+        mod = getattr(parser, "__module__", "") or ""
+        return mod.rsplit(".", 1)[-1] if parser else None
 
     def memory(self):
         return (
@@ -190,9 +342,12 @@ class Engine:
             kwargs["tools"] = p["tools"]
         if self.tokenizer.has_chat_template:
             kwargs.update(self._template_kwargs())
+            if p.get("enable_thinking") is not None:
+                kwargs[getattr(self.tokenizer, "_thinking_kwarg", "enable_thinking")] = p["enable_thinking"]
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False, **kwargs
             )
+            text += p.get("assistant_prefix") or ""
             return self.tokenizer.encode(text, add_special_tokens=False)
         # No template: a plain transcript, so base models still work.
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
@@ -200,14 +355,15 @@ class Engine:
 
     # ---- generation ------------------------------------------------------
 
-    def submit(self, rid, tokens, max_tokens, temperature, top_p, top_k, seed, fault_after):
-        """Queue one request into the running batch. Returns the number of
-        prompt tokens served from the prefix cache."""
+    def submit(self, rid, tokens, params_json):
+        """Queue one request into the running batch. Returns (prompt tokens
+        served from the prefix cache, max_tokens after clamping)."""
+        p = json.loads(params_json)
         if len(tokens) >= self.context_length:
             raise PromptTooLong(
                 f"prompt is {len(tokens)} tokens; the model's context is {self.context_length}"
             )
-        max_tokens = max(1, min(max_tokens, self.context_length - len(tokens)))
+        max_tokens = max(1, min(p["max_tokens"], self.context_length - len(tokens)))
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_path, tokens)
         if cache is not None and not rest:
             # Exact hit: the generator needs at least one token to feed.
@@ -217,17 +373,49 @@ class Engine:
             else:
                 cache, rest = None, tokens
         cached = len(tokens) - len(rest)
+        processors = []
+        budget = p.get("thinking_budget")
+        if budget is not None and self.tokenizer.has_thinking:
+            processors.append(_ThinkingBudget(self.tokenizer, budget))
         (uid,) = self.gen.insert(
             [rest],
             max_tokens=[max_tokens],
             caches=[cache] if cache is not None else None,
             all_tokens=[tokens[:cached]],
-            samplers=[make_sampler(temperature, top_p, top_k, seed)],
+            samplers=[make_sampler(p["temperature"], p["top_p"], p["top_k"], p.get("seed"))],
+            logits_processors=[processors],
         )
-        self.active[uid] = _Active(rid, self.tokenizer.detokenizer, fault_after, tokens)
+        self.active[uid] = _Active(
+            rid, self.tokenizer.detokenizer, p.get("fault_after"), self._splitter(tokens, p)
+        )
         self.by_rid[rid] = uid
         self._trim_prompt_cache()
         return cached, max_tokens
+
+    def _splitter(self, tokens, p):
+        tk = self.tokenizer
+        state = "text"
+        if p.get("forced_tool_prefix") is not None:
+            state = "tool"
+        elif tk.has_thinking and tk.think_start_tokens:
+            # Templates that open the thinking block in the generation prompt.
+            n = len(tk.think_start_tokens)
+            last_start = tk.rfind_think_start(tokens, start=max(0, len(tokens) - 16))
+            if last_start != -1 and last_start + n >= len(tokens) - 2:
+                state = "thinking"
+        sp = Splitter(
+            tool_start=tk.tool_call_start if p.get("tools") else None,
+            tool_end=tk.tool_call_end,
+            parse_tool=tk.tool_parser if p.get("tools") else None,
+            tools=p.get("tools"),
+            think_start=tk.think_start if tk.has_thinking else None,
+            think_end=tk.think_end() if tk.has_thinking else None,
+            state=state,
+            show_thinking=bool(p.get("thinking")),
+        )
+        if state == "tool":
+            sp.tool_body = p["forced_tool_prefix"]
+        return sp
 
     def _trim_prompt_cache(self):
         active = self.gen.prompt_cache_nbytes
@@ -247,7 +435,9 @@ class Engine:
         """Advance the batch by one step (a prefill chunk and/or one decode
         token for every running sequence).
 
-        Returns a list of (rid, text, finish_reason, error) tuples. A Python
+        Returns a list of (rid, pieces, finish_reason, error) tuples, one per
+        generated token, where pieces is a list of (kind, text) with kind
+        "text", "thinking" or "tool" (a JSON {name, arguments}). A Python
         error while handling one request's output fails only that request; an
         error in the shared forward pass fails every request in the batch and
         the generator is rebuilt so later requests still run.
@@ -258,7 +448,7 @@ class Engine:
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             for a in self.active.values():
-                out.append((a.rid, "", None, msg))
+                out.append((a.rid, [], None, msg))
             self.active.clear()
             self.by_rid.clear()
             self._new_generator()
@@ -281,8 +471,10 @@ class Engine:
                     a.detok.finalize()
                 else:
                     a.detok.add_token(r.token)
-                text = a.detok.last_segment
-                out.append((a.rid, text, r.finish_reason, None))
+                pieces = a.splitter.feed(a.detok.last_segment)
+                if r.finish_reason is not None:
+                    pieces += a.splitter.finish()
+                out.append((a.rid, pieces, r.finish_reason, None))
                 if r.finish_reason is not None:
                     finished.append(r.uid)
                     if r.prompt_cache is not None:
@@ -290,7 +482,7 @@ class Engine:
                             self.model_path, r.all_tokens[:], r.prompt_cache
                         )
             except Exception as e:
-                out.append((a.rid, "", None, f"{type(e).__name__}: {e}"))
+                out.append((a.rid, [], None, f"{type(e).__name__}: {e}"))
                 if r.finish_reason is None:
                     self.gen.remove([r.uid])
                 finished.append(r.uid)

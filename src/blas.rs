@@ -78,6 +78,10 @@ unsafe fn open(path: &str, symbol: &str) -> Option<*mut c_void> {
 pub fn init(choice: BlasChoice, site_packages: &Path) -> String {
     // Keep our definition in the link even if nothing else names it.
     std::hint::black_box(cblas_sgemm as *const c_void);
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| unsafe {
+        libc::atexit(quiesce_at_exit);
+    });
     if !cfg!(target_os = "linux") {
         return "platform default (Accelerate/Metal)".into();
     }
@@ -112,6 +116,14 @@ pub fn init(choice: BlasChoice, site_packages: &Path) -> String {
             "reference BLAS from the MLX wheel (no OpenBLAS found)".into()
         }
     }
+}
+
+/// Runs at process exit, before shared-library destructors: OpenBLAS frees
+/// its buffers in its destructor, and an engine thread still inside sgemm
+/// (a generation in flight when the process exits) would then crash. Wait
+/// for the call in flight and hold the lock for good, so no call starts.
+extern "C" fn quiesce_at_exit() {
+    std::mem::forget(SERIAL.lock().unwrap_or_else(|e| e.into_inner()));
 }
 
 /// The reference BLAS the mlx-cpu wheel ships (mlx_cpu.libs/libblas-*).

@@ -32,6 +32,16 @@ pub struct TemplateInfo {
     /// Extra template variables mlx-lm passes (e.g. `enable_thinking`).
     #[serde(default)]
     pub template_kwargs: serde_json::Map<String, Value>,
+    /// The template variable that switches thinking on and off.
+    #[serde(default)]
+    pub thinking_kwarg: Option<String>,
+    /// The model family's tool-call markers and parser (mlx-lm's names).
+    #[serde(default)]
+    pub tool_call_start: Option<String>,
+    #[serde(default)]
+    pub tool_call_end: Option<String>,
+    #[serde(default)]
+    pub tool_parser: Option<String>,
 }
 
 pub struct PromptTokenizer {
@@ -65,6 +75,9 @@ impl PromptTokenizer {
             return Ok(raw.clone());
         }
         let mut ctx = self.info.template_kwargs.clone();
+        if let (Some(k), Some(v)) = (&self.info.thinking_kwarg, prompt.enable_thinking) {
+            ctx.insert(k.clone(), json!(v));
+        }
         ctx.insert("messages".into(), serde_json::to_value(&prompt.messages).unwrap());
         // transformers passes tools/documents as None when absent; templates
         // test `tools is not none`, which an undefined would not satisfy.
@@ -76,10 +89,14 @@ impl PromptTokenizer {
             ctx.insert(k.clone(), v.clone());
         }
         let tmpl = self.env.get_template("chat").map_err(|e| e.to_string())?;
-        tmpl.render(JValue::from_serialize(&ctx)).map_err(|e| match e.kind() {
+        let mut text = tmpl.render(JValue::from_serialize(&ctx)).map_err(|e| match e.kind() {
             ErrorKind::InvalidOperation => e.detail().unwrap_or("template error").to_string(),
             _ => format!("chat template error: {e}"),
-        })
+        })?;
+        if let Some(prefix) = &prompt.assistant_prefix {
+            text.push_str(prefix);
+        }
+        Ok(text)
     }
 
     /// Token ids exactly as the shim's `render` produces them.
@@ -264,8 +281,15 @@ pub fn probe_prompts() -> Vec<Prompt> {
         },
         Prompt {
             messages: vec![ChatMessage::new("system", "Use tools."), user("Weather in Paris?"), assistant_call, result],
+            tools: vec![tool.clone()],
+            ..Default::default()
+        },
+        Prompt {
+            messages: vec![user("Weather in Oslo?")],
             tools: vec![tool],
-            raw_prompt: None,
+            enable_thinking: Some(false),
+            assistant_prefix: Some("<tool_call>".into()),
+            ..Default::default()
         },
         Prompt { raw_prompt: Some("Once upon a time, ".into()), ..Default::default() },
     ]

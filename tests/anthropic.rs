@@ -175,7 +175,7 @@ async fn the_claude_code_request_streams_as_is() {
     assert_eq!(evs[0].1["message"]["model"], "claude-opus-5-5");
     let usage = &evs[0].1["message"]["usage"];
     assert!(usage["input_tokens"].as_u64().unwrap() > 1000, "{usage}");
-    assert_eq!(evs[1].0, "content_block_start");
+    assert!(evs.iter().any(|e| e.0 == "content_block_start"));
     assert!(evs.iter().any(|e| e.0 == "content_block_delta"));
     drop(r); // Claude Code's max_tokens is 128000: hang up rather than wait.
     s.wait_idle(10).await;

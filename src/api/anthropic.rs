@@ -5,7 +5,10 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::{check_range, check_stops, StreamRenderer};
-use crate::engine::{ChatMessage, FunctionCall, GenerateRequest, Prompt, Sampling, StopReason, ToolCall};
+use crate::engine::{
+    ChatMessage, Collected, ForceTool, FunctionCall, GenEvent, GenerateRequest, OutputToolCall, Prompt, Sampling, StopReason,
+    ToolCall,
+};
 use crate::error::ApiError;
 
 /// Claude Code's first system block is an attribution line for Anthropic's
@@ -40,6 +43,23 @@ pub struct MessagesRequest {
     pub tools: Option<Vec<ToolDef>>,
     #[serde(default)]
     pub tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    pub thinking: Option<Thinking>,
+}
+
+/// `thinking`: `enabled` (with `budget_tokens`), `adaptive`, or `disabled`.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+pub struct Thinking {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub budget_tokens: Option<u32>,
+}
+
+impl Thinking {
+    fn enabled(&self) -> bool {
+        self.kind != "disabled"
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +269,8 @@ impl MessagesRequest {
             (_, Some(ToolChoice::None {})) | (None, _) => vec![],
             (Some(tools), _) => tools.iter().map(tool_to_function).collect(),
         };
-        Ok(Prompt { messages: out, tools, raw_prompt: None })
+        let enable_thinking = self.thinking.as_ref().and_then(|t| (!t.enabled()).then_some(false));
+        Ok(Prompt { messages: out, tools, raw_prompt: None, enable_thinking, assistant_prefix: None })
     }
 
     /// The full internal request for /v1/messages.
@@ -263,18 +284,23 @@ impl MessagesRequest {
         check_range("top_p", self.top_p, 0.0, 1.0)?;
         let stop = self.stop_sequences.clone().unwrap_or_default();
         check_stops("stop_sequences", &stop, 64)?;
-        Ok(GenerateRequest {
-            prompt: self.to_prompt()?,
-            max_tokens,
-            sampling: Sampling {
-                temperature: self.temperature.unwrap_or(1.0) as f32,
-                top_p: self.top_p.unwrap_or(1.0) as f32,
-                top_k: self.top_k.unwrap_or(0).min(u32::MAX as u64) as u32,
-                seed: None,
-            },
-            stop,
-            fault_after: None,
-        })
+        let sampling = Sampling {
+            temperature: self.temperature.unwrap_or(1.0) as f32,
+            top_p: self.top_p.unwrap_or(1.0) as f32,
+            top_k: self.top_k.unwrap_or(0).min(u32::MAX as u64) as u32,
+            seed: None,
+        };
+        let mut req = GenerateRequest::new(self.to_prompt()?, max_tokens, sampling, stop);
+        if let Some(t) = &self.thinking {
+            req.thinking = t.enabled();
+            req.thinking_budget = t.budget_tokens.filter(|_| t.enabled());
+        }
+        req.force_tool = match &self.tool_choice {
+            Some(ToolChoice::Any {}) => Some(ForceTool::Any),
+            Some(ToolChoice::Tool { name }) => Some(ForceTool::Named(name.clone())),
+            _ => None,
+        };
+        Ok(req)
     }
 }
 
@@ -349,18 +375,41 @@ pub fn stop_reason_fields(r: &StopReason) -> (&'static str, Value) {
         StopReason::EndTurn => ("end_turn", Value::Null),
         StopReason::MaxTokens => ("max_tokens", Value::Null),
         StopReason::StopSequence(s) => ("stop_sequence", json!(s)),
+        StopReason::ToolUse => ("tool_use", Value::Null),
     }
 }
 
+fn tool_use_block(c: &OutputToolCall) -> Value {
+    json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments})
+}
+
+/// The `content` array of a response, in output order.
+pub fn content_blocks(out: &Collected) -> Vec<Value> {
+    let mut blocks: Vec<Value> = out
+        .blocks
+        .iter()
+        .filter_map(|b| match b {
+            GenEvent::Text(t) if !t.is_empty() => Some(json!({"type": "text", "text": t})),
+            GenEvent::Thinking(t) => Some(json!({"type": "thinking", "thinking": t, "signature": ""})),
+            GenEvent::ToolCall(c) => Some(tool_use_block(c)),
+            _ => None,
+        })
+        .collect();
+    if blocks.is_empty() {
+        blocks.push(json!({"type": "text", "text": ""}));
+    }
+    blocks
+}
+
 /// A complete non-streaming response.
-pub fn message_response(id: &str, model: &str, text: &str, reason: &StopReason, usage: Usage) -> Value {
+pub fn message_response(id: &str, model: &str, out: &Collected, reason: &StopReason, usage: Usage) -> Value {
     let (stop_reason, stop_sequence) = stop_reason_fields(reason);
     json!({
         "id": id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": text}],
+        "content": content_blocks(out),
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
         "usage": usage.to_json(),
@@ -372,18 +421,25 @@ pub type Event = (&'static str, Value);
 
 /// Produces the event sequence of a streamed message, enforcing the grammar:
 /// message_start, (content_block_start, content_block_delta*, content_block_stop)*,
-/// message_delta, message_stop.
+/// message_delta, message_stop. Blocks open lazily, in output order: thinking,
+/// text and tool_use blocks each get their own index.
 pub struct EventStream {
     id: String,
     model: String,
     index: usize,
-    open: bool,
+    open: Option<BlockKind>,
     finished: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    Text,
+    Thinking,
 }
 
 impl EventStream {
     pub fn new(id: &str, model: &str) -> EventStream {
-        EventStream { id: id.into(), model: model.into(), index: 0, open: false, finished: false }
+        EventStream { id: id.into(), model: model.into(), index: 0, open: None, finished: false }
     }
 
     pub fn start(&mut self, usage: Usage) -> Vec<Event> {
@@ -396,48 +452,84 @@ impl EventStream {
                 "content": [], "stop_reason": null, "stop_sequence": null, "usage": u,
             }
         });
-        // The text block opens at once: clients show progress from here.
-        let mut ev = vec![("message_start", start)];
-        ev.extend(self.open_text());
-        ev.push(("ping", json!({"type": "ping"})));
+        vec![("message_start", start), ("ping", json!({"type": "ping"}))]
+    }
+
+    fn open_block(&mut self, kind: BlockKind) -> Vec<Event> {
+        if self.open == Some(kind) {
+            return vec![];
+        }
+        let mut ev = self.close_block();
+        let block = match kind {
+            BlockKind::Text => json!({"type": "text", "text": ""}),
+            BlockKind::Thinking => json!({"type": "thinking", "thinking": ""}),
+        };
+        ev.push(("content_block_start", json!({"type": "content_block_start", "index": self.index, "content_block": block})));
+        self.open = Some(kind);
         ev
     }
 
-    fn open_text(&mut self) -> Vec<Event> {
-        self.open = true;
-        vec![(
-            "content_block_start",
-            json!({"type": "content_block_start", "index": self.index, "content_block": {"type": "text", "text": ""}}),
-        )]
-    }
-
-    pub fn text(&mut self, delta: &str) -> Vec<Event> {
+    fn delta(&mut self, kind: BlockKind, delta: &str) -> Vec<Event> {
         if delta.is_empty() || self.finished {
             return vec![];
         }
-        let mut ev = vec![];
-        if !self.open {
-            ev.extend(self.open_text());
+        let mut ev = self.open_block(kind);
+        let d = match kind {
+            BlockKind::Text => json!({"type": "text_delta", "text": delta}),
+            BlockKind::Thinking => json!({"type": "thinking_delta", "thinking": delta}),
+        };
+        ev.push(("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": d})));
+        ev
+    }
+
+    pub fn text(&mut self, delta: &str) -> Vec<Event> {
+        self.delta(BlockKind::Text, delta)
+    }
+
+    pub fn thinking(&mut self, delta: &str) -> Vec<Event> {
+        self.delta(BlockKind::Thinking, delta)
+    }
+
+    /// A whole tool_use block: start with empty input, the input as JSON
+    /// fragments, stop.
+    pub fn tool_call(&mut self, call: &OutputToolCall) -> Vec<Event> {
+        if self.finished {
+            return vec![];
         }
+        let mut ev = self.close_block();
+        let i = self.index;
         ev.push((
-            "content_block_delta",
-            json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": delta}}),
+            "content_block_start",
+            json!({"type": "content_block_start", "index": i,
+                   "content_block": {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}}),
         ));
+        for frag in super::json_fragments(&call.arguments) {
+            ev.push((
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": i, "delta": {"type": "input_json_delta", "partial_json": frag}}),
+            ));
+        }
+        ev.push(("content_block_stop", json!({"type": "content_block_stop", "index": i})));
+        self.index += 1;
         ev
     }
 
     fn close_block(&mut self) -> Vec<Event> {
-        if !self.open {
+        if self.open.take().is_none() {
             return vec![];
         }
-        self.open = false;
         let ev = vec![("content_block_stop", json!({"type": "content_block_stop", "index": self.index}))];
         self.index += 1;
         ev
     }
 
     pub fn finish(&mut self, reason: &StopReason, usage: Usage) -> Vec<Event> {
-        let mut ev = self.close_block();
+        let mut ev = vec![];
+        if self.index == 0 && self.open.is_none() {
+            // No output at all: still one (empty) text block, as non-streaming gives.
+            ev.extend(self.open_block(BlockKind::Text));
+        }
+        ev.extend(self.close_block());
         self.finished = true;
         let (stop_reason, stop_sequence) = stop_reason_fields(reason);
         ev.push((
@@ -473,6 +565,12 @@ impl StreamRenderer for EventStream {
     }
     fn text(&mut self, delta: &str) -> String {
         encode(EventStream::text(self, delta))
+    }
+    fn thinking(&mut self, delta: &str) -> String {
+        encode(EventStream::thinking(self, delta))
+    }
+    fn tool_call(&mut self, call: &OutputToolCall) -> String {
+        encode(EventStream::tool_call(self, call))
     }
     fn finish(&mut self, reason: &StopReason, prompt_tokens: u32, cached_tokens: u32, output_tokens: u32) -> String {
         encode(EventStream::finish(self, reason, Usage { prompt_tokens, cached_tokens, output_tokens }))
@@ -632,8 +730,8 @@ mod tests {
             names,
             [
                 "message_start",
-                "content_block_start",
                 "ping",
+                "content_block_start",
                 "content_block_delta",
                 "content_block_delta",
                 "content_block_stop",
@@ -642,5 +740,52 @@ mod tests {
             ]
         );
         assert!(s.text("late").is_empty());
+    }
+
+    #[test]
+    fn thinking_text_and_tool_blocks_get_their_own_indices() {
+        let mut s = EventStream::new("msg_1", "m");
+        let u = Usage::default();
+        let mut evs = s.start(u);
+        evs.extend(s.thinking("hmm"));
+        evs.extend(s.thinking(" ok"));
+        evs.extend(s.text("Let me check."));
+        let call = OutputToolCall { id: "toolu_1".into(), name: "get_weather".into(), arguments: json!({"city": "Paris"}) };
+        evs.extend(s.tool_call(&call));
+        evs.extend(s.finish(&StopReason::ToolUse, u));
+        let starts: Vec<(u64, String)> = evs
+            .iter()
+            .filter(|e| e.0 == "content_block_start")
+            .map(|e| (e.1["index"].as_u64().unwrap(), e.1["content_block"]["type"].as_str().unwrap().to_string()))
+            .collect();
+        assert_eq!(starts, vec![(0, "thinking".into()), (1, "text".into()), (2, "tool_use".into())]);
+        let json: String = evs
+            .iter()
+            .filter(|e| e.1["delta"]["type"] == "input_json_delta")
+            .map(|e| e.1["delta"]["partial_json"].as_str().unwrap())
+            .collect();
+        assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), json!({"city": "Paris"}));
+        let stops = evs.iter().filter(|e| e.0 == "content_block_stop").count();
+        assert_eq!(stops, 3);
+        let delta = evs.iter().find(|e| e.0 == "message_delta").unwrap();
+        assert_eq!(delta.1["delta"]["stop_reason"], "tool_use");
+    }
+
+    #[test]
+    fn thinking_request_fields() {
+        let r = req(json!({"model": "m", "max_tokens": 50, "thinking": {"type": "enabled", "budget_tokens": 20},
+            "tools": [{"name": "t", "input_schema": {}}], "tool_choice": {"type": "tool", "name": "t"},
+            "messages": [{"role": "user", "content": "x"}]}))
+        .unwrap();
+        let g = r.to_generate().unwrap();
+        assert!(g.thinking);
+        assert_eq!(g.thinking_budget, Some(20));
+        assert_eq!(g.force_tool, Some(ForceTool::Named("t".into())));
+        let r = req(json!({"model": "m", "max_tokens": 5, "thinking": {"type": "disabled"},
+            "messages": [{"role": "user", "content": "x"}]}))
+        .unwrap();
+        let g = r.to_generate().unwrap();
+        assert!(!g.thinking);
+        assert_eq!(g.prompt.enable_thinking, Some(false));
     }
 }

@@ -8,7 +8,7 @@ pub mod openai;
 use rand::Rng;
 use serde::de::DeserializeOwned;
 
-use crate::engine::StopReason;
+use crate::engine::{OutputToolCall, StopReason};
 use crate::error::ApiError;
 
 /// Parses a JSON body into a wire type, naming the offending field on error
@@ -42,11 +42,23 @@ pub trait StreamRenderer: Send + 'static {
     /// Before any token (`message_start` / the role chunk).
     fn start(&mut self, prompt_tokens: u32, cached_tokens: u32) -> String;
     fn text(&mut self, delta: &str) -> String;
+    fn thinking(&mut self, delta: &str) -> String;
+    fn tool_call(&mut self, call: &OutputToolCall) -> String;
     fn finish(&mut self, reason: &StopReason, prompt_tokens: u32, cached_tokens: u32, output_tokens: u32) -> String;
     /// A failure after the 200 header went out.
     fn error(&mut self, e: &ApiError) -> String;
     /// Sent when nothing else went out for a while.
     fn keepalive(&mut self) -> String;
+}
+
+/// A tool call's arguments as JSON text, cut into a few fragments (on char
+/// boundaries) the way hosted APIs stream them; concatenated they parse back
+/// to the same object.
+pub fn json_fragments(args: &serde_json::Value) -> Vec<String> {
+    let text = args.to_string();
+    let chars: Vec<char> = text.chars().collect();
+    let size = chars.len().div_ceil(3).max(8);
+    chars.chunks(size).map(|c| c.iter().collect()).collect()
 }
 
 /// A random id with the given prefix (`msg_`, `toolu_`, `chatcmpl-`).
@@ -121,6 +133,16 @@ mod tests {
     fn trailing_garbage_is_rejected() {
         let e = parse_json::<T>(br#"{"a": 1, "b": []} xyz"#).unwrap_err();
         assert!(e.message().starts_with("malformed JSON"), "{}", e.message());
+    }
+
+    #[test]
+    fn json_fragments_reassemble() {
+        let v = serde_json::json!({"city": "Zürich", "days": [1, 2, 3], "nested": {"ok": true}});
+        let f = json_fragments(&v);
+        assert!(f.len() > 1);
+        let back: serde_json::Value = serde_json::from_str(&f.concat()).unwrap();
+        assert_eq!(back, v);
+        assert_eq!(json_fragments(&serde_json::json!({})).concat(), "{}");
     }
 
     #[test]

@@ -5,7 +5,9 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::{check_range, check_stops, StreamRenderer};
-use crate::engine::{ChatMessage, FunctionCall, GenerateRequest, Prompt, Sampling, StopReason, ToolCall};
+use crate::engine::{
+    ChatMessage, Collected, ForceTool, FunctionCall, GenerateRequest, OutputToolCall, Prompt, Sampling, StopReason, ToolCall,
+};
 use crate::error::{ApiError, Dialect};
 use crate::sse;
 
@@ -297,20 +299,34 @@ impl ChatRequest {
                 .collect(),
             _ => vec![],
         };
-        Ok(Prompt { messages: out, tools, raw_prompt: None })
+        Ok(Prompt { messages: out, tools, raw_prompt: None, enable_thinking: None, assistant_prefix: None })
+    }
+
+    fn force_tool(&self) -> Result<Option<ForceTool>, ApiError> {
+        match &self.tool_choice {
+            None => Ok(None),
+            Some(Value::String(s)) => match s.as_str() {
+                "auto" | "none" => Ok(None),
+                "required" => Ok(Some(ForceTool::Any)),
+                other => Err(ApiError::InvalidRequest(format!("tool_choice: unknown value {other:?}"))),
+            },
+            Some(v) => match v["function"]["name"].as_str() {
+                Some(name) => Ok(Some(ForceTool::Named(name.to_string()))),
+                None => Err(ApiError::InvalidRequest("tool_choice: expected a string or {\"type\": \"function\", \"function\": {\"name\": ...}}".into())),
+            },
+        }
     }
 
     pub fn to_generate(&self) -> Result<GenerateRequest, ApiError> {
         self.common.check()?;
         let requested = self.max_completion_tokens.or(self.max_tokens);
         let name = if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
-        Ok(GenerateRequest {
-            prompt: self.to_prompt()?,
-            max_tokens: max_tokens(requested, name)?,
-            sampling: self.common.sampling(),
-            stop: self.common.stops(),
-            fault_after: None,
-        })
+        let mut req = GenerateRequest::new(self.to_prompt()?, max_tokens(requested, name)?, self.common.sampling(), self.common.stops());
+        // Reasoning has its own field here (`reasoning_content`), which
+        // clients that do not know it ignore: always pass it through.
+        req.thinking = true;
+        req.force_tool = self.force_tool()?;
+        Ok(req)
     }
 }
 
@@ -323,13 +339,13 @@ impl CompletionRequest {
         if self.suffix.is_some() {
             return Err(ApiError::InvalidRequest("suffix: not supported".into()));
         }
-        Ok(GenerateRequest {
-            prompt: Prompt { messages: vec![], tools: vec![], raw_prompt: Some(self.prompt.0.clone()) },
-            max_tokens: max_tokens(self.max_tokens.or(Some(16)), "max_tokens")?,
-            sampling: self.common.sampling(),
-            stop: self.common.stops(),
-            fault_after: None,
-        })
+        let prompt = Prompt { raw_prompt: Some(self.prompt.0.clone()), ..Default::default() };
+        Ok(GenerateRequest::new(
+            prompt,
+            max_tokens(self.max_tokens.or(Some(16)), "max_tokens")?,
+            self.common.sampling(),
+            self.common.stops(),
+        ))
     }
 }
 
@@ -340,7 +356,12 @@ pub fn finish_reason(r: &StopReason) -> &'static str {
     match r {
         StopReason::MaxTokens => "length",
         StopReason::EndTurn | StopReason::StopSequence(_) => "stop",
+        StopReason::ToolUse => "tool_calls",
     }
+}
+
+fn tool_call_json(c: &OutputToolCall) -> Value {
+    json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments.to_string()}})
 }
 
 pub fn usage_json(prompt: u32, cached: u32, completion: u32) -> Value {
@@ -363,14 +384,23 @@ pub enum Endpoint {
     Completions,
 }
 
-pub fn response(endpoint: Endpoint, id: &str, model: &str, text: &str, reason: &StopReason, usage: Value) -> Value {
+pub fn response(endpoint: Endpoint, id: &str, model: &str, out: &Collected, reason: &StopReason, usage: Value) -> Value {
+    let text = out.text();
     let choice = match endpoint {
-        Endpoint::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": null,
-            "finish_reason": finish_reason(reason),
-        }),
+        Endpoint::Chat => {
+            let calls = out.tool_calls();
+            let mut message = json!({
+                "role": "assistant",
+                "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { json!(text) },
+            });
+            if !calls.is_empty() {
+                message["tool_calls"] = calls.iter().map(|c| tool_call_json(c)).collect();
+            }
+            if let Some(t) = out.thinking() {
+                message["reasoning_content"] = json!(t);
+            }
+            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(reason)})
+        }
         Endpoint::Completions => json!({
             "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(reason),
         }),
@@ -393,11 +423,13 @@ pub struct ChunkStream {
     model: String,
     created: u64,
     include_usage: bool,
+    /// Tool calls streamed so far (their `index`).
+    calls: usize,
 }
 
 impl ChunkStream {
     pub fn new(endpoint: Endpoint, id: &str, model: &str, include_usage: bool) -> ChunkStream {
-        ChunkStream { endpoint, id: id.into(), model: model.into(), created: unix_now(), include_usage }
+        ChunkStream { endpoint, id: id.into(), model: model.into(), created: unix_now(), include_usage, calls: 0 }
     }
 
     fn chunk(&self, choice: Value) -> String {
@@ -439,6 +471,30 @@ impl StreamRenderer for ChunkStream {
             return String::new();
         }
         self.delta(json!({"content": t}), None)
+    }
+
+    fn thinking(&mut self, t: &str) -> String {
+        if t.is_empty() || self.endpoint != Endpoint::Chat {
+            return String::new();
+        }
+        self.delta(json!({"reasoning_content": t}), None)
+    }
+
+    fn tool_call(&mut self, call: &OutputToolCall) -> String {
+        if self.endpoint != Endpoint::Chat {
+            return String::new();
+        }
+        let index = self.calls;
+        self.calls += 1;
+        let mut out = self.delta(
+            json!({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                    "function": {"name": call.name, "arguments": ""}}]}),
+            None,
+        );
+        for frag in super::json_fragments(&call.arguments) {
+            out.push_str(&self.delta(json!({"tool_calls": [{"index": index, "function": {"arguments": frag}}]}), None));
+        }
+        out
     }
 
     fn finish(&mut self, reason: &StopReason, prompt: u32, cached: u32, output: u32) -> String {
@@ -519,6 +575,46 @@ mod tests {
         assert!(e.message().contains("text only"), "{}", e.message());
         let e = chat(json!({"messages": [{"role": "wizard", "content": "x"}]})).unwrap_err();
         assert!(e.message().starts_with("messages[0].role"));
+    }
+
+    #[test]
+    fn tool_choice_forms() {
+        let base = json!({"messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}]});
+        let with = |v: Value| {
+            let mut b = base.clone();
+            b["tool_choice"] = v;
+            chat(b).unwrap().to_generate()
+        };
+        assert_eq!(with(json!("required")).unwrap().force_tool, Some(ForceTool::Any));
+        assert_eq!(with(json!("auto")).unwrap().force_tool, None);
+        assert!(with(json!("none")).unwrap().prompt.tools.is_empty());
+        assert_eq!(
+            with(json!({"type": "function", "function": {"name": "f"}})).unwrap().force_tool,
+            Some(ForceTool::Named("f".into()))
+        );
+        assert!(with(json!("sometimes")).is_err());
+    }
+
+    #[test]
+    fn tool_call_chunks_reassemble() {
+        let mut s = ChunkStream::new(Endpoint::Chat, "chatcmpl-1", "m", false);
+        let call = OutputToolCall { id: "call_1".into(), name: "get_weather".into(), arguments: json!({"city": "Paris"}) };
+        let out = s.tool_call(&call) + &s.tool_call(&call);
+        let chunks: Vec<Value> = out
+            .split("\n\n")
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(l.trim_start_matches("data: ")).unwrap())
+            .collect();
+        let mut args = ["".to_string(), "".to_string()];
+        for c in &chunks {
+            let tc = &c["choices"][0]["delta"]["tool_calls"][0];
+            args[tc["index"].as_u64().unwrap() as usize].push_str(tc["function"]["arguments"].as_str().unwrap());
+        }
+        for a in args {
+            assert_eq!(serde_json::from_str::<Value>(&a).unwrap(), json!({"city": "Paris"}));
+        }
+        assert_eq!(chunks[0]["choices"][0]["delta"]["tool_calls"][0]["id"], "call_1");
     }
 
     #[test]

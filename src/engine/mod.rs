@@ -77,6 +77,13 @@ pub struct Prompt {
     /// A plain prompt (text completions): no chat template.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_prompt: Option<String>,
+    /// The template's thinking switch (`enable_thinking`), when the request says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_thinking: Option<bool>,
+    /// Text appended after the rendered generation prompt: the start of a
+    /// forced tool call (`tool_choice` any / tool).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assistant_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -104,6 +111,34 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Test hook: make generation raise in Python after this many tokens.
     pub fault_after: Option<u32>,
+    /// Stream the model's thinking (otherwise it is kept out of the output).
+    pub thinking: bool,
+    /// Most tokens a thinking block may run before it is closed.
+    pub thinking_budget: Option<u32>,
+    /// `any` or a named tool: the model must call one.
+    pub force_tool: Option<ForceTool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ForceTool {
+    Any,
+    Named(String),
+}
+
+impl GenerateRequest {
+    /// A plain request with defaults for the optional behaviours.
+    pub fn new(prompt: Prompt, max_tokens: u64, sampling: Sampling, stop: Vec<String>) -> GenerateRequest {
+        GenerateRequest {
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            fault_after: None,
+            thinking: false,
+            thinking_budget: None,
+            force_tool: None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -113,9 +148,19 @@ pub struct GenerateRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum TokenEvent {
     Started { prompt_tokens: u32, cached_tokens: u32, max_tokens: u32 },
-    Token(String),
+    /// One generated token and what its text completed (maybe nothing yet).
+    Token(Vec<Piece>),
     Finished(EngineFinish),
     Failed(ApiError),
+}
+
+/// A classified piece of output text (the shim splits by the model's markers).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Text(String),
+    Thinking(String),
+    /// A parsed tool call: name and arguments object.
+    ToolCall { name: String, arguments: Value },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,14 +175,57 @@ pub enum StopReason {
     EndTurn,
     MaxTokens,
     StopSequence(String),
+    /// The turn ended after the model called tools.
+    ToolUse,
 }
 
 /// What a [`Generation`] yields.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
     Text(String),
+    Thinking(String),
+    ToolCall(OutputToolCall),
     Done { reason: StopReason, output_tokens: u32 },
     Error(ApiError),
+}
+
+/// A tool call the model made, with the id clients will refer to it by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// Everything a non-streaming response needs, in output order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Collected {
+    /// Output blocks in order; adjacent pieces of one kind are merged.
+    pub blocks: Vec<GenEvent>,
+}
+
+impl Collected {
+    fn push(&mut self, ev: GenEvent) {
+        match (self.blocks.last_mut(), ev) {
+            (Some(GenEvent::Text(a)), GenEvent::Text(b)) => a.push_str(&b),
+            (Some(GenEvent::Thinking(a)), GenEvent::Thinking(b)) => a.push_str(&b),
+            (_, ev) => self.blocks.push(ev),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        self.blocks.iter().filter_map(|b| if let GenEvent::Text(t) = b { Some(t.as_str()) } else { None }).collect()
+    }
+
+    pub fn thinking(&self) -> Option<String> {
+        let t: String =
+            self.blocks.iter().filter_map(|b| if let GenEvent::Thinking(t) = b { Some(t.as_str()) } else { None }).collect();
+        (!t.is_empty()).then_some(t)
+    }
+
+    pub fn tool_calls(&self) -> Vec<&OutputToolCall> {
+        self.blocks.iter().filter_map(|b| if let GenEvent::ToolCall(c) = b { Some(c) } else { None }).collect()
+    }
 }
 
 /// One admitted request's output stream. Owns the admission permit: the slot
@@ -150,6 +238,9 @@ pub struct Generation {
     rx: Option<mpsc::UnboundedReceiver<TokenEvent>>,
     stop: StopMatcher,
     pending: VecDeque<GenEvent>,
+    tool_calls: u32,
+    /// Prefix for tool-call ids (`toolu_` or `call_`).
+    tool_id_prefix: &'static str,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -166,15 +257,33 @@ impl Generation {
             }
             let rx = self.rx.as_mut()?;
             match rx.recv().await {
-                Some(TokenEvent::Token(t)) => {
+                Some(TokenEvent::Token(pieces)) => {
                     self.output_tokens += 1;
-                    let out = self.stop.push(&t);
-                    if !out.emit.is_empty() {
-                        self.pending.push_back(GenEvent::Text(out.emit));
-                    }
-                    if let Some(i) = out.matched {
-                        let seq = self.stop.stops()[i].clone();
-                        self.finish(StopReason::StopSequence(seq));
+                    for piece in pieces {
+                        match piece {
+                            Piece::Text(t) => {
+                                let out = self.stop.push(&t);
+                                if !out.emit.is_empty() {
+                                    self.pending.push_back(GenEvent::Text(out.emit));
+                                }
+                                if let Some(i) = out.matched {
+                                    let seq = self.stop.stops()[i].clone();
+                                    self.finish(StopReason::StopSequence(seq));
+                                    break;
+                                }
+                            }
+                            Piece::Thinking(t) => self.pending.push_back(GenEvent::Thinking(t)),
+                            Piece::ToolCall { name, arguments } => {
+                                // Text held back by the stop matcher precedes the call.
+                                let held = self.stop.flush();
+                                if !held.is_empty() {
+                                    self.pending.push_back(GenEvent::Text(held));
+                                }
+                                self.tool_calls += 1;
+                                let id = crate::api::new_id(self.tool_id_prefix);
+                                self.pending.push_back(GenEvent::ToolCall(OutputToolCall { id, name, arguments }));
+                            }
+                        }
                     }
                 }
                 Some(TokenEvent::Finished(f)) => {
@@ -183,6 +292,7 @@ impl Generation {
                         self.pending.push_back(GenEvent::Text(rest));
                     }
                     self.finish(match f {
+                        EngineFinish::Eos if self.tool_calls > 0 => StopReason::ToolUse,
                         EngineFinish::Eos => StopReason::EndTurn,
                         EngineFinish::Length => StopReason::MaxTokens,
                     });
@@ -209,14 +319,14 @@ impl Generation {
         self.pending.push_back(GenEvent::Done { reason, output_tokens: self.output_tokens });
     }
 
-    /// Runs to the end and collects the text (non-streaming responses).
-    pub async fn collect(&mut self) -> Result<(String, StopReason), ApiError> {
-        let mut text = String::new();
+    /// Runs to the end and collects the output (non-streaming responses).
+    pub async fn collect(&mut self) -> Result<(Collected, StopReason), ApiError> {
+        let mut out = Collected::default();
         while let Some(ev) = self.next().await {
             match ev {
-                GenEvent::Text(t) => text.push_str(&t),
-                GenEvent::Done { reason, .. } => return Ok((text, reason)),
+                GenEvent::Done { reason, .. } => return Ok((out, reason)),
                 GenEvent::Error(e) => return Err(e),
+                ev => out.push(ev),
             }
         }
         Err(ApiError::Internal("generation ended without a result".into()))
@@ -316,6 +426,34 @@ pub(crate) struct EngineOptions {
     pub prompt_cache_bytes: u64,
 }
 
+/// Engines alive in this process, stopped at exit (see `stop_engines_at_exit`).
+static LIVE_ENGINES: Mutex<Vec<(std::sync::mpsc::Sender<Command>, Arc<EngineStatus>)>> = Mutex::new(Vec::new());
+
+fn register_for_exit(tx: std::sync::mpsc::Sender<Command>, status: Arc<EngineStatus>) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| unsafe {
+        libc::atexit(stop_engines_at_exit);
+    });
+    LIVE_ENGINES.lock().unwrap().push((tx, status));
+}
+
+/// A process that exits while an engine is mid-step (a test ending, an
+/// embedding program returning from main) would tear down MLX and OpenBLAS
+/// under it. At exit, ask every engine to stop and give them a moment to
+/// leave MLX before the libraries' destructors run.
+extern "C" fn stop_engines_at_exit() {
+    let engines = std::mem::take(&mut *LIVE_ENGINES.lock().unwrap_or_else(|e| e.into_inner()));
+    for (tx, _) in &engines {
+        let _ = tx.send(Command::Shutdown);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline
+        && engines.iter().any(|(_, st)| matches!(st.state(), EngineState::Ready | EngineState::Loading))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Cheap to clone; the way the HTTP side talks to the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -359,6 +497,7 @@ impl EngineHandle {
                 anyhow::bail!("the engine thread died while loading the model");
             }
         }
+        register_for_exit(tx.clone(), status.clone());
         let mut handle = EngineHandle {
             tx,
             status,
@@ -457,6 +596,12 @@ impl EngineHandle {
     /// Admits, submits, and waits until the engine has rendered the prompt
     /// (so prompt errors come back as plain 4xx, before any stream starts).
     pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, ApiError> {
+        self.generate_with_ids(request, "toolu_").await
+    }
+
+    /// As `generate`, naming tool calls `{prefix}…` (`toolu_` / `call_`).
+    pub async fn generate_with_ids(&self, mut request: GenerateRequest, tool_id_prefix: &'static str) -> Result<Generation, ApiError> {
+        self.apply_tool_choice(&mut request)?;
         self.ensure_alive()?;
         let tokens = match &self.tokenizer {
             Some(tok) => Some(Self::tokenize_in_rust(tok, request.prompt.clone()).await?),
@@ -478,12 +623,40 @@ impl EngineHandle {
                 rx: Some(events_rx),
                 stop,
                 pending: VecDeque::new(),
+                tool_calls: 0,
+                tool_id_prefix,
                 _permit: permit,
             }),
             Some(TokenEvent::Failed(e)) => Err(e),
             Some(other) => Err(ApiError::Internal(format!("engine protocol error: {other:?}"))),
             None => Err(ApiError::Unavailable("the engine stopped".into())),
         }
+    }
+
+    /// `tool_choice` any / tool: start the assistant turn inside a tool call
+    /// (the model's own call marker, and for JSON-call formats the name).
+    fn apply_tool_choice(&self, request: &mut GenerateRequest) -> Result<(), ApiError> {
+        let Some(force) = &request.force_tool else { return Ok(()) };
+        if request.prompt.tools.is_empty() {
+            return Err(ApiError::InvalidRequest("tool_choice requires tools".into()));
+        }
+        let template = self.info().map(|i| i.template.clone()).unwrap_or_default();
+        let Some(start) = template.tool_call_start.filter(|s| !s.is_empty()) else {
+            return Err(ApiError::InvalidRequest(
+                "tool_choice any/tool is not supported: the model has no known tool-call format".into(),
+            ));
+        };
+        let mut prefix = start;
+        if let ForceTool::Named(name) = force {
+            if !request.prompt.tools.iter().any(|t| t["function"]["name"] == name.as_str()) {
+                return Err(ApiError::InvalidRequest(format!("tool_choice names {name:?}, which is not in tools")));
+            }
+            if template.tool_parser.as_deref() == Some("json_tools") {
+                prefix.push_str(&format!("{{\"name\": {}, \"arguments\": ", serde_json::to_string(name).unwrap()));
+            }
+        }
+        request.prompt.assistant_prefix = Some(prefix);
+        Ok(())
     }
 
     /// Tokens the prompt renders to, with the model's own template.

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyModule;
 
 use super::worker::{self, Backend, StepItem, Submitted};
-use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, ModelInfo, Prompt};
+use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, ModelInfo, Piece, Prompt};
 use crate::error::ApiError;
 
 const SHIM_SOURCE: &str = include_str!("../../python/pensieve_shim.py");
@@ -63,7 +63,8 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         let _ = status.info.set(info);
         status.set_state(EngineState::Ready);
         let _ = ready.send(Ok(()));
-        let mut backend = PyBackend { py, engine };
+        let tool_call_start = status.info.get().and_then(|i| i.template.tool_call_start.clone());
+        let mut backend = PyBackend { py, engine, tool_call_start };
         worker::serve(&mut backend, rx, &status);
     });
 }
@@ -166,6 +167,23 @@ fn find_site_packages(venv: &Path) -> Result<PathBuf, String> {
 struct PyBackend<'py> {
     py: Python<'py>,
     engine: Bound<'py, PyAny>,
+    /// The model's tool-call start marker (to split forced prefixes).
+    tool_call_start: Option<String>,
+}
+
+/// The shim's (kind, text) pairs; a tool piece is JSON {name, arguments}.
+fn piece((kind, text): (String, String)) -> Piece {
+    match kind.as_str() {
+        "thinking" => Piece::Thinking(text),
+        "tool" => match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => Piece::ToolCall {
+                name: v["name"].as_str().unwrap_or_default().to_string(),
+                arguments: v.get("arguments").cloned().unwrap_or_else(|| serde_json::json!({})),
+            },
+            Err(_) => Piece::Text(text),
+        },
+        _ => Piece::Text(text),
+    }
 }
 
 impl PyBackend<'_> {
@@ -187,10 +205,24 @@ impl Backend for PyBackend<'_> {
             None => self.tokenize(&req.prompt)?,
         };
         let s = &req.sampling;
-        let submitted = self.engine.call_method1(
-            "submit",
-            (rid, tokens.clone(), req.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, req.fault_after),
-        );
+        let params = serde_json::json!({
+            "max_tokens": req.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k,
+            "seed": s.seed,
+            "fault_after": req.fault_after,
+            "thinking": req.thinking,
+            "thinking_budget": req.thinking_budget,
+            "tools": (!req.prompt.tools.is_empty()).then_some(&req.prompt.tools),
+            "forced_tool_prefix": req.prompt.assistant_prefix.as_ref().map(|p| {
+                // The part after the call marker is already inside the call body.
+                let start = self.tool_call_start.as_deref().unwrap_or("");
+                p.strip_prefix(start).unwrap_or(p).to_string()
+            }),
+        })
+        .to_string();
+        let submitted = self.engine.call_method1("submit", (rid, tokens.clone(), params));
         let (cached, max_tokens): (u32, u32) = submitted.and_then(|r| r.extract()).map_err(|e| {
             let too_long = e.get_type(self.py).name().map(|n| n.to_string() == "PromptTooLong").unwrap_or(false);
             if too_long {
@@ -216,12 +248,16 @@ impl Backend for PyBackend<'_> {
     }
 
     fn step(&mut self) -> Result<Vec<StepItem>, ApiError> {
-        let items: Vec<(u64, String, Option<String>, Option<String>)> = self
+        type Raw = Vec<(u64, Vec<(String, String)>, Option<String>, Option<String>)>;
+        let items: Raw = self
             .engine
             .call_method0("step")
             .and_then(|r| r.extract())
             .map_err(|e| ApiError::Internal(format!("generation step failed: {e}")))?;
-        Ok(items.into_iter().map(|(rid, text, finish, error)| StepItem { rid, text, finish, error }).collect())
+        Ok(items
+            .into_iter()
+            .map(|(rid, pieces, finish, error)| StepItem { rid, pieces: pieces.into_iter().map(piece).collect(), finish, error })
+            .collect())
     }
 
     fn memory(&mut self) -> Option<MemorySnapshot> {

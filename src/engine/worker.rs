@@ -14,13 +14,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Command, EngineFinish, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, Prompt, TokenEvent};
+use super::{
+    Command, EngineFinish, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, Piece, Prompt, TokenEvent,
+};
 use crate::error::ApiError;
 
 /// One step's output for one request.
 pub(crate) struct StepItem {
     pub rid: u64,
-    pub text: String,
+    pub pieces: Vec<Piece>,
     /// "stop" (EOS) or "length", when this token ended the sequence.
     pub finish: Option<String>,
     /// A Python error that failed this request.
@@ -155,7 +157,7 @@ fn dispatch(item: StepItem, active: &mut HashMap<u64, Active>) {
     };
     // Every step produced one token (EOS included, as hosted APIs count it);
     // its text may be empty while the detokenizer waits for more bytes.
-    let _ = a.events.send(TokenEvent::Token(item.text));
+    let _ = a.events.send(TokenEvent::Token(item.pieces));
     if let Some(f) = finish {
         let _ = a.events.send(TokenEvent::Finished(f));
         active.remove(&item.rid);

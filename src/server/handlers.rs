@@ -16,7 +16,7 @@ use super::{json_response, AppState, Body};
 use crate::api::anthropic::{self, EventStream, MessagesRequest, Usage};
 use crate::api::openai::{self, ChatRequest, ChunkStream, CompletionRequest, Endpoint};
 use crate::api::{new_id, parse_json, StreamRenderer};
-use crate::engine::{EngineState, GenEvent, GenerateRequest, Generation, StopReason};
+use crate::engine::{Collected, EngineState, GenEvent, GenerateRequest, Generation, StopReason};
 use crate::error::ApiError;
 
 /// How often an idle stream gets a `ping` (keeps proxies and clients from
@@ -114,8 +114,8 @@ pub async fn messages(
     let id = new_id("msg_");
     let model = req.model.clone();
     let stream = req.stream.unwrap_or(false).then(|| EventStream::new(&id, &model));
-    serve_generation(state, gen_req, request_id, stream, |text, reason, g| {
-        anthropic::message_response(&id, &model, text, reason, usage_of(g))
+    serve_generation(state, gen_req, request_id, "toolu_", stream, |out, reason, g| {
+        anthropic::message_response(&id, &model, out, reason, usage_of(g))
     })
     .await
 }
@@ -159,9 +159,9 @@ async fn openai_generation(
         Endpoint::Completions => new_id("cmpl-"),
     };
     let stream = common.streaming().then(|| ChunkStream::new(endpoint, &id, model, common.include_usage()));
-    serve_generation(state, gen_req, request_id, stream, |text, reason, g| {
+    serve_generation(state, gen_req, request_id, "call_", stream, |out, reason, g| {
         let usage = openai::usage_json(g.prompt_tokens, g.cached_tokens, g.output_tokens());
-        openai::response(endpoint, &id, model, text, reason, usage)
+        openai::response(endpoint, &id, model, out, reason, usage)
     })
     .await
 }
@@ -172,10 +172,11 @@ async fn serve_generation<R: StreamRenderer>(
     state: &Arc<AppState>,
     gen_req: GenerateRequest,
     request_id: &str,
+    tool_id_prefix: &'static str,
     stream: Option<R>,
-    complete: impl FnOnce(&str, &StopReason, &Generation) -> Value,
+    complete: impl FnOnce(&Collected, &StopReason, &Generation) -> Value,
 ) -> Result<Response<Body>, ApiError> {
-    let mut generation = state.engine.generate(gen_req).await?;
+    let mut generation = state.engine.generate_with_ids(gen_req, tool_id_prefix).await?;
     tracing::debug!(
         id = %request_id,
         prompt_tokens = generation.prompt_tokens,
@@ -185,8 +186,8 @@ async fn serve_generation<R: StreamRenderer>(
     );
     match stream {
         None => {
-            let (text, reason) = generation.collect().await?;
-            Ok(json_response(StatusCode::OK, &complete(&text, &reason, &generation)))
+            let (out, reason) = generation.collect().await?;
+            Ok(json_response(StatusCode::OK, &complete(&out, &reason, &generation)))
         }
         Some(renderer) => {
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(32);
@@ -229,6 +230,8 @@ async fn drive_stream<R: StreamRenderer>(
             ev = generation.next() => {
                 let out = match ev {
                     Some(GenEvent::Text(t)) => renderer.text(&t),
+                    Some(GenEvent::Thinking(t)) => renderer.thinking(&t),
+                    Some(GenEvent::ToolCall(c)) => renderer.tool_call(&c),
                     Some(GenEvent::Done { reason, output_tokens }) => {
                         let _ = send(renderer.finish(&reason, generation.prompt_tokens, generation.cached_tokens, output_tokens)).await;
                         return;
