@@ -10,8 +10,6 @@ cargo build --release
 py=.venv/bin/python
 model=target/bench-models/$shape
 [ -f "$model/.complete" ] || $py python/pensieve_shim.py make-model "$shape" "$model"
-site=$($py -c 'import site; print(site.getsitepackages()[0])')
-openblas=$site/scipy_openblas32/lib/libscipy_openblas.so
-gcc -O2 -shared -fPIC -DOPENBLAS_PATH="\"$openblas\"" benches/blas_preload.c -o target/libblas_preload.so -ldl
+scripts/python-openblas -c pass   # builds target/libblas_preload.so
 $py benches/compare.py --model "$model" --pensieve target/release/pensieve \
     --preload "$PWD/target/libblas_preload.so" --out "target/compare-$shape.json" "$@"

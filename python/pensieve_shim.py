@@ -252,6 +252,7 @@ class Engine:
         self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.max_batch = int(opts.get("max_batch", 8))
         self.prefill_step = int(opts.get("prefill_step", 512))
+        self.prefill_batch = int(opts.get("prefill_batch", self.max_batch))
         self.prompt_cache_bytes = int(opts.get("prompt_cache_bytes", 1 << 30))
         self.eos_ids = sorted(self.tokenizer.eos_token_ids)
         self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
@@ -265,7 +266,7 @@ class Engine:
             stop_tokens=[[t] for t in self.eos_ids],
             sampler=_greedy,
             completion_batch_size=self.max_batch,
-            prefill_batch_size=self.max_batch,
+            prefill_batch_size=min(self.prefill_batch, self.max_batch),
             prefill_step_size=self.prefill_step,
         )
 

@@ -18,7 +18,8 @@ pub struct Config {
     pub port: u16,
 
     /// A local MLX model folder or a Hugging Face id (e.g. mlx-community/Qwen2.5-7B-Instruct-4bit).
-    /// Without it the built-in demo model is served.
+    /// Without it the built-in demo model is served (`builtin:demo`); `builtin:random` is a
+    /// random-weight model of the same family that never stops talking (for load tests).
     #[arg(long, env = "PENSIEVE_MODEL")]
     pub model: Option<String>,
 
@@ -47,6 +48,12 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_PREFILL_STEP", default_value_t = 512)]
     pub prefill_step: u32,
 
+    /// Prompts prefilled together in one batch. Small values give the first
+    /// requests of a burst their first token sooner; large ones finish the
+    /// whole burst's prefill in fewer, bigger matmuls.
+    #[arg(long, env = "PENSIEVE_PREFILL_BATCH", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub prefill_batch: u32,
+
     /// Require this key (x-api-key or Authorization: Bearer). Off when unset.
     #[arg(long, env = "PENSIEVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -67,6 +74,22 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_BLAS", value_enum, default_value_t = BlasChoice::Auto)]
     pub blas: BlasChoice,
 
+    /// Seconds a client may take to send a request's headers (also closes idle keep-alive connections).
+    #[arg(long, env = "PENSIEVE_HEADER_TIMEOUT", default_value_t = 30)]
+    pub header_timeout: u64,
+
+    /// Seconds a client may take to send a request's body.
+    #[arg(long, env = "PENSIEVE_BODY_TIMEOUT", default_value_t = 60)]
+    pub body_timeout: u64,
+
+    /// Most open client connections; further connections wait to be accepted.
+    #[arg(long, env = "PENSIEVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: u32,
+
+    /// Serve Prometheus metrics on GET /metrics.
+    #[arg(long, env = "PENSIEVE_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
+
     /// Seconds to let in-flight requests finish on SIGINT/SIGTERM before cancelling them.
     #[arg(long, env = "PENSIEVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -76,6 +99,11 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_ENABLE_FAULT_INJECTION", hide = true)]
     pub enable_fault_injection: bool,
 }
+
+/// The trained demo model embedded in the binary (the default).
+pub const BUILTIN_DEMO: &str = "builtin:demo";
+/// A random-weight model made on first use: output that goes on and on.
+pub const BUILTIN_RANDOM: &str = "builtin:random";
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlasChoice {
@@ -113,8 +141,9 @@ impl Config {
         if let Some(n) = &self.model_name {
             return n.clone();
         }
-        match &self.model {
-            None => "pensieve-demo".to_string(),
+        match self.model.as_deref() {
+            None | Some(BUILTIN_DEMO) => "pensieve-demo".to_string(),
+            Some(BUILTIN_RANDOM) => "pensieve-demo-random".to_string(),
             Some(m) => m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).to_string(),
         }
     }
@@ -155,6 +184,8 @@ mod tests {
     fn model_id_from_path_or_repo() {
         let mut c = Config::default_for_tests();
         assert_eq!(c.served_model_id(), "pensieve-demo");
+        c.model = Some(BUILTIN_RANDOM.into());
+        assert_eq!(c.served_model_id(), "pensieve-demo-random");
         c.model = Some("mlx-community/Qwen2.5-7B-Instruct-4bit".into());
         assert_eq!(c.served_model_id(), "Qwen2.5-7B-Instruct-4bit");
         c.model_name = Some("mine".into());

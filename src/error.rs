@@ -16,6 +16,10 @@ pub enum ApiError {
     MethodNotAllowed(String),
     /// Body over --max-body-bytes (413).
     RequestTooLarge(String),
+    /// The client was too slow sending its request (408).
+    RequestTimeout(String),
+    /// A body that is not JSON by its content-type (415).
+    UnsupportedMediaType(String),
     /// Admission refused: slots and queue full, or memory low (529).
     Overloaded { message: String, retry_after_secs: u64 },
     /// The engine is loading, dead or shutting down (503).
@@ -39,6 +43,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Overloaded { .. } => StatusCode::from_u16(529).unwrap(),
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -52,6 +58,8 @@ impl ApiError {
             | ApiError::NotFound(m)
             | ApiError::MethodNotAllowed(m)
             | ApiError::RequestTooLarge(m)
+            | ApiError::RequestTimeout(m)
+            | ApiError::UnsupportedMediaType(m)
             | ApiError::Unavailable(m)
             | ApiError::Internal(m) => m,
             ApiError::Overloaded { message, .. } => message,
@@ -74,6 +82,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found_error",
             ApiError::MethodNotAllowed(_) => "invalid_request_error",
             ApiError::RequestTooLarge(_) => "request_too_large",
+            ApiError::RequestTimeout(_) | ApiError::UnsupportedMediaType(_) => "invalid_request_error",
             ApiError::Overloaded { .. } => "overloaded_error",
             ApiError::Unavailable(_) => "api_error",
             ApiError::Internal(_) => "api_error",
@@ -83,7 +92,11 @@ impl ApiError {
     /// The OpenAI `error.type` for this error.
     pub fn openai_type(&self) -> &'static str {
         match self {
-            ApiError::InvalidRequest(_) | ApiError::MethodNotAllowed(_) | ApiError::RequestTooLarge(_) => {
+            ApiError::InvalidRequest(_)
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::RequestTooLarge(_)
+            | ApiError::RequestTimeout(_)
+            | ApiError::UnsupportedMediaType(_) => {
                 "invalid_request_error"
             }
             ApiError::Authentication(_) => "authentication_error",
@@ -167,6 +180,8 @@ mod tests {
             ApiError::NotFound("x".into()),
             ApiError::MethodNotAllowed("x".into()),
             ApiError::RequestTooLarge("x".into()),
+            ApiError::RequestTimeout("x".into()),
+            ApiError::UnsupportedMediaType("x".into()),
             ApiError::Overloaded { message: "x".into(), retry_after_secs: 1 },
             ApiError::Unavailable("x".into()),
             ApiError::Internal("x".into()),

@@ -24,16 +24,20 @@
 //! - [`stop`]: text-level stop sequences across token boundaries.
 //! - [`sse`]: event-stream encoding.
 //! - [`blas`]: routes MLX's CPU matmuls to OpenBLAS on Linux.
+//! - [`demo`]: the trained demo model embedded in the binary.
 //! - [`memory`]: system / process memory readings.
+//! - [`metrics`]: Prometheus metrics (`GET /metrics`).
 //! - [`tokenizer`]: chat template + tokenizer in Rust (verified against Python at start-up).
 //! - [`error`]: the one error type and its mapping to HTTP and each dialect.
 
 pub mod api;
 pub mod blas;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod memory;
+pub mod metrics;
 pub mod server;
 pub mod sse;
 pub mod stop;

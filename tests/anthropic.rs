@@ -3,7 +3,6 @@
 mod common;
 
 use common::{client, parse_sse, read_events, shared, start};
-use pensieve::Config;
 use serde_json::{json, Value};
 
 fn hello(max_tokens: u64) -> Value {
@@ -143,7 +142,7 @@ async fn stop_sequences_cut_text_and_are_reported() {
 
 #[tokio::test]
 async fn huge_max_tokens_is_clamped_not_rejected() {
-    let s = start(Config::default_for_tests());
+    let s = start(common::config());
     let mut body = hello(128_000);
     body["stream"] = json!(true);
     let mut r = client().post(s.url("/v1/messages")).json(&body).send().await.unwrap();
@@ -160,7 +159,7 @@ async fn the_claude_code_request_streams_as_is() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/claude-code-request.json");
     let text = std::fs::read_to_string(path).unwrap();
     let fixture: Value = serde_json::from_str(&text).unwrap();
-    let s = start(Config::default_for_tests());
+    let s = start(common::config());
     let mut req = client().post(s.url(fixture["path"].as_str().unwrap()));
     for (k, v) in fixture["headers"].as_object().unwrap() {
         if k.eq_ignore_ascii_case("accept-encoding") || k.eq_ignore_ascii_case("connection") {
@@ -233,7 +232,7 @@ async fn query_strings_and_version_headers_are_accepted() {
 
 #[tokio::test]
 async fn auth_accepts_x_api_key_and_bearer_and_leaves_health_open() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.api_key = Some("sekrit".into());
     let s = start(cfg);
     let c = client();
@@ -267,7 +266,7 @@ async fn models_and_health() {
     assert_eq!(m["has_more"], false);
     let d = &m["data"][0];
     assert_eq!(d["type"], "model");
-    assert_eq!(d["id"], "pensieve-demo");
+    assert_eq!(d["id"], "pensieve-demo-random");
     assert!(d["display_name"].is_string());
     assert!(d["created_at"].as_str().unwrap().ends_with('Z'));
     let (st, h) = s.get("/health").await;
@@ -281,7 +280,7 @@ async fn models_and_health() {
 
 #[tokio::test]
 async fn full_slots_and_queue_answer_529_with_retry_after() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.max_concurrent = 1;
     cfg.max_queue = 0;
     let s = start(cfg);
@@ -302,7 +301,7 @@ async fn full_slots_and_queue_answer_529_with_retry_after() {
 
 #[tokio::test]
 async fn requests_beyond_max_concurrent_queue_and_all_complete() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.max_concurrent = 2;
     cfg.max_queue = 16;
     let s = start(cfg);
@@ -319,7 +318,7 @@ async fn requests_beyond_max_concurrent_queue_and_all_complete() {
 
 #[tokio::test]
 async fn low_memory_is_refused_with_529() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.min_free_memory = u64::MAX / 2;
     let s = start(cfg);
     let r = client().post(s.url("/v1/messages")).json(&hello(2)).send().await.unwrap();
@@ -331,7 +330,7 @@ async fn low_memory_is_refused_with_529() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.max_concurrent = 1;
     cfg.max_queue = 0;
     let s = start(cfg);
@@ -354,7 +353,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
 
 #[tokio::test]
 async fn a_non_streaming_client_that_hangs_up_frees_its_slot() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.max_concurrent = 1;
     let s = start(cfg);
     let short = reqwest::Client::builder().timeout(std::time::Duration::from_millis(500)).build().unwrap();
@@ -365,7 +364,7 @@ async fn a_non_streaming_client_that_hangs_up_frees_its_slot() {
 
 #[tokio::test]
 async fn a_python_exception_fails_only_its_request() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.enable_fault_injection = true;
     let s = start(cfg);
     let c = client();
@@ -428,7 +427,7 @@ fn a_bad_model_path_fails_before_listening() {
 
 #[tokio::test]
 async fn follow_up_turns_reuse_the_prefix_cache() {
-    let s = start(Config::default_for_tests());
+    let s = start(common::config());
     let first = json!({"model": "m", "max_tokens": 8, "temperature": 0,
         "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.328.593; cc_entrypoint=sdk-cli;"},
                    {"type": "text", "text": "You are a helpful assistant. ".repeat(40)}],
@@ -453,7 +452,7 @@ async fn follow_up_turns_reuse_the_prefix_cache() {
     assert_eq!(cached + m2["usage"]["input_tokens"].as_u64().unwrap(), count["input_tokens"].as_u64().unwrap());
 
     // A cached prefix gives the same greedy output as a cold run would.
-    let cold = start(Config::default_for_tests());
+    let cold = start(common::config());
     let (_, m2_cold) = cold.post("/v1/messages", &second).await;
     assert_eq!(m2_cold["usage"]["cache_read_input_tokens"], 0);
     assert_eq!(text_of(&m2), text_of(&m2_cold));

@@ -1,15 +1,16 @@
 //! The OpenBLAS route must compute what the wheel's reference BLAS computes.
 //! (Its own test binary: the BLAS choice is process-wide.)
 
+mod common;
+
 use pensieve::blas::{self, Target};
-use pensieve::Config;
 
 #[test]
 fn openblas_logits_match_the_reference_blas() {
     if !cfg!(target_os = "linux") {
         return;
     }
-    let cfg = Config::default_for_tests();
+    let cfg = common::config();
     let tokens: Vec<u32> = (0..48).map(|i| (i * 37 % 700) as u32).collect();
     let before = blas::calls();
     let out = pensieve::engine::logits_per_blas(&cfg.venv_dir(), None, &cfg.cache_root(), &tokens, &[Target::OpenBlas, Target::Reference])

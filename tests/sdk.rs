@@ -2,7 +2,6 @@
 
 mod common;
 
-use pensieve::Config;
 use serde_json::Value;
 
 fn run_client(script: &str, base: &str, key: &str) -> Value {
@@ -15,7 +14,7 @@ fn run_client(script: &str, base: &str, key: &str) -> Value {
 
 #[test]
 fn the_anthropic_sdk_creates_streams_and_counts() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.api_key = Some("sdk-key".into());
     let s = common::start(cfg);
     let r = run_client("anthropic_sdk.py", &s.base, "sdk-key");
@@ -39,14 +38,14 @@ fn the_anthropic_sdk_creates_streams_and_counts() {
     assert_eq!(stop["stop_sequence"], stop["stop"]);
     assert!(!stop["text"].as_str().unwrap().contains(stop["stop"].as_str().unwrap()));
 
-    assert_eq!(r["models"], serde_json::json!(["pensieve-demo"]));
+    assert_eq!(r["models"], serde_json::json!(["pensieve-demo-random"]));
     assert_eq!(r["bad_request"]["status"], 400);
     assert_eq!(r["bad_request"]["type"], "invalid_request_error");
 }
 
 #[test]
 fn the_openai_sdk_chats_streams_completes_and_lists_models() {
-    let mut cfg = Config::default_for_tests();
+    let mut cfg = common::config();
     cfg.api_key = Some("oa-key".into());
     let s = common::start(cfg);
     let r = run_client("openai_sdk.py", &s.base, "oa-key");
@@ -62,7 +61,7 @@ fn the_openai_sdk_chats_streams_completes_and_lists_models() {
     assert_eq!(stream["completion_tokens"], 12);
     assert_eq!(r["completion"]["finish_reason"], "length");
     assert_eq!(r["completion"]["tokens"], 5);
-    assert_eq!(r["models"], serde_json::json!(["pensieve-demo"]));
+    assert_eq!(r["models"], serde_json::json!(["pensieve-demo-random"]));
     assert_eq!(r["bad_request"]["status"], 400);
     assert!(r["bad_request"]["message"].as_str().unwrap().contains("n=1"));
 }

@@ -62,6 +62,7 @@ impl Admission {
         }
         let free = self.memory.available();
         if free < self.min_free_memory {
+            crate::metrics::rejected("memory");
             return Err(ApiError::Overloaded {
                 message: format!(
                     "memory is low: {} MiB available, below the {} MiB floor (--min-free-memory); try again shortly",
@@ -82,6 +83,7 @@ impl Admission {
         let before = self.waiting.fetch_add(1, Ordering::AcqRel);
         let _seat = QueueSeat(&self.waiting);
         if before >= self.max_queue {
+            crate::metrics::rejected("capacity");
             return Err(ApiError::Overloaded {
                 message: format!(
                     "server is at capacity: {} requests running and {} queued; retry shortly",

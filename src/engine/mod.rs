@@ -109,14 +109,23 @@ pub struct GenerateRequest {
     pub max_tokens: u64,
     pub sampling: Sampling,
     pub stop: Vec<String>,
-    /// Test hook: make generation raise in Python after this many tokens.
-    pub fault_after: Option<u32>,
+    /// Test hook (`--enable-fault-injection`): fail this request on purpose.
+    pub fault: Option<Fault>,
     /// Stream the model's thinking (otherwise it is kept out of the output).
     pub thinking: bool,
     /// Most tokens a thinking block may run before it is closed.
     pub thinking_budget: Option<u32>,
     /// `any` or a named tool: the model must call one.
     pub force_tool: Option<ForceTool>,
+}
+
+/// Failures the tests inject (see `--enable-fault-injection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Raise a Python exception after this many generated tokens.
+    RaiseAfter(u32),
+    /// Panic the engine thread (engine death).
+    KillEngine,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -133,7 +142,7 @@ impl GenerateRequest {
             max_tokens,
             sampling,
             stop,
-            fault_after: None,
+            fault: None,
             thinking: false,
             thinking_budget: None,
             force_tool: None,
@@ -241,7 +250,43 @@ pub struct Generation {
     tool_calls: u32,
     /// Prefix for tool-call ids (`toolu_` or `call_`).
     tool_id_prefix: &'static str,
+    started: std::time::Instant,
+    ttft: Option<std::time::Duration>,
+    /// How it ended, for the log line and metrics (None: still running or dropped).
+    outcome: Option<&'static str>,
+    /// Request id, route and model for the log line.
+    pub label: RequestLabel,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Who a generation belongs to, for its log line.
+#[derive(Debug, Clone, Default)]
+pub struct RequestLabel {
+    pub id: String,
+    pub route: &'static str,
+    pub model: String,
+}
+
+impl Drop for Generation {
+    /// One log line and the metrics per generation, however it ended:
+    /// finished, failed, or dropped because the client went away.
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or("cancelled");
+        let secs = self.started.elapsed().as_secs_f64();
+        crate::metrics::generation_done(outcome, self.prompt_tokens, self.cached_tokens, self.output_tokens, secs);
+        tracing::info!(
+            id = %self.label.id,
+            route = self.label.route,
+            model = %self.label.model,
+            tokens_in = self.prompt_tokens,
+            cached = self.cached_tokens,
+            tokens_out = self.output_tokens,
+            ttft_ms = self.ttft.map(|t| t.as_millis() as u64),
+            ms = (secs * 1000.0) as u64,
+            outcome,
+            "generation"
+        );
+    }
 }
 
 impl Generation {
@@ -253,6 +298,23 @@ impl Generation {
     pub async fn next(&mut self) -> Option<GenEvent> {
         loop {
             if let Some(e) = self.pending.pop_front() {
+                match &e {
+                    GenEvent::Text(_) | GenEvent::Thinking(_) | GenEvent::ToolCall(_) if self.ttft.is_none() => {
+                        let t = self.started.elapsed();
+                        crate::metrics::ttft(t.as_secs_f64());
+                        self.ttft = Some(t);
+                    }
+                    GenEvent::Done { reason, .. } => {
+                        self.outcome = Some(match reason {
+                            StopReason::EndTurn => "end_turn",
+                            StopReason::MaxTokens => "max_tokens",
+                            StopReason::StopSequence(_) => "stop_sequence",
+                            StopReason::ToolUse => "tool_use",
+                        })
+                    }
+                    GenEvent::Error(_) => self.outcome = Some("error"),
+                    _ => {}
+                }
                 return Some(e);
             }
             let rx = self.rx.as_mut()?;
@@ -378,6 +440,8 @@ pub struct EngineStatus {
     pub info: OnceLock<ModelInfo>,
     pub memory: Mutex<MemorySnapshot>,
     pub generated_tokens: AtomicU64,
+    /// Tokens per second over the last refresh interval (f64 bits).
+    decode_tps_bits: AtomicU64,
 }
 
 impl EngineStatus {
@@ -387,6 +451,7 @@ impl EngineStatus {
             info: OnceLock::new(),
             memory: Mutex::new(MemorySnapshot::default()),
             generated_tokens: AtomicU64::new(0),
+            decode_tps_bits: AtomicU64::new(0),
         }
     }
 
@@ -397,6 +462,14 @@ impl EngineStatus {
             2 => EngineState::Failed,
             _ => EngineState::Stopped,
         }
+    }
+
+    pub fn decode_tps(&self) -> f64 {
+        f64::from_bits(self.decode_tps_bits.load(Ordering::Relaxed))
+    }
+
+    fn set_decode_tps(&self, v: f64) {
+        self.decode_tps_bits.store(v.to_bits(), Ordering::Relaxed);
     }
 
     fn set_state(&self, s: EngineState) {
@@ -423,6 +496,7 @@ pub(crate) struct EngineOptions {
     pub blas: crate::config::BlasChoice,
     pub max_batch: u32,
     pub prefill_step: u32,
+    pub prefill_batch: u32,
     pub prompt_cache_bytes: u64,
 }
 
@@ -477,6 +551,7 @@ impl EngineHandle {
             blas: config.blas,
             max_batch: config.max_concurrent,
             prefill_step: config.prefill_step,
+            prefill_batch: config.prefill_batch,
             prompt_cache_bytes: config.prompt_cache_bytes,
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -559,6 +634,11 @@ impl EngineHandle {
         self.tokenizer.as_ref().map(|t| t.tokenize(prompt))
     }
 
+    /// The rendered prompt text with the Rust tokenizer's template, if in use.
+    pub fn render_in_rust_now(&self, prompt: &Prompt) -> Option<Result<String, String>> {
+        self.tokenizer.as_ref().map(|t| t.render(prompt))
+    }
+
     /// Whether prompts are tokenized in Rust (off the engine thread).
     pub fn rust_tokenizer_active(&self) -> bool {
         self.tokenizer.is_some()
@@ -608,6 +688,7 @@ impl EngineHandle {
             None => None,
         };
         let permit = self.admission.acquire().await?;
+        let started = std::time::Instant::now();
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stop = StopMatcher::new(&request.stop);
@@ -625,6 +706,10 @@ impl EngineHandle {
                 pending: VecDeque::new(),
                 tool_calls: 0,
                 tool_id_prefix,
+                started,
+                ttft: None,
+                outcome: None,
+                label: RequestLabel::default(),
                 _permit: permit,
             }),
             Some(TokenEvent::Failed(e)) => Err(e),

@@ -16,6 +16,7 @@ use pyo3::types::PyModule;
 
 use super::worker::{self, Backend, StepItem, Submitted};
 use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, ModelInfo, Piece, Prompt};
+use crate::config::{BUILTIN_DEMO, BUILTIN_RANDOM};
 use crate::error::ApiError;
 
 const SHIM_SOURCE: &str = include_str!("../../python/pensieve_shim.py");
@@ -85,19 +86,27 @@ fn load_shim<'py>(py: Python<'py>, site_packages: &Path) -> PyResult<Bound<'py, 
     PyModule::from_code(py, &code, c"pensieve_shim.py", c"pensieve_shim")
 }
 
-/// The model to load: --model, or the demo model (created on first use).
+/// The model to load: --model, or a built-in one (written on first use).
 fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path) -> PyResult<String> {
-    if let Some(m) = model {
-        return Ok(m.to_string());
+    let os_err = |e: std::io::Error| pyo3::exceptions::PyOSError::new_err(format!("cannot write to {}: {e}", cache_root.display()));
+    match model {
+        None | Some(BUILTIN_DEMO) => {
+            let dest = crate::demo::materialize(cache_root).map_err(os_err)?;
+            tracing::info!(
+                "serving the built-in demo model from {}: a 1M-parameter toy trained on synthetic weather chats; \
+                 its replies are not meaningful beyond that (use --model for a real model)",
+                dest.display()
+            );
+            Ok(dest.to_string_lossy().to_string())
+        }
+        Some(BUILTIN_RANDOM) => {
+            let dest = cache_root.join(shim.getattr("DEMO_MODEL_VERSION")?.extract::<String>()?);
+            std::fs::create_dir_all(cache_root).map_err(os_err)?;
+            tracing::info!("serving {BUILTIN_RANDOM} from {} (random weights: its output is noise)", dest.display());
+            shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(),))?.extract()
+        }
+        Some(m) => Ok(m.to_string()),
     }
-    let dest = cache_root.join(shim.getattr("DEMO_MODEL_VERSION")?.extract::<String>()?);
-    std::fs::create_dir_all(cache_root)
-        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot create {}: {e}", cache_root.display())))?;
-    tracing::info!(
-        "no --model given: serving the built-in demo model from {} (random weights: its output is not meaningful text)",
-        dest.display()
-    );
-    shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(),))?.extract()
 }
 
 fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyResult<(Bound<'py, PyModule>, Bound<'py, PyAny>)> {
@@ -106,6 +115,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
     let options = serde_json::json!({
         "max_batch": opts.max_batch,
         "prefill_step": opts.prefill_step,
+        "prefill_batch": opts.prefill_batch,
         "prompt_cache_bytes": opts.prompt_cache_bytes,
     })
     .to_string();
@@ -211,7 +221,10 @@ impl Backend for PyBackend<'_> {
             "top_p": s.top_p,
             "top_k": s.top_k,
             "seed": s.seed,
-            "fault_after": req.fault_after,
+            "fault_after": match req.fault {
+                Some(super::Fault::RaiseAfter(n)) => Some(n),
+                _ => None,
+            },
             "thinking": req.thinking,
             "thinking_budget": req.thinking_budget,
             "tools": (!req.prompt.tools.is_empty()).then_some(&req.prompt.tools),

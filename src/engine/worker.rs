@@ -53,6 +53,7 @@ pub(crate) fn engine_thread(
     status: Arc<EngineStatus>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
+    lower_priority();
     let st = status.clone();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         super::py::run(opts, rx, st, ready);
@@ -72,6 +73,19 @@ pub(crate) fn engine_thread(
     }
 }
 
+/// Generation saturates every core; the threads that answer HTTP (health,
+/// count_tokens, new requests, streaming writes) must still get a core at
+/// once. The engine thread — and the MLX and OpenBLAS threads it starts,
+/// which inherit its nice value — yields to them (nice +5: a quarter of the
+/// CPU weight of a normal thread under contention, all of it when alone).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
+    }
+}
+
 struct Active {
     events: UnboundedSender<TokenEvent>,
 }
@@ -80,7 +94,7 @@ struct Active {
 pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: &EngineStatus) {
     let mut active: HashMap<u64, Active> = HashMap::new();
     let mut rx = Some(rx);
-    let mut last_memory = Instant::now() - Duration::from_secs(1);
+    let mut last_memory = (Instant::now() - Duration::from_secs(1), 0u64);
     loop {
         // 1. Commands. Block (GIL released) only when there is nothing to run.
         if active.is_empty() {
@@ -171,6 +185,9 @@ fn handle<B: Backend>(backend: &mut B, cmd: Command, active: &mut HashMap<u64, A
             if events.is_closed() {
                 return true;
             }
+            if request.fault == Some(super::Fault::KillEngine) {
+                panic!("engine killed on purpose (x-pensieve-fault: kill-engine)");
+            }
             match backend.submit(id, &request, tokens) {
                 Ok(s) => {
                     let _ = events.send(TokenEvent::Started {
@@ -200,11 +217,17 @@ fn handle<B: Backend>(backend: &mut B, cmd: Command, active: &mut HashMap<u64, A
     }
 }
 
-fn refresh_memory<B: Backend>(backend: &mut B, status: &EngineStatus, last: &mut Instant, force: bool) {
-    if !force && last.elapsed() < Duration::from_millis(250) {
+/// Refreshes the memory readings and the decode rate at most every 250 ms
+/// (`last`: when, and the token count then), or now when `force`.
+fn refresh_memory<B: Backend>(backend: &mut B, status: &EngineStatus, last: &mut (Instant, u64), force: bool) {
+    let elapsed = last.0.elapsed();
+    if !force && elapsed < Duration::from_millis(250) {
         return;
     }
-    *last = Instant::now();
+    let now_count = status.generated_tokens.load(Ordering::Relaxed);
+    let rate = now_count.saturating_sub(last.1) as f64 / elapsed.as_secs_f64().max(1e-3);
+    *last = (Instant::now(), now_count);
+    status.set_decode_tps(if force { 0.0 } else { rate });
     if let Some(m) = backend.memory() {
         *status.memory.lock().unwrap() = m;
     }

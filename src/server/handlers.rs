@@ -12,11 +12,11 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{json_response, AppState, Body};
+use super::{json_response, AppState, Body, LoggedByGeneration};
 use crate::api::anthropic::{self, EventStream, MessagesRequest, Usage};
 use crate::api::openai::{self, ChatRequest, ChunkStream, CompletionRequest, Endpoint};
 use crate::api::{new_id, parse_json, StreamRenderer};
-use crate::engine::{Collected, EngineState, GenEvent, GenerateRequest, Generation, StopReason};
+use crate::engine::{Collected, EngineState, Fault, GenEvent, GenerateRequest, Generation, RequestLabel, StopReason};
 use crate::error::ApiError;
 
 /// How often an idle stream gets a `ping` (keeps proxies and clients from
@@ -79,6 +79,13 @@ fn model_entry(state: &AppState) -> Value {
     })
 }
 
+pub fn metrics(state: &AppState) -> Response<Body> {
+    let text = crate::metrics::render(&state.engine);
+    let mut r = Response::new(http_body_util::Full::new(Bytes::from(text)).boxed());
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
+}
+
 pub fn list_models(state: &AppState) -> Response<Body> {
     let m = model_entry(state);
     json_response(
@@ -102,54 +109,46 @@ pub async fn count_tokens(state: &AppState, body: &[u8]) -> Result<Response<Body
     Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
 }
 
-pub async fn messages(
-    state: &Arc<AppState>,
-    body: &[u8],
-    request_id: &str,
-    fault_after: Option<u32>,
-) -> Result<Response<Body>, ApiError> {
+/// What the router knows about a generation request.
+pub struct Ctx {
+    pub label: RequestLabel,
+    pub fault: Option<Fault>,
+}
+
+pub async fn messages(state: &Arc<AppState>, body: &[u8], mut ctx: Ctx) -> Result<Response<Body>, ApiError> {
     let req: MessagesRequest = parse_json(body)?;
     let mut gen_req = req.to_generate()?;
-    gen_req.fault_after = fault_after;
+    gen_req.fault = ctx.fault;
     let id = new_id("msg_");
     let model = req.model.clone();
+    ctx.label.model = model.clone();
     let stream = req.stream.unwrap_or(false).then(|| EventStream::new(&id, &model));
-    serve_generation(state, gen_req, request_id, "toolu_", stream, |out, reason, g| {
+    serve_generation(state, gen_req, ctx.label, "toolu_", stream, |out, reason, g| {
         anthropic::message_response(&id, &model, out, reason, usage_of(g))
     })
     .await
 }
 
-pub async fn chat_completions(
-    state: &Arc<AppState>,
-    body: &[u8],
-    request_id: &str,
-    fault_after: Option<u32>,
-) -> Result<Response<Body>, ApiError> {
+pub async fn chat_completions(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> Result<Response<Body>, ApiError> {
     let req: ChatRequest = parse_json(body)?;
     let mut gen_req = req.to_generate()?;
-    gen_req.fault_after = fault_after;
+    gen_req.fault = ctx.fault;
     let model = req.model.clone().unwrap_or_else(|| state.model_id.clone());
-    openai_generation(state, gen_req, request_id, Endpoint::Chat, &model, &req.common).await
+    openai_generation(state, gen_req, ctx.label, Endpoint::Chat, &model, &req.common).await
 }
 
-pub async fn completions(
-    state: &Arc<AppState>,
-    body: &[u8],
-    request_id: &str,
-    fault_after: Option<u32>,
-) -> Result<Response<Body>, ApiError> {
+pub async fn completions(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> Result<Response<Body>, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
     let mut gen_req = req.to_generate()?;
-    gen_req.fault_after = fault_after;
+    gen_req.fault = ctx.fault;
     let model = req.model.clone().unwrap_or_else(|| state.model_id.clone());
-    openai_generation(state, gen_req, request_id, Endpoint::Completions, &model, &req.common).await
+    openai_generation(state, gen_req, ctx.label, Endpoint::Completions, &model, &req.common).await
 }
 
 async fn openai_generation(
     state: &Arc<AppState>,
     gen_req: GenerateRequest,
-    request_id: &str,
+    mut label: RequestLabel,
     endpoint: Endpoint,
     model: &str,
     common: &openai::Common,
@@ -158,8 +157,9 @@ async fn openai_generation(
         Endpoint::Chat => new_id("chatcmpl-"),
         Endpoint::Completions => new_id("cmpl-"),
     };
+    label.model = model.to_string();
     let stream = common.streaming().then(|| ChunkStream::new(endpoint, &id, model, common.include_usage()));
-    serve_generation(state, gen_req, request_id, "call_", stream, |out, reason, g| {
+    serve_generation(state, gen_req, label, "call_", stream, |out, reason, g| {
         let usage = openai::usage_json(g.prompt_tokens, g.cached_tokens, g.output_tokens());
         openai::response(endpoint, &id, model, out, reason, usage)
     })
@@ -171,30 +171,26 @@ async fn openai_generation(
 async fn serve_generation<R: StreamRenderer>(
     state: &Arc<AppState>,
     gen_req: GenerateRequest,
-    request_id: &str,
+    label: RequestLabel,
     tool_id_prefix: &'static str,
     stream: Option<R>,
     complete: impl FnOnce(&Collected, &StopReason, &Generation) -> Value,
 ) -> Result<Response<Body>, ApiError> {
     let mut generation = state.engine.generate_with_ids(gen_req, tool_id_prefix).await?;
-    tracing::debug!(
-        id = %request_id,
-        prompt_tokens = generation.prompt_tokens,
-        cached = generation.cached_tokens,
-        max_tokens = generation.max_tokens,
-        "generation admitted"
-    );
-    match stream {
+    generation.label = label;
+    let mut resp = match stream {
         None => {
             let (out, reason) = generation.collect().await?;
-            Ok(json_response(StatusCode::OK, &complete(&out, &reason, &generation)))
+            json_response(StatusCode::OK, &complete(&out, &reason, &generation))
         }
         Some(renderer) => {
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(32);
             tokio::spawn(drive_stream(generation, renderer, tx));
-            Ok(sse_response(rx))
+            sse_response(rx)
         }
-    }
+    };
+    resp.extensions_mut().insert(LoggedByGeneration);
+    Ok(resp)
 }
 
 fn usage_of(g: &Generation) -> Usage {

@@ -34,18 +34,46 @@ pub struct AppState {
     pub model_id: String,
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, lets running
-/// generations finish for up to `--shutdown-timeout`, and stops the engine
-/// (which ends any stream still open with an error event).
-pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, shutdown: impl Future<Output = ()>) {
+/// How `run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The shutdown signal arrived; requests were drained.
+    Shutdown,
+    /// The engine thread died; the process should exit non-zero so that a
+    /// supervisor restarts it.
+    EngineDied,
+}
+
+/// Marks a response whose generation logs its own line (with tokens, TTFT
+/// and outcome) when it ends.
+#[derive(Clone, Copy)]
+pub(crate) struct LoggedByGeneration;
+
+/// Serves until `shutdown` resolves or the engine dies, then stops
+/// accepting, lets running generations finish for up to `--shutdown-timeout`,
+/// and stops the engine (which ends any stream still open with an error event).
+pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, shutdown: impl Future<Output = ()>) -> RunOutcome {
+    if config.metrics {
+        crate::metrics::install();
+    }
     let state = Arc::new(AppState {
         model_id: config.served_model_id(),
         config,
         engine,
         started: Instant::now(),
     });
+    let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections as usize));
     tokio::pin!(shutdown);
-    loop {
+    let engine_died = engine_death(state.engine.clone());
+    tokio::pin!(engine_died);
+    let outcome = loop {
+        // A connection slot first: at the cap, new connections wait in the
+        // kernel's backlog instead of being accepted and starved.
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => p.expect("never closed"),
+            _ = &mut shutdown => break RunOutcome::Shutdown,
+            _ = &mut engine_died => break RunOutcome::EngineDied,
+        };
         let (stream, peer) = tokio::select! {
             res = listener.accept() => match res {
                 Ok(x) => x,
@@ -56,26 +84,32 @@ pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, sh
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => break RunOutcome::Shutdown,
+            _ = &mut engine_died => break RunOutcome::EngineDied,
         };
         let _ = stream.set_nodelay(true);
         let st = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let header_timeout = Duration::from_secs(st.config.header_timeout.max(1));
             let svc = service_fn(move |req| {
                 let st = st.clone();
                 async move { Ok::<_, Infallible>(handle(st, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
         });
-    }
+    };
     drop(listener);
-    tracing::info!("shutting down: no new connections; draining running requests");
+    match outcome {
+        RunOutcome::Shutdown => tracing::info!("shutting down: no new connections; draining running requests"),
+        RunOutcome::EngineDied => tracing::error!("the engine thread died: no new connections; exiting for a restart"),
+    }
     let adm = state.engine.admission();
     let deadline = Instant::now() + Duration::from_secs(state.config.shutdown_timeout);
     while adm.in_use() > 0 && Instant::now() < deadline {
@@ -84,6 +118,22 @@ pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, sh
     adm.close();
     let engine = state.engine.clone();
     let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+    // Let cancelled streams write their error event before returning.
+    let grace = Instant::now() + Duration::from_secs(2);
+    while adm.in_use() > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    outcome
+}
+
+/// Resolves when the engine thread is gone without being asked to stop.
+async fn engine_death(engine: EngineHandle) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if matches!(engine.status().state(), crate::engine::EngineState::Stopped | crate::engine::EngineState::Failed) {
+            return;
+        }
+    }
 }
 
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
@@ -97,14 +147,21 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         Err(e) => error_response(&e, dialect, &request_id),
     };
     resp.headers_mut().insert("request-id", HeaderValue::from_str(&request_id).unwrap());
-    tracing::info!(
-        id = %request_id,
-        %method,
-        path = %path,
-        status = resp.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    let route = crate::metrics::route_label(&path);
+    if state.config.metrics {
+        crate::metrics::request(route, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    }
+    if resp.extensions().get::<LoggedByGeneration>().is_none() {
+        tracing::info!(
+            id = %request_id,
+            %method,
+            route,
+            path = %path,
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
     resp
 }
 
@@ -119,11 +176,12 @@ fn dialect_for(path: &str) -> Dialect {
 async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let method = req.method().clone();
-    if path != "/health" {
+    if path != "/health" && path != "/metrics" {
         check_auth(&state.config, &req)?;
     }
     let allowed: &[Method] = match path.as_str() {
         "/health" | "/v1/models" => &[Method::GET],
+        "/metrics" if state.config.metrics => &[Method::GET],
         "/v1/messages" | "/v1/messages/count_tokens" | "/v1/chat/completions" | "/v1/completions" => &[Method::POST],
         p if p.starts_with("/v1/models/") => &[Method::GET],
         _ => return Err(ApiError::NotFound(format!("no route for {method} {}", req.uri().path()))),
@@ -134,28 +192,25 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) 
             allowed.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
         )));
     }
+    let label = |route: &'static str| crate::engine::RequestLabel { id: request_id.to_string(), route, model: String::new() };
     match path.as_str() {
         "/health" => Ok(handlers::health(state)),
+        "/metrics" => Ok(handlers::metrics(state)),
         "/v1/models" => Ok(handlers::list_models(state)),
         p if p.starts_with("/v1/models/") => handlers::get_model(state, &p["/v1/models/".len()..]),
-        "/v1/messages" => {
-            let fault = fault_hook(&state.config, &req)?;
-            let body = read_body(req, state.config.max_body_bytes).await?;
-            handlers::messages(state, &body, request_id, fault).await
-        }
-        "/v1/chat/completions" => {
-            let fault = fault_hook(&state.config, &req)?;
-            let body = read_body(req, state.config.max_body_bytes).await?;
-            handlers::chat_completions(state, &body, request_id, fault).await
-        }
-        "/v1/completions" => {
-            let fault = fault_hook(&state.config, &req)?;
-            let body = read_body(req, state.config.max_body_bytes).await?;
-            handlers::completions(state, &body, request_id, fault).await
-        }
         "/v1/messages/count_tokens" => {
-            let body = read_body(req, state.config.max_body_bytes).await?;
+            let body = read_body(req, &state.config).await?;
             handlers::count_tokens(state, &body).await
+        }
+        "/v1/messages" | "/v1/chat/completions" | "/v1/completions" => {
+            let fault = fault_hook(&state.config, &req)?;
+            let body = read_body(req, &state.config).await?;
+            let ctx = handlers::Ctx { label: label(crate::metrics::route_label(&path)), fault };
+            match path.as_str() {
+                "/v1/messages" => handlers::messages(state, &body, ctx).await,
+                "/v1/chat/completions" => handlers::chat_completions(state, &body, ctx).await,
+                _ => handlers::completions(state, &body, ctx).await,
+            }
         }
         _ => unreachable!("routes above are exhaustive"),
     }
@@ -193,31 +248,48 @@ fn keys_match(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
-fn fault_hook(config: &Config, req: &Request<Incoming>) -> Result<Option<u32>, ApiError> {
+fn fault_hook(config: &Config, req: &Request<Incoming>) -> Result<Option<crate::engine::Fault>, ApiError> {
     if !config.enable_fault_injection {
         return Ok(None);
     }
-    match req.headers().get("x-pensieve-fault").and_then(|v| v.to_str().ok()) {
-        None => Ok(None),
-        Some(v) => v
-            .strip_prefix("raise-after=")
-            .and_then(|n| n.parse().ok())
-            .map(Some)
-            .ok_or_else(|| ApiError::InvalidRequest("x-pensieve-fault: expected raise-after=N".into())),
+    let Some(v) = req.headers().get("x-pensieve-fault").and_then(|v| v.to_str().ok()) else { return Ok(None) };
+    if v == "kill-engine" {
+        return Ok(Some(crate::engine::Fault::KillEngine));
     }
+    v.strip_prefix("raise-after=")
+        .and_then(|n| n.parse().ok())
+        .map(|n| Some(crate::engine::Fault::RaiseAfter(n)))
+        .ok_or_else(|| ApiError::InvalidRequest("x-pensieve-fault: expected raise-after=N or kill-engine".into()))
 }
 
-async fn read_body(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
+/// Reads a JSON body: checks the content-type, the size limit and the time
+/// limit (a client trickling its body must not hold a connection forever).
+async fn read_body(req: Request<Incoming>, config: &Config) -> Result<Bytes, ApiError> {
+    let limit = config.max_body_bytes;
+    if let Some(ct) = req.headers().get(CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !(essence.is_empty() || essence == "application/json" || essence.ends_with("+json")) {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "content-type {essence:?} is not supported: send a JSON body with content-type: application/json"
+            )));
+        }
+    }
     let too_large = || ApiError::RequestTooLarge(format!("request body exceeds the {limit}-byte limit (--max-body-bytes)"));
     if let Some(len) = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
         if len > limit {
             return Err(too_large());
         }
     }
-    match Limited::new(req.into_body(), limit as usize).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::InvalidRequest(format!("could not read the request body: {e}"))),
+    let read = Limited::new(req.into_body(), limit as usize).collect();
+    match tokio::time::timeout(Duration::from_secs(config.body_timeout.max(1)), read).await {
+        Err(_) => Err(ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} s (--body-timeout)",
+            config.body_timeout
+        ))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::InvalidRequest(format!("could not read the request body: {e}"))),
     }
 }
 
@@ -255,8 +327,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.served_model_id(),
         listener.local_addr()?
     );
-    run(listener, config, engine, shutdown_signal()).await;
-    Ok(())
+    match run(listener, config, engine, shutdown_signal()).await {
+        RunOutcome::Shutdown => Ok(()),
+        RunOutcome::EngineDied => anyhow::bail!("the engine thread died (see the log above); exiting so a supervisor can restart pensieve"),
+    }
 }
 
 async fn shutdown_signal() {

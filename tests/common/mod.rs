@@ -14,7 +14,19 @@ pub struct TestServer {
 
 /// Starts a server with `config` on its own runtime thread; it lives as long
 /// as the test process.
-pub fn start(mut config: Config) -> TestServer {
+pub fn start(config: Config) -> TestServer {
+    let (server, stop, _) = start_controlled(config);
+    // Never shut down: the server lives as long as the test process.
+    std::mem::forget(stop);
+    server
+}
+
+/// A server plus the switch that shuts it down and the way `run` ended.
+pub fn start_controlled(
+    mut config: Config,
+) -> (TestServer, tokio::sync::oneshot::Sender<()>, std::sync::mpsc::Receiver<pensieve::server::RunOutcome>) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
     config.host = "127.0.0.1".into();
     config.port = 0;
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -32,17 +44,29 @@ pub fn start(mut config: Config) -> TestServer {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(Ok(listener.local_addr().unwrap())).unwrap();
-            pensieve::server::run(listener, cfg, engine, std::future::pending()).await;
+            let outcome = pensieve::server::run(listener, cfg, engine, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+            let _ = done_tx.send(outcome);
         });
     });
     let addr = addr_rx.recv().unwrap().expect("server starts");
-    TestServer { base: format!("http://{addr}"), config }
+    (TestServer { base: format!("http://{addr}"), config }, stop_tx, done_rx)
+}
+
+/// Defaults with the random-weight demo model: it never says EOS, so tests
+/// can count on long generations (streams to cut, slots to hold).
+pub fn config() -> Config {
+    let mut c = Config::default_for_tests();
+    c.model = Some(pensieve::config::BUILTIN_RANDOM.into());
+    c
 }
 
 /// The default-config server shared by the tests of one test binary.
 pub fn shared() -> &'static TestServer {
     static S: OnceLock<TestServer> = OnceLock::new();
-    S.get_or_init(|| start(Config::default_for_tests()))
+    S.get_or_init(|| start(config()))
 }
 
 pub fn client() -> reqwest::Client {
@@ -59,6 +83,11 @@ impl TestServer {
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let r = client().get(self.url(path)).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {

@@ -1,0 +1,152 @@
+//! Property tests (proptest) for the parsers, the SSE encoder and the stop
+//! matcher: whatever a client sends, conversion returns Ok or a 4xx error,
+//! never a panic or a 5xx. Failing cases proptest finds are saved under
+//! tests/properties.proptest-regressions and replayed first on every run.
+
+use pensieve::api::anthropic::MessagesRequest;
+use pensieve::api::openai::{ChatRequest, CompletionRequest};
+use pensieve::api::parse_json;
+use pensieve::stop::StopMatcher;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        "\\PC{0,12}".prop_map(Value::String),
+        prop_oneof![Just("user"), Just("assistant"), Just("system"), Just("tool"), Just("text"), Just("tool_use"),
+                    Just("tool_result"), Just("image"), Just("function"), Just("auto"), Just("any"), Just("none")]
+            .prop_map(|s| Value::String(s.into())),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::vec(
+                (prop_oneof![Just("type".to_string()), Just("role".to_string()), Just("content".to_string()),
+                             Just("text".to_string()), Just("name".to_string()), Just("input".to_string()),
+                             Just("id".to_string()), "[a-z_]{1,8}"], inner),
+                0..5
+            )
+            .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// A valid request with one field replaced by arbitrary JSON.
+fn mutated(base: Value, fields: &'static [&'static str]) -> impl Strategy<Value = Value> {
+    (prop::sample::select(fields), arb_json()).prop_map(move |(k, v)| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    })
+}
+
+fn anthropic_base() -> Value {
+    json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+fn openai_base() -> Value {
+    json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+fn assert_client_error(r: Result<(), pensieve::error::ApiError>) {
+    if let Err(e) = r {
+        assert!(e.status().is_client_error(), "{e:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(400),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn any_bytes_parse_to_ok_or_400(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        assert_client_error(parse_json::<MessagesRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<ChatRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<CompletionRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+    }
+
+    #[test]
+    fn any_json_converts_or_fails_cleanly(v in arb_json()) {
+        let bytes = v.to_string().into_bytes();
+        assert_client_error(parse_json::<MessagesRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<ChatRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+    }
+
+    #[test]
+    fn mutated_anthropic_requests_convert_or_fail_cleanly(
+        v in mutated(anthropic_base(), &["model", "max_tokens", "messages", "system", "tools", "tool_choice",
+                                         "stop_sequences", "temperature", "top_p", "top_k", "thinking", "stream"])
+    ) {
+        let bytes = v.to_string().into_bytes();
+        assert_client_error(parse_json::<MessagesRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+    }
+
+    #[test]
+    fn mutated_openai_requests_convert_or_fail_cleanly(
+        v in mutated(openai_base(), &["model", "max_tokens", "messages", "tools", "tool_choice", "stop", "n",
+                                      "temperature", "top_p", "seed", "stream_options", "max_completion_tokens"])
+    ) {
+        let bytes = v.to_string().into_bytes();
+        assert_client_error(parse_json::<ChatRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+    }
+
+    #[test]
+    fn sse_data_is_one_line_and_round_trips(s in "\\PC*|[\\n\\r\\t\\u{2028}]{0,4}") {
+        let ev = pensieve::sse::encode(Some("content_block_delta"), &json!({"text": s}));
+        prop_assert!(ev.ends_with("\n\n"));
+        prop_assert_eq!(ev.matches('\n').count(), 3);
+        let data = ev.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
+        let back: Value = serde_json::from_str(data).unwrap();
+        prop_assert_eq!(back["text"].as_str().unwrap(), s.as_str());
+    }
+
+    #[test]
+    fn stop_matcher_agrees_with_searching_the_whole_text(
+        text in "[abé日]{0,30}",
+        stops in prop::collection::vec("[abé日]{1,3}", 1..3),
+        cuts in prop::collection::vec(0usize..40, 0..6),
+    ) {
+        // Fragment the text at char boundaries.
+        let chars: Vec<char> = text.chars().collect();
+        let mut points: Vec<usize> = cuts.into_iter().map(|c| c.min(chars.len())).collect();
+        points.sort();
+        let mut frags = vec![];
+        let mut last = 0;
+        for p in points.into_iter().chain([chars.len()]) {
+            frags.push(chars[last..p].iter().collect::<String>());
+            last = p;
+        }
+        let mut m = StopMatcher::new(&stops);
+        let mut out = String::new();
+        let mut matched = None;
+        for f in &frags {
+            let o = m.push(f);
+            out.push_str(&o.emit);
+            if o.matched.is_some() {
+                matched = o.matched;
+                break;
+            }
+        }
+        if matched.is_none() {
+            out.push_str(&m.flush());
+        }
+        // Reference: the earliest occurrence of any stop in the whole text.
+        let first = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+        match first {
+            Some(pos) => {
+                prop_assert!(matched.is_some());
+                prop_assert_eq!(&out, &text[..pos]);
+            }
+            None => {
+                prop_assert!(matched.is_none());
+                prop_assert_eq!(&out, &text);
+            }
+        }
+    }
+}
