@@ -33,8 +33,8 @@ class ModelLoadError(Exception):
     """Raised when --model does not name a loadable model."""
 
 
-class PromptTooLong(Exception):
-    """The rendered prompt leaves no room to generate within the context."""
+class InvalidPrompt(Exception):
+    """The request cannot run as asked (e.g. the prompt leaves no room in the context): a client error."""
 
 
 def _greedy(logprobs):
@@ -204,6 +204,21 @@ class _ThinkingBudget:
         return mx.where(only_end, mx.zeros_like(logits), mx.full(logits.shape, -float("inf"), dtype=logits.dtype))
 
 
+class _ForceTokens:
+    """Logits processor: the first generated tokens must be `tokens`."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+        self.step = 0
+
+    def __call__(self, _context, logits):
+        i, self.step = self.step, self.step + 1
+        if i >= len(self.tokens):
+            return logits
+        only = mx.arange(logits.shape[-1]) == self.tokens[i]
+        return mx.where(only, mx.zeros_like(logits), mx.full(logits.shape, -float("inf"), dtype=logits.dtype))
+
+
 class _Active:
     """Book-keeping for one in-flight request inside the batch."""
 
@@ -348,7 +363,6 @@ class Engine:
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False, **kwargs
             )
-            text += p.get("assistant_prefix") or ""
             return self.tokenizer.encode(text, add_special_tokens=False)
         # No template: a plain transcript, so base models still work.
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
@@ -361,7 +375,7 @@ class Engine:
         served from the prefix cache, max_tokens after clamping)."""
         p = json.loads(params_json)
         if len(tokens) >= self.context_length:
-            raise PromptTooLong(
+            raise InvalidPrompt(
                 f"prompt is {len(tokens)} tokens; the model's context is {self.context_length}"
             )
         max_tokens = max(1, min(p["max_tokens"], self.context_length - len(tokens)))
@@ -378,6 +392,12 @@ class Engine:
         budget = p.get("thinking_budget")
         if budget is not None and self.tokenizer.has_thinking:
             processors.append(_ThinkingBudget(self.tokenizer, budget))
+        force = p.get("force_tool")
+        if force and p.get("tools"):
+            forced = self._forced_call_tokens(p["tools"], force.get("name"))
+            if forced is None:
+                raise InvalidPrompt("tool_choice: could not derive this model's tool-call opening from its template")
+            processors.append(_ForceTokens(forced))
         (uid,) = self.gen.insert(
             [rest],
             max_tokens=[max_tokens],
@@ -396,9 +416,7 @@ class Engine:
     def _splitter(self, tokens, p):
         tk = self.tokenizer
         state = "text"
-        if p.get("forced_tool_prefix") is not None:
-            state = "tool"
-        elif tk.has_thinking and tk.think_start_tokens:
+        if tk.has_thinking and tk.think_start_tokens:
             # Templates that open the thinking block in the generation prompt.
             n = len(tk.think_start_tokens)
             last_start = tk.rfind_think_start(tokens, start=max(0, len(tokens) - 16))
@@ -414,9 +432,44 @@ class Engine:
             state=state,
             show_thinking=bool(p.get("thinking")),
         )
-        if state == "tool":
-            sp.tool_body = p["forced_tool_prefix"]
         return sp
+
+    def _forced_call_tokens(self, tools, name):
+        """The tokens that open a tool call in this model's own format, as
+        its template renders one: up to and including the call marker (any
+        tool), or through the tool's name (a named tool). Forcing the model's
+        natural tokens, rather than appending text to the prompt, keeps the
+        continuation in distribution."""
+        tk = self.tokenizer
+        call_name = name or tools[0]["function"]["name"]
+        user = [{"role": "user", "content": "x"}]
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": call_name, "arguments": {}}}]}
+        kw = dict(tools=tools, tokenize=False, **self._template_kwargs())
+        base = tk.apply_chat_template(user, add_generation_prompt=True, **kw)
+        full = tk.apply_chat_template(user + [call], add_generation_prompt=False, **kw)
+        if not full.startswith(base) or not tk.tool_call_start:
+            return None
+        turn = full[len(base):]
+        start = turn.find(tk.tool_call_start)
+        if start < 0:
+            return None
+        end = start + len(tk.tool_call_start)
+        if name:
+            at = turn.find(name, end)
+            if at < 0:
+                return None
+            end = at + len(name)
+        base_ids = tk.encode(base, add_special_tokens=False)
+        ids = tk.encode(full, add_special_tokens=False)
+        if ids[: len(base_ids)] != base_ids:
+            return None
+        forced = []
+        for t in ids[len(base_ids):]:
+            forced.append(t)
+            if len(tk.decode(forced)) >= end:
+                return forced
+        return None
 
     def _trim_prompt_cache(self):
         active = self.gen.prompt_cache_nbytes

@@ -89,13 +89,10 @@ impl PromptTokenizer {
             ctx.insert(k.clone(), v.clone());
         }
         let tmpl = self.env.get_template("chat").map_err(|e| e.to_string())?;
-        let mut text = tmpl.render(JValue::from_serialize(&ctx)).map_err(|e| match e.kind() {
+        let text = tmpl.render(JValue::from_serialize(&ctx)).map_err(|e| match e.kind() {
             ErrorKind::InvalidOperation => e.detail().unwrap_or("template error").to_string(),
             _ => format!("chat template error: {e}"),
         })?;
-        if let Some(prefix) = &prompt.assistant_prefix {
-            text.push_str(prefix);
-        }
         Ok(text)
     }
 
@@ -288,7 +285,6 @@ pub fn probe_prompts() -> Vec<Prompt> {
             messages: vec![user("Weather in Oslo?")],
             tools: vec![tool],
             enable_thinking: Some(false),
-            assistant_prefix: Some("<tool_call>".into()),
             ..Default::default()
         },
         Prompt { raw_prompt: Some("Once upon a time, ".into()), ..Default::default() },

@@ -76,6 +76,22 @@ async fn tool_choice_any_forces_a_call_and_none_hides_tools() {
     assert_eq!(call["name"], "get_weather");
     assert_eq!(call["input"], json!({"city": "Oslo"}));
 
+    // A named tool: the call opens with that name (the model's own tokens).
+    let mut named = body.clone();
+    named["tool_choice"] = json!({"type": "tool", "name": "get_weather"});
+    named["messages"] = json!([{"role": "user", "content": "how is it in Lima today?"}]);
+    let (_, m) = s.post("/v1/messages", &named).await;
+    assert_eq!(m["stop_reason"], "tool_use", "{m}");
+    let call = m["content"].as_array().unwrap().iter().find(|b| b["type"] == "tool_use").unwrap();
+    assert_eq!(call["name"], "get_weather");
+    assert_eq!(call["input"], json!({"city": "Lima"}));
+
+    // Forced where this toy model would never call: what it writes does not
+    // parse as a call, and comes back as text (200), never as an error.
+    named["messages"] = json!([{"role": "user", "content": "hello"}]);
+    let (st, m) = s.post("/v1/messages", &named).await;
+    assert_eq!(st, 200, "{m}");
+
     let mut named = body.clone();
     named["tool_choice"] = json!({"type": "tool", "name": "nope"});
     let (st, e) = s.post("/v1/messages", &named).await;

@@ -270,7 +270,7 @@ impl MessagesRequest {
             (Some(tools), _) => tools.iter().map(tool_to_function).collect(),
         };
         let enable_thinking = self.thinking.as_ref().and_then(|t| (!t.enabled()).then_some(false));
-        Ok(Prompt { messages: out, tools, raw_prompt: None, enable_thinking, assistant_prefix: None })
+        Ok(Prompt { messages: out, tools, raw_prompt: None, enable_thinking })
     }
 
     /// The full internal request for /v1/messages.

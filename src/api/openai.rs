@@ -299,7 +299,7 @@ impl ChatRequest {
                 .collect(),
             _ => vec![],
         };
-        Ok(Prompt { messages: out, tools, raw_prompt: None, enable_thinking: None, assistant_prefix: None })
+        Ok(Prompt { messages: out, tools, raw_prompt: None, enable_thinking: None })
     }
 
     fn force_tool(&self) -> Result<Option<ForceTool>, ApiError> {

@@ -80,10 +80,6 @@ pub struct Prompt {
     /// The template's thinking switch (`enable_thinking`), when the request says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enable_thinking: Option<bool>,
-    /// Text appended after the rendered generation prompt: the start of a
-    /// forced tool call (`tool_choice` any / tool).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub assistant_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -718,29 +714,24 @@ impl EngineHandle {
         }
     }
 
-    /// `tool_choice` any / tool: start the assistant turn inside a tool call
-    /// (the model's own call marker, and for JSON-call formats the name).
+    /// `tool_choice` any / tool: checked here; the engine then constrains the
+    /// first tokens to the model's own tool-call opening (see the shim).
     fn apply_tool_choice(&self, request: &mut GenerateRequest) -> Result<(), ApiError> {
         let Some(force) = &request.force_tool else { return Ok(()) };
         if request.prompt.tools.is_empty() {
             return Err(ApiError::InvalidRequest("tool_choice requires tools".into()));
         }
-        let template = self.info().map(|i| i.template.clone()).unwrap_or_default();
-        let Some(start) = template.tool_call_start.filter(|s| !s.is_empty()) else {
+        let has_format = self.info().and_then(|i| i.template.tool_call_start.as_deref()).is_some_and(|s| !s.is_empty());
+        if !has_format {
             return Err(ApiError::InvalidRequest(
                 "tool_choice any/tool is not supported: the model has no known tool-call format".into(),
             ));
-        };
-        let mut prefix = start;
+        }
         if let ForceTool::Named(name) = force {
             if !request.prompt.tools.iter().any(|t| t["function"]["name"] == name.as_str()) {
                 return Err(ApiError::InvalidRequest(format!("tool_choice names {name:?}, which is not in tools")));
             }
-            if template.tool_parser.as_deref() == Some("json_tools") {
-                prefix.push_str(&format!("{{\"name\": {}, \"arguments\": ", serde_json::to_string(name).unwrap()));
-            }
         }
-        request.prompt.assistant_prefix = Some(prefix);
         Ok(())
     }
 

@@ -64,8 +64,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         let _ = status.info.set(info);
         status.set_state(EngineState::Ready);
         let _ = ready.send(Ok(()));
-        let tool_call_start = status.info.get().and_then(|i| i.template.tool_call_start.clone());
-        let mut backend = PyBackend { py, engine, tool_call_start };
+        let mut backend = PyBackend { py, engine };
         worker::serve(&mut backend, rx, &status);
     });
 }
@@ -177,8 +176,6 @@ fn find_site_packages(venv: &Path) -> Result<PathBuf, String> {
 struct PyBackend<'py> {
     py: Python<'py>,
     engine: Bound<'py, PyAny>,
-    /// The model's tool-call start marker (to split forced prefixes).
-    tool_call_start: Option<String>,
 }
 
 /// The shim's (kind, text) pairs; a tool piece is JSON {name, arguments}.
@@ -228,16 +225,16 @@ impl Backend for PyBackend<'_> {
             "thinking": req.thinking,
             "thinking_budget": req.thinking_budget,
             "tools": (!req.prompt.tools.is_empty()).then_some(&req.prompt.tools),
-            "forced_tool_prefix": req.prompt.assistant_prefix.as_ref().map(|p| {
-                // The part after the call marker is already inside the call body.
-                let start = self.tool_call_start.as_deref().unwrap_or("");
-                p.strip_prefix(start).unwrap_or(p).to_string()
-            }),
+            "force_tool": match &req.force_tool {
+                None => serde_json::Value::Null,
+                Some(super::ForceTool::Any) => serde_json::json!({"any": true}),
+                Some(super::ForceTool::Named(n)) => serde_json::json!({"name": n}),
+            },
         })
         .to_string();
         let submitted = self.engine.call_method1("submit", (rid, tokens.clone(), params));
         let (cached, max_tokens): (u32, u32) = submitted.and_then(|r| r.extract()).map_err(|e| {
-            let too_long = e.get_type(self.py).name().map(|n| n.to_string() == "PromptTooLong").unwrap_or(false);
+            let too_long = e.get_type(self.py).name().map(|n| n.to_string() == "InvalidPrompt").unwrap_or(false);
             if too_long {
                 self.prompt_error(e)
             } else {
