@@ -85,7 +85,9 @@ class Splitter:
 
     def _markers(self):
         if self.state == "text":
-            return [m for m in (self.tool_start if self.parse_tool else None, self.think_start) if m]
+            # A stray end-of-thinking marker in the answer is a control token,
+            # not text: it is dropped.
+            return [m for m in (self.tool_start if self.parse_tool else None, self.think_start, self.think_end) if m]
         if self.state == "thinking":
             return [self.think_end] if self.think_end else []
         return [self.tool_end] if self.tool_end else []
@@ -138,6 +140,8 @@ class Splitter:
     def _transition(self, out, marker):
         if self.state == "text" and marker == self.tool_start:
             self.state, self.tool_body = "tool", ""
+        elif self.state == "text" and marker == self.think_end:
+            pass
         elif self.state == "text":
             self.state = "thinking"
         elif self.state == "thinking":
@@ -202,6 +206,12 @@ class _ThinkingBudget:
             return logits
         only_end = mx.arange(logits.shape[-1]) == self.end_id
         return mx.where(only_end, mx.zeros_like(logits), mx.full(logits.shape, -float("inf"), dtype=logits.dtype))
+
+
+def _think_end(tk):
+    # A property in some mlx-lm releases, a method in others.
+    end = tk.think_end
+    return end() if callable(end) else end
 
 
 class _ForceTokens:
@@ -270,6 +280,11 @@ class Engine:
         self.prefill_batch = int(opts.get("prefill_batch", self.max_batch))
         self.prompt_cache_bytes = int(opts.get("prompt_cache_bytes", 1 << 30))
         self.eos_ids = sorted(self.tokenizer.eos_token_ids)
+        # MLX keeps freed buffers for reuse; bound that cache so resident
+        # memory tracks the live KV caches instead of past peaks.
+        cache_limit = opts.get("mlx_cache_limit")
+        if cache_limit is not None:
+            mx.set_cache_limit(int(cache_limit))
         self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
         self._new_generator()
         self.active = {}  # uid -> _Active
@@ -428,7 +443,7 @@ class Engine:
             parse_tool=tk.tool_parser if p.get("tools") else None,
             tools=p.get("tools"),
             think_start=tk.think_start if tk.has_thinking else None,
-            think_end=tk.think_end() if tk.has_thinking else None,
+            think_end=_think_end(tk) if tk.has_thinking else None,
             state=state,
             show_thinking=bool(p.get("thinking")),
         )
@@ -586,6 +601,12 @@ _DEMO_TEMPLATE = (
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
 
+# Appended to the demo template for "demo-think": the generation prompt opens
+# a thinking block unless the request turns thinking off.
+_THINK_SUFFIX = (
+    "{%- if add_generation_prompt and (enable_thinking is not defined or enable_thinking) %}<think>\n{%- endif %}"
+)
+
 _WORDS = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
     "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu "
@@ -634,6 +655,10 @@ def _bench_corpus():
 MODEL_SHAPES = {
     "demo": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                  num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo"),
+    # The same with <think>/</think> tokens and a template that opens a
+    # thinking block (as Qwen3's does): for testing thinking end to end.
+    "demo-think": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", think=True),
     # SmolLM-135M's shape with an 8k vocabulary.
     "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
                         num_attention_heads=9, num_key_value_heads=3, vocab=8192, corpus="bench"),
@@ -644,9 +669,9 @@ MODEL_SHAPES = {
 }
 
 
-def make_demo_model(dest):
-    """The built-in demo model (see make_model)."""
-    return make_model(dest, "demo")
+def make_demo_model(dest, shape="demo"):
+    """A built-in random-weight model (see make_model)."""
+    return make_model(dest, shape)
 
 
 def make_model(dest, shape="demo", dtype="float32"):
@@ -661,10 +686,13 @@ def make_model(dest, shape="demo", dtype="float32"):
     from mlx_lm.models import llama
 
     spec = dict(MODEL_SHAPES[shape])
+    think = spec.pop("think", False)
     corpus = _demo_corpus() if spec.pop("corpus") == "demo" else _bench_corpus()
-    tmp = f"{dest}.tmp-{os.getpid()}"
+    import uuid
+
+    tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<think>", "</think>"] if think else [])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -687,7 +715,7 @@ def make_model(dest, shape="demo", dtype="float32"):
                 "unk_token": None,
                 "model_max_length": 32768,
                 "clean_up_tokenization_spaces": False,
-                "chat_template": _DEMO_TEMPLATE,
+                "chat_template": _DEMO_TEMPLATE + (_THINK_SUFFIX if think else ""),
             },
             f,
             indent=1,

@@ -48,6 +48,11 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_PREFILL_STEP", default_value_t = 512)]
     pub prefill_step: u32,
 
+    /// Bound on MLX's cache of freed buffers (kept for reuse), so resident
+    /// memory follows the live KV caches instead of past peaks.
+    #[arg(long, env = "PENSIEVE_MLX_CACHE_LIMIT", default_value = "128MiB", value_parser = parse_bytes)]
+    pub mlx_cache_limit: u64,
+
     /// Prompts prefilled together in one batch. Small values give the first
     /// requests of a burst their first token sooner; large ones finish the
     /// whole burst's prefill in fewer, bigger matmuls.
@@ -104,6 +109,8 @@ pub struct Config {
 pub const BUILTIN_DEMO: &str = "builtin:demo";
 /// A random-weight model made on first use: output that goes on and on.
 pub const BUILTIN_RANDOM: &str = "builtin:random";
+/// The same with thinking tokens; its template opens a thinking block.
+pub const BUILTIN_RANDOM_THINK: &str = "builtin:random-think";
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlasChoice {
@@ -144,6 +151,7 @@ impl Config {
         match self.model.as_deref() {
             None | Some(BUILTIN_DEMO) => "pensieve-demo".to_string(),
             Some(BUILTIN_RANDOM) => "pensieve-demo-random".to_string(),
+            Some(BUILTIN_RANDOM_THINK) => "pensieve-demo-random-think".to_string(),
             Some(m) => m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).to_string(),
         }
     }

@@ -494,6 +494,7 @@ pub(crate) struct EngineOptions {
     pub prefill_step: u32,
     pub prefill_batch: u32,
     pub prompt_cache_bytes: u64,
+    pub mlx_cache_limit: u64,
 }
 
 /// Engines alive in this process, stopped at exit (see `stop_engines_at_exit`).
@@ -548,6 +549,7 @@ impl EngineHandle {
             max_batch: config.max_concurrent,
             prefill_step: config.prefill_step,
             prefill_batch: config.prefill_batch,
+            mlx_cache_limit: config.mlx_cache_limit,
             prompt_cache_bytes: config.prompt_cache_bytes,
         };
         let (tx, rx) = std::sync::mpsc::channel();

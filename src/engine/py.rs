@@ -16,7 +16,7 @@ use pyo3::types::PyModule;
 
 use super::worker::{self, Backend, StepItem, Submitted};
 use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, ModelInfo, Piece, Prompt};
-use crate::config::{BUILTIN_DEMO, BUILTIN_RANDOM};
+use crate::config::{BUILTIN_DEMO, BUILTIN_RANDOM, BUILTIN_RANDOM_THINK};
 use crate::error::ApiError;
 
 const SHIM_SOURCE: &str = include_str!("../../python/pensieve_shim.py");
@@ -98,11 +98,13 @@ fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path
             );
             Ok(dest.to_string_lossy().to_string())
         }
-        Some(BUILTIN_RANDOM) => {
-            let dest = cache_root.join(shim.getattr("DEMO_MODEL_VERSION")?.extract::<String>()?);
+        Some(name @ (BUILTIN_RANDOM | BUILTIN_RANDOM_THINK)) => {
+            let version = shim.getattr("DEMO_MODEL_VERSION")?.extract::<String>()?;
+            let (dir, shape) = if name == BUILTIN_RANDOM { (version, "demo") } else { (format!("{version}-think"), "demo-think") };
+            let dest = cache_root.join(dir);
             std::fs::create_dir_all(cache_root).map_err(os_err)?;
-            tracing::info!("serving {BUILTIN_RANDOM} from {} (random weights: its output is noise)", dest.display());
-            shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(),))?.extract()
+            tracing::info!("serving {name} from {} (random weights: its output is noise)", dest.display());
+            shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(), shape))?.extract()
         }
         Some(m) => Ok(m.to_string()),
     }
@@ -115,6 +117,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         "max_batch": opts.max_batch,
         "prefill_step": opts.prefill_step,
         "prefill_batch": opts.prefill_batch,
+        "mlx_cache_limit": opts.mlx_cache_limit,
         "prompt_cache_bytes": opts.prompt_cache_bytes,
     })
     .to_string();

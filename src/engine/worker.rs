@@ -82,7 +82,8 @@ fn lower_priority() {
     #[cfg(target_os = "linux")]
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
+        let nice = std::env::var("PENSIEVE_ENGINE_NICE").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
     }
 }
 

@@ -127,6 +127,12 @@ def thinking_opened_by_the_prompt():
 
 
 @test
+def stray_think_end_is_dropped():
+    sp = Splitter(think_start="<think>", think_end="</think>", state="thinking", show_thinking=True)
+    assert run(sp, "a</think>b</think></think>c", 3) == [("thinking", "a"), ("text", "bc")]
+
+
+@test
 def thinking_then_tool_call():
     m = importlib.import_module("mlx_lm.tool_parsers.json_tools")
     sp = Splitter(tool_start=m.tool_call_start, tool_end=m.tool_call_end, parse_tool=m.parse_tool_call, tools=TOOLS,

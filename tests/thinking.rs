@@ -1,0 +1,80 @@
+//! Thinking blocks end to end, with a random-weight model whose tokenizer has
+//! <think>/</think> and whose template opens a thinking block (as Qwen3's
+//! does). Random weights never close the block by themselves, so any text
+//! after thinking proves the budget forced the end-of-thinking token.
+
+mod common;
+
+use common::{client, parse_sse, start};
+use serde_json::{json, Value};
+
+fn think_server() -> common::TestServer {
+    let mut c = common::config();
+    c.model = Some(pensieve::config::BUILTIN_RANDOM_THINK.into());
+    start(c)
+}
+
+fn ask(thinking: Value) -> Value {
+    json!({"model": "m", "max_tokens": 24, "temperature": 0, "thinking": thinking,
+           "messages": [{"role": "user", "content": "hello"}]})
+}
+
+#[tokio::test]
+async fn thinking_is_a_block_and_the_budget_ends_it() {
+    let s = think_server();
+    let (st, free) = s.post("/v1/messages", &ask(json!({"type": "enabled"}))).await;
+    assert_eq!(st, 200, "{free}");
+    let (st, m) = s.post("/v1/messages", &ask(json!({"type": "enabled", "budget_tokens": 6}))).await;
+    assert_eq!(st, 200, "{m}");
+    let blocks = m["content"].as_array().unwrap();
+    assert_eq!(blocks[0]["type"], "thinking", "{m}");
+    let budgeted = blocks[0]["thinking"].as_str().unwrap();
+    let unbounded = free["content"][0]["thinking"].as_str().unwrap();
+    assert!(!budgeted.is_empty());
+    // Greedy, same prompt: the budget cut the same thinking short.
+    assert!(unbounded.starts_with(budgeted) && unbounded.len() > budgeted.len(), "{budgeted:?} vs {unbounded:?}");
+    for b in blocks {
+        if let Some(t) = b["text"].as_str() {
+            assert!(!t.contains("<think>") && !t.contains("</think>"), "markers never leak: {t:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn thinking_stays_out_of_the_text_unless_asked_for() {
+    let s = think_server();
+    let (_, m) = s.post("/v1/messages", &json!({"model": "m", "max_tokens": 12, "temperature": 0,
+        "messages": [{"role": "user", "content": "hello"}]})).await;
+    let blocks = m["content"].as_array().unwrap();
+    assert!(blocks.iter().all(|b| b["type"] != "thinking"), "{m}");
+    assert_eq!(m["usage"]["output_tokens"], 12, "the thinking tokens were generated and counted: {m}");
+}
+
+#[tokio::test]
+async fn streamed_thinking_then_text() {
+    let s = think_server();
+    let mut body = ask(json!({"type": "enabled", "budget_tokens": 5}));
+    body["stream"] = json!(true);
+    let r = client().post(s.url("/v1/messages")).json(&body).send().await.unwrap();
+    let evs = parse_sse(&r.text().await.unwrap());
+    let starts: Vec<(u64, String)> = evs
+        .iter()
+        .filter(|e| e.0 == "content_block_start")
+        .map(|e| (e.1["index"].as_u64().unwrap(), e.1["content_block"]["type"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(starts[0], (0, "thinking".to_string()), "{evs:?}");
+    assert_eq!(starts[1], (1, "text".to_string()), "{evs:?}");
+    assert!(evs.iter().any(|e| e.1["delta"]["type"] == "thinking_delta"));
+    assert!(evs.iter().any(|e| e.1["delta"]["type"] == "text_delta"));
+}
+
+#[tokio::test]
+async fn openai_reasoning_content() {
+    let s = think_server();
+    let (st, r) = s
+        .post("/v1/chat/completions", &json!({"model": "m", "max_tokens": 10, "temperature": 0,
+            "messages": [{"role": "user", "content": "hello"}]}))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert!(!r["choices"][0]["message"]["reasoning_content"].as_str().unwrap().is_empty(), "{r}");
+}
