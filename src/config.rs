@@ -87,6 +87,11 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_BODY_TIMEOUT", default_value_t = 60)]
     pub body_timeout: u64,
 
+    /// Seconds a streaming client may stop reading before its stream is cut
+    /// (and its engine slot freed).
+    #[arg(long, env = "PENSIEVE_WRITE_TIMEOUT", default_value_t = 60)]
+    pub write_timeout: u64,
+
     /// Most open client connections; further connections wait to be accepted.
     #[arg(long, env = "PENSIEVE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: u32,

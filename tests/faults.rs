@@ -224,3 +224,47 @@ async fn every_response_carries_a_request_id() {
         assert!(id.starts_with("req_"), "{path}: {id}");
     }
 }
+
+#[test]
+fn a_stream_client_that_stops_reading_loses_its_slot() {
+    let mut cfg = config();
+    cfg.write_timeout = 1;
+    cfg.max_concurrent = 1;
+    let s = start(cfg);
+    // Ask for a long stream and never read it (a small receive window makes
+    // the buffers between us fill quickly).
+    let mut tcp = std::net::TcpStream::connect(addr(&s)).unwrap();
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let size: libc::c_int = 4096;
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    let body = json!({"model": "m", "max_tokens": 30000, "stream": true,
+                      "messages": [{"role": "user", "content": "hello ".repeat(50)}]})
+    .to_string();
+    write!(tcp, "POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let t = Instant::now();
+        while s.get("/health").await.1["slots"]["in_use"] != 1 {
+            assert!(t.elapsed() < Duration::from_secs(10), "the stream was admitted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The buffers fill, the writer waits, then gives up: the slot frees
+        // long before the 30000 tokens would have been generated.
+        s.wait_idle(30).await;
+        let generated = s.get("/health").await.1["generated_tokens"].as_u64().unwrap();
+        assert!(generated < 20_000, "cut by the write timeout, not by finishing: {generated} tokens");
+        let (st, _) = s.post("/v1/messages", &hello(2)).await;
+        assert_eq!(st, 200);
+    });
+    drop(tcp);
+}

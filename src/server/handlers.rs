@@ -185,7 +185,8 @@ async fn serve_generation<R: StreamRenderer>(
         }
         Some(renderer) => {
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(32);
-            tokio::spawn(drive_stream(generation, renderer, tx));
+            let write_timeout = Duration::from_secs(state.config.write_timeout.max(1));
+            tokio::spawn(drive_stream(generation, renderer, tx, write_timeout));
             sse_response(rx)
         }
     };
@@ -205,17 +206,30 @@ fn sse_response(rx: mpsc::Receiver<Result<Frame<Bytes>, std::convert::Infallible
 }
 
 /// Drives one streamed response: generation events in, SSE frames out. Ends
-/// when the generation does or when the client goes away (the frame channel
-/// closes); either way `generation` is dropped, which cancels the sequence
-/// in the engine and frees its slot.
+/// when the generation does, when the client goes away (the frame channel
+/// closes), or when the client stops reading for `write_timeout` (the
+/// channel stays full); each way `generation` is dropped, which cancels the
+/// sequence in the engine and frees its slot.
 async fn drive_stream<R: StreamRenderer>(
     mut generation: Generation,
     mut renderer: R,
     tx: mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>,
+    write_timeout: Duration,
 ) {
     let send = |text: String| {
         let tx = tx.clone();
-        async move { text.is_empty() || tx.send(Ok(Frame::data(Bytes::from(text)))).await.is_ok() }
+        async move {
+            if text.is_empty() {
+                return true;
+            }
+            match tokio::time::timeout(write_timeout, tx.send(Ok(Frame::data(Bytes::from(text))))).await {
+                Ok(sent) => sent.is_ok(),
+                Err(_) => {
+                    tracing::warn!("a streaming client stopped reading for {write_timeout:?}: cutting its stream");
+                    false
+                }
+            }
+        }
     };
     if !send(renderer.start(generation.prompt_tokens, generation.cached_tokens)).await {
         return;
