@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import mlx_lm
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import (
     LRUPromptCache,
     can_trim_prompt_cache,
@@ -232,7 +232,7 @@ class _ForceTokens:
 class _Active:
     """Book-keeping for one in-flight request inside the batch."""
 
-    __slots__ = ("rid", "detok", "generated", "fault_after", "splitter")
+    __slots__ = ("rid", "detok", "generated", "fault_after", "splitter", "early_pending")
 
     def __init__(self, rid, detok, fault_after, splitter):
         self.rid = rid
@@ -240,6 +240,8 @@ class _Active:
         self.generated = 0
         self.fault_after = fault_after
         self.splitter = splitter
+        # The first token went out early; BatchGenerator will return it again.
+        self.early_pending = False
 
 
 class Engine:
@@ -280,6 +282,8 @@ class Engine:
         self.prefill_batch = int(opts.get("prefill_batch", self.max_batch))
         self.prompt_cache_bytes = int(opts.get("prompt_cache_bytes", 1 << 30))
         self.eos_ids = sorted(self.tokenizer.eos_token_ids)
+        self.eos_set = set(self.eos_ids)
+        self._last_decode = time.perf_counter()
         # MLX keeps freed buffers for reuse; bound that cache so resident
         # memory tracks the live KV caches instead of past peaks.
         cache_limit = opts.get("mlx_cache_limit")
@@ -424,6 +428,12 @@ class Engine:
         self.active[uid] = _Active(
             rid, self.tokenizer.detokenizer, p.get("fault_after"), self._splitter(tokens, p)
         )
+        # Shortest prompt first: the fewest requests wait behind a long one.
+        queue = getattr(self.gen, "_unprocessed_sequences", None)
+        if queue is not None and len(queue) > 1:
+            ordered = sorted(queue, key=lambda seq: sum(len(seg) for seg in seq[1]))
+            queue.clear()
+            queue.extend(ordered)
         self.by_rid[rid] = uid
         self._trim_prompt_cache()
         return cached, max_tokens
@@ -504,57 +514,49 @@ class Engine:
         """Advance the batch by one step (a prefill chunk and/or one decode
         token for every running sequence).
 
-        Returns a list of (rid, pieces, finish_reason, error) tuples, one per
-        generated token, where pieces is a list of (kind, text) with kind
-        "text", "thinking" or "tool" (a JSON {name, arguments}). A Python
-        error while handling one request's output fails only that request; an
-        error in the shared forward pass fails every request in the batch and
-        the generator is rebuilt so later requests still run.
+        Returns a list of (rid, pieces, finish_reason, error, counts) tuples,
+        where pieces is a list of (kind, text) with kind "text", "thinking"
+        or "tool" (a JSON {name, arguments}) and `counts` says whether the
+        item is a newly generated token. A Python error while handling one
+        request's output fails only that request; an error in the shared
+        forward pass fails every request in the batch and the generator is
+        rebuilt so later requests still run.
+
+        Scheduling on top of mlx-lm's BatchGenerator: while newcomers wait,
+        steps prefill them one after another (shortest first) without decode
+        steps, for at most MAX_DECODE_STALL seconds, and each newcomer's first
+        token is sent as soon as its prefill sampled it, instead of after the
+        whole burst's prefill and one more decode step.
         """
         out = []
         try:
-            _, responses = self.gen.next()
+            if self._prefill_only():
+                responses = self._next_without_decode()
+            else:
+                _, responses = self.gen.next()
+                self._last_decode = time.perf_counter()
+            early = self._first_tokens()
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             for a in self.active.values():
-                out.append((a.rid, [], None, msg))
+                out.append((a.rid, [], None, msg, False))
             self.active.clear()
             self.by_rid.clear()
             self._new_generator()
             return out
+        for uid, token in early:
+            a = self.active.get(uid)
+            if a is not None:
+                self._emit(a, token, None, out, early=True)
         finished = []
         for r in responses:
             a = self.active.get(r.uid)
             if a is None:
                 continue
-            try:
-                a.generated += 1
-                if a.fault_after is not None and a.generated > a.fault_after:
-                    raise RuntimeError(
-                        f"injected fault after {a.fault_after} tokens (test hook)"
-                    )
-                if r.finish_reason == "stop":
-                    a.detok.finalize()
-                elif r.finish_reason is not None:
-                    a.detok.add_token(r.token)
-                    a.detok.finalize()
-                else:
-                    a.detok.add_token(r.token)
-                pieces = a.splitter.feed(a.detok.last_segment)
-                if r.finish_reason is not None:
-                    pieces += a.splitter.finish()
-                out.append((a.rid, pieces, r.finish_reason, None))
-                if r.finish_reason is not None:
-                    finished.append(r.uid)
-                    if r.prompt_cache is not None:
-                        self.prompt_cache.insert_cache(
-                            self.model_path, r.all_tokens[:], r.prompt_cache
-                        )
-            except Exception as e:
-                out.append((a.rid, [], None, f"{type(e).__name__}: {e}"))
-                if r.finish_reason is None:
-                    self.gen.remove([r.uid])
+            if self._emit(a, r.token, r.finish_reason, out, early=False):
                 finished.append(r.uid)
+                if r.finish_reason is not None and r.prompt_cache is not None:
+                    self.prompt_cache.insert_cache(self.model_path, r.all_tokens[:], r.prompt_cache)
         for uid in finished:
             a = self.active.pop(uid, None)
             if a is not None:
@@ -562,6 +564,88 @@ class Engine:
         if finished:
             self._trim_prompt_cache()
         return out
+
+    def _emit(self, a, token, finish, out, early):
+        """Turns one token of one request into an output item. Returns True
+        when the request is done (finished or failed)."""
+        try:
+            if a.early_pending and not early:
+                # This token was sent early; only its finish is news now.
+                a.early_pending = False
+                if finish is None:
+                    return False
+                a.detok.finalize()
+                pieces = a.splitter.feed(a.detok.last_segment) + a.splitter.finish()
+                out.append((a.rid, pieces, finish, None, False))
+                return True
+            a.generated += 1
+            if a.fault_after is not None and a.generated > a.fault_after:
+                raise RuntimeError(f"injected fault after {a.fault_after} tokens (test hook)")
+            if early:
+                a.early_pending = True
+                if token not in self.eos_set:
+                    a.detok.add_token(token)
+            elif finish == "stop":
+                a.detok.finalize()
+            elif finish is not None:
+                a.detok.add_token(token)
+                a.detok.finalize()
+            else:
+                a.detok.add_token(token)
+            pieces = a.splitter.feed(a.detok.last_segment)
+            if finish is not None:
+                pieces += a.splitter.finish()
+            out.append((a.rid, pieces, finish, None, True))
+            return finish is not None
+        except Exception as e:
+            out.append((a.rid, [], None, f"{type(e).__name__}: {e}", False))
+            uid = self.by_rid.get(a.rid)
+            if finish is None and uid is not None:
+                self.gen.remove([uid])
+            return True
+
+    MAX_DECODE_STALL = 1.0
+
+    def _prefill_only(self):
+        g = self.gen
+        try:
+            waiting = len(g._unprocessed_sequences) + len(g._prompt_batch)
+            running = len(g._generation_batch)
+        except AttributeError:  # a different mlx-lm: plain scheduling
+            return False
+        return waiting > 0 and running > 0 and time.perf_counter() - self._last_decode < self.MAX_DECODE_STALL
+
+    def _next_without_decode(self):
+        """One BatchGenerator step with the running batch set aside: it only
+        splits finished prompts into generation and prefills the next chunk;
+        the newly started sequences then join the running batch."""
+        g = self.gen
+        running = g._generation_batch
+        g._generation_batch = GenerationBatch.empty(self.model, g.sampler)
+        try:
+            _, responses = g.next()
+        finally:
+            fresh = g._generation_batch
+            g._generation_batch = running
+            if len(fresh):
+                running.extend(fresh)
+        return responses
+
+    def _first_tokens(self):
+        """(uid, first token) of sequences whose prefill just sampled it."""
+        g = self.gen
+        batch = getattr(g, "_generation_batch", None)
+        if batch is None or batch._next_tokens is None:
+            return []
+        new = [
+            (i, uid)
+            for i, uid in enumerate(batch.uids)
+            if uid in self.active and self.active[uid].generated == 0 and not self.active[uid].early_pending
+        ]
+        if not new:
+            return []
+        tokens = batch._next_tokens.tolist()
+        return [(uid, tokens[i]) for i, uid in new]
 
 
 _forward_models = {}

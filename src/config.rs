@@ -56,7 +56,7 @@ pub struct Config {
     /// Prompts prefilled together in one batch. Small values give the first
     /// requests of a burst their first token sooner; large ones finish the
     /// whole burst's prefill in fewer, bigger matmuls.
-    #[arg(long, env = "PENSIEVE_PREFILL_BATCH", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, env = "PENSIEVE_PREFILL_BATCH", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub prefill_batch: u32,
 
     /// Require this key (x-api-key or Authorization: Bearer). Off when unset.

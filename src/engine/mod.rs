@@ -155,6 +155,8 @@ pub(crate) enum TokenEvent {
     Started { prompt_tokens: u32, cached_tokens: u32, max_tokens: u32 },
     /// One generated token and what its text completed (maybe nothing yet).
     Token(Vec<Piece>),
+    /// Output that is not a new token (text the detokenizer held back).
+    Flush(Vec<Piece>),
     Finished(EngineFinish),
     Failed(ApiError),
 }
@@ -317,33 +319,9 @@ impl Generation {
             match rx.recv().await {
                 Some(TokenEvent::Token(pieces)) => {
                     self.output_tokens += 1;
-                    for piece in pieces {
-                        match piece {
-                            Piece::Text(t) => {
-                                let out = self.stop.push(&t);
-                                if !out.emit.is_empty() {
-                                    self.pending.push_back(GenEvent::Text(out.emit));
-                                }
-                                if let Some(i) = out.matched {
-                                    let seq = self.stop.stops()[i].clone();
-                                    self.finish(StopReason::StopSequence(seq));
-                                    break;
-                                }
-                            }
-                            Piece::Thinking(t) => self.pending.push_back(GenEvent::Thinking(t)),
-                            Piece::ToolCall { name, arguments } => {
-                                // Text held back by the stop matcher precedes the call.
-                                let held = self.stop.flush();
-                                if !held.is_empty() {
-                                    self.pending.push_back(GenEvent::Text(held));
-                                }
-                                self.tool_calls += 1;
-                                let id = crate::api::new_id(self.tool_id_prefix);
-                                self.pending.push_back(GenEvent::ToolCall(OutputToolCall { id, name, arguments }));
-                            }
-                        }
-                    }
+                    self.take_pieces(pieces);
                 }
+                Some(TokenEvent::Flush(pieces)) => self.take_pieces(pieces),
                 Some(TokenEvent::Finished(f)) => {
                     let rest = self.stop.flush();
                     if !rest.is_empty() {
@@ -365,6 +343,39 @@ impl Generation {
                     self.pending.push_back(GenEvent::Error(ApiError::Unavailable(
                         "the engine stopped while generating".into(),
                     )));
+                }
+            }
+        }
+    }
+
+    /// Classified output of one engine item: text goes through the stop
+    /// matcher; thinking and tool calls pass as they are.
+    fn take_pieces(&mut self, pieces: Vec<Piece>) {
+        for piece in pieces {
+            if self.rx.is_none() {
+                break; // a stop sequence ended the generation
+            }
+            match piece {
+                Piece::Text(t) => {
+                    let out = self.stop.push(&t);
+                    if !out.emit.is_empty() {
+                        self.pending.push_back(GenEvent::Text(out.emit));
+                    }
+                    if let Some(i) = out.matched {
+                        let seq = self.stop.stops()[i].clone();
+                        self.finish(StopReason::StopSequence(seq));
+                    }
+                }
+                Piece::Thinking(t) => self.pending.push_back(GenEvent::Thinking(t)),
+                Piece::ToolCall { name, arguments } => {
+                    // Text held back by the stop matcher precedes the call.
+                    let held = self.stop.flush();
+                    if !held.is_empty() {
+                        self.pending.push_back(GenEvent::Text(held));
+                    }
+                    self.tool_calls += 1;
+                    let id = crate::api::new_id(self.tool_id_prefix);
+                    self.pending.push_back(GenEvent::ToolCall(OutputToolCall { id, name, arguments }));
                 }
             }
         }

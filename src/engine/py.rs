@@ -261,7 +261,7 @@ impl Backend for PyBackend<'_> {
     }
 
     fn step(&mut self) -> Result<Vec<StepItem>, ApiError> {
-        type Raw = Vec<(u64, Vec<(String, String)>, Option<String>, Option<String>)>;
+        type Raw = Vec<(u64, Vec<(String, String)>, Option<String>, Option<String>, bool)>;
         let items: Raw = self
             .engine
             .call_method0("step")
@@ -269,7 +269,13 @@ impl Backend for PyBackend<'_> {
             .map_err(|e| ApiError::Internal(format!("generation step failed: {e}")))?;
         Ok(items
             .into_iter()
-            .map(|(rid, pieces, finish, error)| StepItem { rid, pieces: pieces.into_iter().map(piece).collect(), finish, error })
+            .map(|(rid, pieces, finish, error, counts)| StepItem {
+                rid,
+                pieces: pieces.into_iter().map(piece).collect(),
+                finish,
+                error,
+                counts,
+            })
             .collect())
     }
 

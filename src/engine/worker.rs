@@ -27,6 +27,9 @@ pub(crate) struct StepItem {
     pub finish: Option<String>,
     /// A Python error that failed this request.
     pub error: Option<String>,
+    /// Whether this item is a newly generated token (a finish for a token
+    /// already sent early carries only leftover text).
+    pub counts: bool,
 }
 
 pub(crate) struct Submitted {
@@ -140,7 +143,7 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
         // 3. One batch step.
         match backend.step() {
             Ok(items) => {
-                let n_tokens = items.iter().filter(|i| i.error.is_none()).count() as u64;
+                let n_tokens = items.iter().filter(|i| i.error.is_none() && i.counts).count() as u64;
                 status.generated_tokens.fetch_add(n_tokens, Ordering::Relaxed);
                 for item in items {
                     dispatch(item, &mut active);
@@ -170,9 +173,9 @@ fn dispatch(item: StepItem, active: &mut HashMap<u64, Active>) {
         Some("stop") => Some(EngineFinish::Eos),
         Some(_) => Some(EngineFinish::Length),
     };
-    // Every step produced one token (EOS included, as hosted APIs count it);
+    // One item per generated token (EOS included, as hosted APIs count it);
     // its text may be empty while the detokenizer waits for more bytes.
-    let _ = a.events.send(TokenEvent::Token(item.pieces));
+    let _ = a.events.send(if item.counts { TokenEvent::Token(item.pieces) } else { TokenEvent::Flush(item.pieces) });
     if let Some(f) = finish {
         let _ = a.events.send(TokenEvent::Finished(f));
         active.remove(&item.rid);
