@@ -29,6 +29,25 @@ from mlx_lm.sample_utils import apply_top_k, apply_top_p
 DEMO_MODEL_VERSION = "demo-v1"
 
 
+def _leave_signals_to_rust():
+    """SIGINT belongs to the Rust side (graceful drain). Python's own handler,
+    if installed, would raise KeyboardInterrupt inside a generation step on
+    the engine thread (Python's "main" thread). Ignoring it here, before the
+    server registers its handler (which chains to this one), keeps Python out."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        try:
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass
+
+
+_leave_signals_to_rust()
+
+
 class ModelLoadError(Exception):
     """Raised when --model does not name a loadable model."""
 
