@@ -302,6 +302,7 @@ class Engine:
         self.prompt_cache_bytes = int(opts.get("prompt_cache_bytes", 1 << 30))
         self.eos_ids = sorted(self.tokenizer.eos_token_ids)
         self.eos_set = set(self.eos_ids)
+        self.max_decode_stall = float(opts.get("max_decode_stall", 1.0))
         self._last_decode = time.perf_counter()
         # MLX keeps freed buffers for reuse; bound that cache so resident
         # memory tracks the live KV caches instead of past peaks.
@@ -543,7 +544,7 @@ class Engine:
 
         Scheduling on top of mlx-lm's BatchGenerator: while newcomers wait,
         steps prefill them one after another (shortest first) without decode
-        steps, for at most MAX_DECODE_STALL seconds, and each newcomer's first
+        steps, for at most `max_decode_stall` seconds, and each newcomer's first
         token is sent as soon as its prefill sampled it, instead of after the
         whole burst's prefill and one more decode step.
         """
@@ -623,8 +624,6 @@ class Engine:
                 self.gen.remove([uid])
             return True
 
-    MAX_DECODE_STALL = 1.0
-
     def _prefill_only(self):
         g = self.gen
         try:
@@ -632,7 +631,7 @@ class Engine:
             running = len(g._generation_batch)
         except AttributeError:  # a different mlx-lm: plain scheduling
             return False
-        return waiting > 0 and running > 0 and time.perf_counter() - self._last_decode < self.MAX_DECODE_STALL
+        return waiting > 0 and running > 0 and time.perf_counter() - self._last_decode < self.max_decode_stall
 
     def _next_without_decode(self):
         """One BatchGenerator step with the running batch set aside: it only

@@ -48,6 +48,11 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_PREFILL_STEP", default_value_t = 512)]
     pub prefill_step: u32,
 
+    /// Longest time running streams may go without a decode step while a
+    /// burst of newcomers is prefilled (milliseconds).
+    #[arg(long, env = "PENSIEVE_MAX_DECODE_STALL_MS", default_value_t = 1000)]
+    pub max_decode_stall_ms: u64,
+
     /// Bound on MLX's cache of freed buffers (kept for reuse), so resident
     /// memory follows the live KV caches instead of past peaks.
     #[arg(long, env = "PENSIEVE_MLX_CACHE_LIMIT", default_value = "128MiB", value_parser = parse_bytes)]

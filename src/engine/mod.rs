@@ -506,6 +506,7 @@ pub(crate) struct EngineOptions {
     pub prefill_batch: u32,
     pub prompt_cache_bytes: u64,
     pub mlx_cache_limit: u64,
+    pub max_decode_stall_ms: u64,
 }
 
 /// Engines alive in this process, stopped at exit (see `stop_engines_at_exit`).
@@ -561,6 +562,7 @@ impl EngineHandle {
             prefill_step: config.prefill_step,
             prefill_batch: config.prefill_batch,
             mlx_cache_limit: config.mlx_cache_limit,
+            max_decode_stall_ms: config.max_decode_stall_ms,
             prompt_cache_bytes: config.prompt_cache_bytes,
         };
         let (tx, rx) = std::sync::mpsc::channel();

@@ -118,6 +118,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         "prefill_step": opts.prefill_step,
         "prefill_batch": opts.prefill_batch,
         "mlx_cache_limit": opts.mlx_cache_limit,
+        "max_decode_stall": opts.max_decode_stall_ms as f64 / 1000.0,
         "prompt_cache_bytes": opts.prompt_cache_bytes,
     })
     .to_string();
