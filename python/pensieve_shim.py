@@ -200,6 +200,12 @@ def _as_object(args):
     return args
 
 
+def _only_token(logits, token):
+    """Logits that allow exactly one token (the forcing processors' mask)."""
+    allowed = mx.arange(logits.shape[-1]) == token
+    return mx.where(allowed, mx.zeros_like(logits), mx.full(logits.shape, -float("inf"), dtype=logits.dtype))
+
+
 class _ThinkingBudget:
     """Logits processor: once a thinking block has run `budget` tokens, force
     the end-of-thinking token (single-token markers only)."""
@@ -223,8 +229,7 @@ class _ThinkingBudget:
             return logits
         if len(toks) - start - len(self.start) < self.budget:
             return logits
-        only_end = mx.arange(logits.shape[-1]) == self.end_id
-        return mx.where(only_end, mx.zeros_like(logits), mx.full(logits.shape, -float("inf"), dtype=logits.dtype))
+        return _only_token(logits, self.end_id)
 
 
 def _think_end(tk):
@@ -244,8 +249,7 @@ class _ForceTokens:
         i, self.step = self.step, self.step + 1
         if i >= len(self.tokens):
             return logits
-        only = mx.arange(logits.shape[-1]) == self.tokens[i]
-        return mx.where(only, mx.zeros_like(logits), mx.full(logits.shape, -float("inf"), dtype=logits.dtype))
+        return _only_token(logits, self.tokens[i])
 
 
 class _Active:

@@ -337,14 +337,7 @@ fn flatten_text(c: &Content, i: usize) -> Result<String, ApiError> {
 }
 
 fn tool_to_function(t: &ToolDef) -> Value {
-    json!({
-        "type": "function",
-        "function": {
-            "name": t.name,
-            "description": t.description.clone().unwrap_or_default(),
-            "parameters": t.input_schema.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
-        }
-    })
+    super::function_tool("function", &t.name, t.description.as_deref(), t.input_schema.as_ref())
 }
 
 // ---------------------------------------------------------------------------

@@ -51,6 +51,19 @@ pub trait StreamRenderer: Send + 'static {
     fn keepalive(&mut self) -> String;
 }
 
+/// A tool definition in the function format chat templates expect; both
+/// dialects' tool lists convert through here. No schema means no parameters.
+pub fn function_tool(kind: &str, name: &str, description: Option<&str>, parameters: Option<&serde_json::Value>) -> serde_json::Value {
+    serde_json::json!({
+        "type": kind,
+        "function": {
+            "name": name,
+            "description": description.unwrap_or_default(),
+            "parameters": parameters.cloned().unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
+        }
+    })
+}
+
 /// A tool call's arguments as JSON text, cut into a few fragments (on char
 /// boundaries) the way hosted APIs stream them; concatenated they parse back
 /// to the same object.

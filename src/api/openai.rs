@@ -290,11 +290,13 @@ impl ChatRequest {
             Some(t) if !none => t
                 .iter()
                 .map(|t| {
-                    json!({"type": t.kind.clone().unwrap_or_else(|| "function".into()), "function": {
-                        "name": t.function.name,
-                        "description": t.function.description.clone().unwrap_or_default(),
-                        "parameters": t.function.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
-                    }})
+                    let f = &t.function;
+                    super::function_tool(
+                        t.kind.as_deref().unwrap_or("function"),
+                        &f.name,
+                        f.description.as_deref(),
+                        f.parameters.as_ref(),
+                    )
                 })
                 .collect(),
             _ => vec![],

@@ -236,7 +236,8 @@ impl Backend for PyBackend<'_> {
             },
         })
         .to_string();
-        let submitted = self.engine.call_method1("submit", (rid, tokens.clone(), params));
+        let prompt_tokens = tokens.len() as u32;
+        let submitted = self.engine.call_method1("submit", (rid, tokens, params));
         let (cached, max_tokens): (u32, u32) = submitted.and_then(|r| r.extract()).map_err(|e| {
             let too_long = e.get_type(self.py).name().map(|n| n.to_string() == "InvalidPrompt").unwrap_or(false);
             if too_long {
@@ -245,7 +246,7 @@ impl Backend for PyBackend<'_> {
                 ApiError::Internal(format!("could not start generation: {e}"))
             }
         })?;
-        Ok(Submitted { prompt_tokens: tokens.len() as u32, cached_tokens: cached, max_tokens })
+        Ok(Submitted { prompt_tokens, cached_tokens: cached, max_tokens })
     }
 
     fn tokenize(&mut self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
