@@ -18,12 +18,15 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import mlx_lm
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import (
     LRUPromptCache,
+    TokenBuffer,
     can_trim_prompt_cache,
+    make_prompt_cache,
     trim_prompt_cache,
 )
+from mlx_lm.utils import maybe_set_recommended_wired_limit
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 DEMO_MODEL_VERSION = "demo-v1"
@@ -252,19 +255,40 @@ class _ForceTokens:
         return _only_token(logits, self.tokens[i])
 
 
-class _Active:
-    """Book-keeping for one in-flight request inside the batch."""
+# How long a waiting prompt may be passed over by shorter ones before it is
+# prefilled next regardless (shortest-first would otherwise starve it).
+_STARVATION_S = 10.0
 
-    __slots__ = ("rid", "detok", "generated", "fault_after", "splitter", "early_pending")
 
-    def __init__(self, rid, detok, fault_after, splitter):
+class _Seq:
+    """One request inside the engine: its own KV cache while its prompt is
+    prefilled, its sampling state, and its output state (detokenizer,
+    splitter). Once prefilled it joins the running decode batch."""
+
+    __slots__ = (
+        "rid", "detok", "splitter", "fault_after", "generated", "max_tokens",
+        "tokens", "todo", "cache", "sampler", "processors", "context",
+        "arrived", "first_sent", "failed",
+    )
+
+    def __init__(self, rid, tokens, todo, cache, max_tokens, sampler, processors, detok, splitter, fault_after):
         self.rid = rid
+        self.tokens = tokens  # the tokens whose keys and values are in the cache
+        self.todo = todo  # prompt tokens still to prefill
+        self.cache = cache
+        self.max_tokens = max_tokens
+        self.sampler = sampler
+        self.processors = processors
+        self.context = None  # TokenBuffer for logits processors
         self.detok = detok
-        self.generated = 0
-        self.fault_after = fault_after
         self.splitter = splitter
-        # The first token went out early; BatchGenerator will return it again.
-        self.early_pending = False
+        self.fault_after = fault_after
+        self.generated = 0
+        self.arrived = time.perf_counter()
+        # The first token went out when the prefill sampled it; the decode
+        # step that feeds it back must not send it again.
+        self.first_sent = False
+        self.failed = False
 
 
 class Engine:
@@ -302,7 +326,6 @@ class Engine:
         self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.max_batch = int(opts.get("max_batch", 8))
         self.prefill_step = int(opts.get("prefill_step", 512))
-        self.prefill_batch = int(opts.get("prefill_batch", self.max_batch))
         self.prompt_cache_bytes = int(opts.get("prompt_cache_bytes", 1 << 30))
         self.eos_ids = sorted(self.tokenizer.eos_token_ids)
         self.eos_set = set(self.eos_ids)
@@ -314,19 +337,23 @@ class Engine:
         if cache_limit is not None:
             mx.set_cache_limit(int(cache_limit))
         self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
-        self._new_generator()
-        self.active = {}  # uid -> _Active
-        self.by_rid = {}  # rid -> uid
+        # Metal: keep the weights wired (mlx-lm does the same for its generators).
+        maybe_set_recommended_wired_limit()
+        # Caches of every layer type must merge into batch caches for
+        # sequences to share decode steps; otherwise they run one at a time.
+        self._batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
+        self.waiting = []  # _Seq still prefilling, in arrival order
+        self.by_rid = {}  # rid -> _Seq
+        self._reset_batch()
 
-    def _new_generator(self):
-        self.gen = BatchGenerator(
-            self.model,
-            stop_tokens=[[t] for t in self.eos_ids],
-            sampler=_greedy,
-            completion_batch_size=self.max_batch,
-            prefill_batch_size=min(self.prefill_batch, self.max_batch),
-            prefill_step_size=self.prefill_step,
-        )
+    def _reset_batch(self):
+        """The running decode batch: its sequences in batch order, one cache
+        per layer (the sequence's own caches while it runs alone, merged batch
+        caches once several run), and the tokens the next step feeds."""
+        self.running = []
+        self.batch_cache = None
+        self.batched = False
+        self.next_tokens = None
 
     # ---- facts the Rust side reports ------------------------------------
 
@@ -384,7 +411,7 @@ class Engine:
             int(mx.get_peak_memory()),
             int(mx.get_cache_memory()),
             int(self.prompt_cache.nbytes),
-            len(self.active),
+            len(self.by_rid),
         )
 
     # ---- prompts ---------------------------------------------------------
@@ -441,24 +468,20 @@ class Engine:
             if forced is None:
                 raise InvalidPrompt("tool_choice: could not derive this model's tool-call opening from its template")
             processors.append(_ForceTokens(forced))
-        (uid,) = self.gen.insert(
-            [rest],
-            max_tokens=[max_tokens],
-            caches=[cache] if cache is not None else None,
-            all_tokens=[tokens[:cached]],
-            samplers=[make_sampler(p["temperature"], p["top_p"], p["top_k"], p.get("seed"))],
-            logits_processors=[processors],
+        seq = _Seq(
+            rid,
+            tokens=list(tokens[:cached]),
+            todo=list(rest),
+            cache=cache if cache is not None else make_prompt_cache(self.model),
+            max_tokens=max_tokens,
+            sampler=make_sampler(p["temperature"], p["top_p"], p["top_k"], p.get("seed")),
+            processors=processors,
+            detok=self.tokenizer.detokenizer,
+            splitter=self._splitter(tokens, p),
+            fault_after=p.get("fault_after"),
         )
-        self.active[uid] = _Active(
-            rid, self.tokenizer.detokenizer, p.get("fault_after"), self._splitter(tokens, p)
-        )
-        # Shortest prompt first: the fewest requests wait behind a long one.
-        queue = getattr(self.gen, "_unprocessed_sequences", None)
-        if queue is not None and len(queue) > 1:
-            ordered = sorted(queue, key=lambda seq: sum(len(seg) for seg in seq[1]))
-            queue.clear()
-            queue.extend(ordered)
-        self.by_rid[rid] = uid
+        self.waiting.append(seq)
+        self.by_rid[rid] = seq
         self._trim_prompt_cache()
         return cached, max_tokens
 
@@ -520,154 +543,227 @@ class Engine:
                 return forced
         return None
 
+    def _active_cache_bytes(self):
+        total = sum(c.nbytes for s in self.waiting for c in s.cache)
+        if self.batch_cache:
+            total += sum(c.nbytes for c in self.batch_cache)
+        return total
+
     def _trim_prompt_cache(self):
-        active = self.gen.prompt_cache_nbytes
+        active = self._active_cache_bytes()
         self.prompt_cache.trim_to(n_bytes=max(0, self.prompt_cache_bytes - active))
 
     def cancel(self, rid):
-        uid = self.by_rid.pop(rid, None)
-        if uid is None:
+        s = self.by_rid.pop(rid, None)
+        if s is None:
             return
-        self.active.pop(uid, None)
-        self.gen.remove([uid])
+        if s in self.waiting:
+            self.waiting.remove(s)
+        elif s in self.running:
+            i = self.running.index(s)
+            self._keep([j for j in range(len(self.running)) if j != i])
 
     def has_work(self):
-        return bool(self.active)
+        return bool(self.by_rid)
+
+    # ---- scheduling ------------------------------------------------------
 
     def step(self):
-        """Advance the batch by one step (a prefill chunk and/or one decode
-        token for every running sequence).
+        """One engine step: a prefill chunk of one waiting prompt, or one
+        decode token for every running sequence.
 
         Returns a list of (rid, pieces, finish_reason, error, counts) tuples,
         where pieces is a list of (kind, text) with kind "text", "thinking"
         or "tool" (a JSON {name, arguments}) and `counts` says whether the
         item is a newly generated token. A Python error while handling one
         request's output fails only that request; an error in the shared
-        forward pass fails every request in the batch and the generator is
-        rebuilt so later requests still run.
+        decode pass fails the running batch (waiting prompts keep their own
+        caches and still run).
 
-        Scheduling on top of mlx-lm's BatchGenerator: while newcomers wait,
-        steps prefill them one after another (shortest first) without decode
-        steps, for at most `max_decode_stall` seconds, and each newcomer's first
-        token is sent as soon as its prefill sampled it, instead of after the
-        whole burst's prefill and one more decode step.
+        Scheduling: waiting prompts are prefilled shortest first (a prompt
+        passed over for `_STARVATION_S` goes next), one at a time, each to its
+        end, and the prefill's last logits give the first token, which is sent
+        at once; the sequence then joins the decode batch. While prompts wait,
+        the running batch pauses for at most `max_decode_stall` seconds
+        between its decode steps, so a burst of newcomers gets first tokens
+        early without starving the streams already running.
         """
         out = []
-        try:
-            if self._prefill_only():
-                responses = self._next_without_decode()
-            else:
-                _, responses = self.gen.next()
-                self._last_decode = time.perf_counter()
-            early = self._first_tokens()
-        except Exception as e:
-            msg = f"{type(e).__name__}: {e}"
-            for a in self.active.values():
-                out.append((a.rid, [], None, msg, False))
-            self.active.clear()
-            self.by_rid.clear()
-            self._new_generator()
-            return out
-        for uid, token in early:
-            a = self.active.get(uid)
-            if a is not None:
-                self._emit(a, token, None, out, early=True)
-        finished = []
-        for r in responses:
-            a = self.active.get(r.uid)
-            if a is None:
-                continue
-            if self._emit(a, r.token, r.finish_reason, out, early=False):
-                finished.append(r.uid)
-                if r.finish_reason is not None and r.prompt_cache is not None:
-                    self.prompt_cache.insert_cache(self.model_path, r.all_tokens[:], r.prompt_cache)
-        for uid in finished:
-            a = self.active.pop(uid, None)
-            if a is not None:
-                self.by_rid.pop(a.rid, None)
-        if finished:
+        with mx.stream(generation_stream):
+            if self.waiting and self._may_prefill():
+                self._prefill(out)
+            elif self.running:
+                self._decode(out)
+        if any(item[2] is not None or item[3] is not None for item in out):
             self._trim_prompt_cache()
         return out
 
-    def _emit(self, a, token, finish, out, early):
-        """Turns one token of one request into an output item. Returns True
-        when the request is done (finished or failed)."""
+    def _may_prefill(self):
+        if not self.running:
+            return True
+        if not self._batchable or len(self.running) >= self.max_batch:
+            return False
+        return time.perf_counter() - self._last_decode < self.max_decode_stall
+
+    def _pick(self):
+        oldest = self.waiting[0]
+        if time.perf_counter() - oldest.arrived > _STARVATION_S:
+            return oldest
+        return min(self.waiting, key=lambda s: len(s.todo))
+
+    def _prefill(self, out):
+        s = self._pick()
+        n = min(self.prefill_step, len(s.todo))
         try:
-            if a.early_pending and not early:
-                # This token was sent early; only its finish is news now.
-                a.early_pending = False
-                if finish is None:
-                    return False
-                a.detok.finalize()
-                pieces = a.splitter.feed(a.detok.last_segment) + a.splitter.finish()
-                out.append((a.rid, pieces, finish, None, False))
-                return True
-            a.generated += 1
-            if a.fault_after is not None and a.generated > a.fault_after:
-                raise RuntimeError(f"injected fault after {a.fault_after} tokens (test hook)")
-            if early:
-                a.early_pending = True
-                if token not in self.eos_set:
-                    a.detok.add_token(token)
-            elif finish == "stop":
-                a.detok.finalize()
-            elif finish is not None:
-                a.detok.add_token(token)
-                a.detok.finalize()
+            logits = self.model(mx.array([s.todo[:n]]), cache=s.cache)
+            s.tokens.extend(s.todo[:n])
+            s.todo = s.todo[n:]
+            if s.todo:
+                mx.eval([c.state for c in s.cache])
+                return
+            self.waiting.remove(s)
+            if s.processors:
+                s.context = TokenBuffer(s.tokens)
+            token = self._sample([s], logits[:, -1, :], None)
+            first = token.item()
+        except Exception as e:
+            if s in self.waiting:
+                self.waiting.remove(s)
+            self.by_rid.pop(s.rid, None)
+            out.append((s.rid, [], None, f"{type(e).__name__}: {e}", False))
+            return
+        if self._emit(s, first, out):
+            self._finished(s, None if s.failed else s.cache)
+            return
+        s.first_sent = True
+        try:
+            self._join(s, token)
+        except Exception as e:
+            self.by_rid.pop(s.rid, None)
+            out.append((s.rid, [], None, f"{type(e).__name__}: {e}", False))
+
+    def _join(self, s, token):
+        """Adds a prefilled sequence to the running batch."""
+        if not self.running:
+            self.batch_cache = s.cache
+            self.next_tokens = token
+        else:
+            if self.batched:
+                merged = [c.merge([c]) for c in s.cache]
+                for ca, cb in zip(self.batch_cache, merged):
+                    ca.extend(cb)
             else:
-                a.detok.add_token(token)
-            pieces = a.splitter.feed(a.detok.last_segment)
+                self.batch_cache = [a.merge([a, b]) for a, b in zip(self.batch_cache, s.cache)]
+                self.batched = True
+            self.next_tokens = mx.concatenate([self.next_tokens, token])
+        self.running.append(s)
+        s.cache = None
+
+    def _keep(self, keep):
+        """Shrinks the running batch to the sequences at `keep`."""
+        if not keep:
+            self._reset_batch()
+            return
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        self.next_tokens = self.next_tokens[mx.array(keep)]
+        if len(keep) == 1:
+            # Alone again: back to plain caches (no padding, no masks).
+            self.batch_cache = [c.extract(keep[0]) for c in self.batch_cache]
+            self.batched = False
+        else:
+            for c in self.batch_cache:
+                c.filter(keep)
+
+    def _decode(self, out):
+        seqs = self.running
+        inputs = self.next_tokens
+        try:
+            logits = self.model(inputs[:, None], cache=self.batch_cache)[:, -1, :]
+            sampled = self._sample(seqs, logits, inputs)
+            # The next step's tokens compute while this step's are handed out.
+            mx.async_eval(sampled)
+            tokens = inputs.tolist()
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+            for s in seqs:
+                self.by_rid.pop(s.rid, None)
+                out.append((s.rid, [], None, msg, False))
+            self._reset_batch()
+            return
+        self.next_tokens = sampled
+        self._last_decode = time.perf_counter()
+        keep, done = [], []
+        for i, (s, t) in enumerate(zip(seqs, tokens)):
+            s.tokens.append(t)
+            if s.first_sent:
+                s.first_sent = False
+                keep.append(i)
+            elif self._emit(s, t, out):
+                done.append(i)
+            else:
+                keep.append(i)
+        for i in done:
+            s = seqs[i]
+            if s.failed:
+                self.by_rid.pop(s.rid, None)
+            else:
+                cache = [c.extract(i) for c in self.batch_cache] if self.batched else self.batch_cache
+                self._finished(s, cache)
+        self._keep(keep)
+
+    def _sample(self, seqs, logits, inputs):
+        """Next tokens of `seqs` (one row of `logits` each), through their
+        logits processors and their own samplers; one call for a batch that
+        shares a sampler (every greedy request does)."""
+        if any(s.processors for s in seqs):
+            rows = []
+            for i, s in enumerate(seqs):
+                row = logits[i : i + 1]
+                if s.processors:
+                    ctx = s.context.tokens if inputs is None else s.context.update_and_fetch(inputs[i : i + 1])
+                    for proc in s.processors:
+                        row = proc(ctx, row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        first = seqs[0].sampler
+        if all(s.sampler is first for s in seqs):
+            return first(logprobs)
+        return mx.concatenate([s.sampler(logprobs[i : i + 1]) for i, s in enumerate(seqs)], axis=0)
+
+    def _finished(self, s, cache):
+        """A sequence ended normally: keep its KV cache for prefix reuse."""
+        self.by_rid.pop(s.rid, None)
+        if cache is not None:
+            self.prompt_cache.insert_cache(self.model_path, list(s.tokens), cache)
+
+    def _emit(self, s, token, out):
+        """Turns one generated token into an output item. Returns True when
+        the request is done (finished or failed)."""
+        try:
+            s.generated += 1
+            if s.fault_after is not None and s.generated > s.fault_after:
+                raise RuntimeError(f"injected fault after {s.fault_after} tokens (test hook)")
+            finish = None
+            if token in self.eos_set:
+                finish = "stop"
+            else:
+                s.detok.add_token(token)
+                if s.generated >= s.max_tokens:
+                    finish = "length"
             if finish is not None:
-                pieces += a.splitter.finish()
-            out.append((a.rid, pieces, finish, None, True))
+                s.detok.finalize()
+            pieces = s.splitter.feed(s.detok.last_segment)
+            if finish is not None:
+                pieces += s.splitter.finish()
+            out.append((s.rid, pieces, finish, None, True))
             return finish is not None
         except Exception as e:
-            out.append((a.rid, [], None, f"{type(e).__name__}: {e}", False))
-            uid = self.by_rid.get(a.rid)
-            if finish is None and uid is not None:
-                self.gen.remove([uid])
+            s.failed = True
+            out.append((s.rid, [], None, f"{type(e).__name__}: {e}", False))
             return True
-
-    def _prefill_only(self):
-        g = self.gen
-        try:
-            waiting = len(g._unprocessed_sequences) + len(g._prompt_batch)
-            running = len(g._generation_batch)
-        except AttributeError:  # a different mlx-lm: plain scheduling
-            return False
-        return waiting > 0 and running > 0 and time.perf_counter() - self._last_decode < self.max_decode_stall
-
-    def _next_without_decode(self):
-        """One BatchGenerator step with the running batch set aside: it only
-        splits finished prompts into generation and prefills the next chunk;
-        the newly started sequences then join the running batch."""
-        g = self.gen
-        running = g._generation_batch
-        g._generation_batch = GenerationBatch.empty(self.model, g.sampler)
-        try:
-            _, responses = g.next()
-        finally:
-            fresh = g._generation_batch
-            g._generation_batch = running
-            if len(fresh):
-                running.extend(fresh)
-        return responses
-
-    def _first_tokens(self):
-        """(uid, first token) of sequences whose prefill just sampled it."""
-        g = self.gen
-        batch = getattr(g, "_generation_batch", None)
-        if batch is None or batch._next_tokens is None:
-            return []
-        new = [
-            (i, uid)
-            for i, uid in enumerate(batch.uids)
-            if uid in self.active and self.active[uid].generated == 0 and not self.active[uid].early_pending
-        ]
-        if not new:
-            return []
-        tokens = batch._next_tokens.tolist()
-        return [(uid, tokens[i]) for i, uid in new]
 
 
 _forward_models = {}

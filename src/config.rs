@@ -58,12 +58,6 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_MLX_CACHE_LIMIT", default_value = "128MiB", value_parser = parse_bytes)]
     pub mlx_cache_limit: u64,
 
-    /// Prompts prefilled together in one batch. Small values give the first
-    /// requests of a burst their first token sooner; large ones finish the
-    /// whole burst's prefill in fewer, bigger matmuls.
-    #[arg(long, env = "PENSIEVE_PREFILL_BATCH", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub prefill_batch: u32,
-
     /// Require this key (x-api-key or Authorization: Bearer). Off when unset.
     #[arg(long, env = "PENSIEVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,

@@ -316,6 +316,45 @@ async fn requests_beyond_max_concurrent_queue_and_all_complete() {
     s.wait_idle(5).await;
 }
 
+/// Sequences of different lengths join a running batch at different times
+/// (merged caches with left padding), leave it early (max_tokens), and the
+/// last one runs alone again: greedy text must match each prompt run alone.
+#[tokio::test]
+async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
+    let mut cfg = common::config();
+    cfg.max_concurrent = 4;
+    cfg.prompt_cache_bytes = 0; // every run prefills its whole prompt
+    let s = start(cfg);
+    let ask = |i: usize| {
+        let words = "tell me about the weather in the city and the harbour today ".repeat(i * 3 + 1);
+        json!({"model": "m", "max_tokens": 24 + 8 * i as u64, "temperature": 0,
+               "messages": [{"role": "user", "content": words}]})
+    };
+    let mut alone = vec![];
+    for i in 0..4 {
+        let (st, m) = s.post("/v1/messages", &ask(i)).await;
+        assert_eq!(st, 200, "{m}");
+        alone.push(text_of(&m));
+    }
+    let futs = (0..4).map(|i| {
+        let s = &s;
+        let body = ask(i);
+        async move {
+            // All in flight at once: they join one by one as their prefills
+            // finish (shortest first) and leave as their max_tokens run out.
+            tokio::time::sleep(std::time::Duration::from_millis(5 * i as u64)).await;
+            s.post("/v1/messages", &body).await
+        }
+    });
+    let results = futures_util::future::join_all(futs).await;
+    for (i, (st, m)) in results.into_iter().enumerate() {
+        assert_eq!(st, 200, "{m}");
+        assert_eq!(m["usage"]["output_tokens"], 24 + 8 * i as u64);
+        assert_eq!(text_of(&m), alone[i], "request {i}: batched greedy text differs from alone");
+    }
+    s.wait_idle(5).await;
+}
+
 #[tokio::test]
 async fn low_memory_is_refused_with_529() {
     let mut cfg = common::config();
