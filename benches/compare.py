@@ -308,7 +308,9 @@ def main():
     if "mlxserver+blas" not in skip:
         results["mlxserver+blas"] = run_server("mlxserver+blas", mlx_cmd, blas_env, port,
                                                "openai", "/health", args, {"followup": True})
-    pcmd = [args.pensieve, "--model", args.model, "--port", str(port), "--max-concurrent", "8"] + args.pensieve_args.split()
+    # No prefix cache from disk: the cold turns must be cold.
+    pcmd = [args.pensieve, "--model", args.model, "--port", str(port), "--max-concurrent", "8",
+            "--no-prompt-cache-persist"] + args.pensieve_args.split()
     results["pensieve"] = run_server(
         "pensieve", pcmd, dict(base_env, RUST_LOG="warn"), port, "anthropic", "/health", args,
         {"followup": True, "probe": [("GET", "/health"), ("POST", "/v1/messages/count_tokens")], "health": True},

@@ -10,7 +10,9 @@ strings, so the Rust side never holds Python objects outside its GIL scope.
 """
 
 import copy
+import hashlib
 import json
+import shutil
 import os
 import time
 
@@ -23,7 +25,9 @@ from mlx_lm.models.cache import (
     LRUPromptCache,
     TokenBuffer,
     can_trim_prompt_cache,
+    load_prompt_cache,
     make_prompt_cache,
+    save_prompt_cache,
     trim_prompt_cache,
 )
 from mlx_lm.utils import maybe_set_recommended_wired_limit
@@ -337,6 +341,7 @@ class Engine:
         if cache_limit is not None:
             mx.set_cache_limit(int(cache_limit))
         self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
+        self.persist_dir = opts.get("prompt_cache_dir")
         # Metal: keep the weights wired (mlx-lm does the same for its generators).
         maybe_set_recommended_wired_limit()
         # Caches of every layer type must merge into batch caches for
@@ -354,6 +359,80 @@ class Engine:
         self.batch_cache = None
         self.batched = False
         self.next_tokens = None
+
+    # ---- prefix cache on disk -------------------------------------------
+
+    def _persist_folder(self):
+        """This model's folder under the prompt-cache directory: the name is a
+        fingerprint of the model (path, config, weight files), so entries are
+        only ever restored into the model that computed them."""
+        h = hashlib.sha256()
+        h.update(self.model_path.encode())
+        h.update(json.dumps(self.config, sort_keys=True, default=str).encode())
+        if os.path.isdir(self.model_path):
+            for f in sorted(os.listdir(self.model_path)):
+                if f.endswith(".safetensors"):
+                    st = os.stat(os.path.join(self.model_path, f))
+                    h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return os.path.join(self.persist_dir, h.hexdigest()[:16])
+
+    def restore_prompt_cache(self):
+        """Loads the entries a previous run saved (oldest first, so the LRU
+        order survives). Returns (entries, bytes, skipped)."""
+        if not self.persist_dir:
+            return 0, 0, 0
+        folder = self._persist_folder()
+        if not os.path.isdir(folder):
+            return 0, 0, 0
+        n = skipped = 0
+        for f in sorted(os.listdir(folder)):
+            if not f.endswith(".safetensors"):
+                continue
+            try:
+                cache, meta = load_prompt_cache(os.path.join(folder, f), return_metadata=True)
+                tokens = json.loads(meta["tokens"])
+                if not tokens or sum(c.nbytes for c in cache) + self.prompt_cache.nbytes > self.prompt_cache_bytes:
+                    skipped += 1
+                    continue
+                self.prompt_cache.insert_cache(
+                    self.model_path, tokens, cache, cache_type=meta.get("cache_type", "assistant")
+                )
+                n += 1
+            except Exception:
+                skipped += 1
+        return n, int(self.prompt_cache.nbytes), skipped
+
+    def persist_prompt_cache(self):
+        """Writes the prefix cache to disk (replacing the previous set) so a
+        restart keeps warm prefixes. Returns (entries, bytes)."""
+        if not self.persist_dir:
+            return 0, 0
+        folder = self._persist_folder()
+        tmp = f"{folder}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        lru = self.prompt_cache._lru
+        n = nbytes = 0
+        # Oldest first across the LRU's queues: restored in this order, the
+        # most recent entries are the last evicted.
+        entries = [(model, tokens, kind) for kind in reversed(lru._ordering) for model, tokens in lru._lrus[kind]]
+        for model, tokens, kind in entries:
+            if model != self.model_path:
+                continue
+            entry = self.prompt_cache._trie.get(model, tokens)
+            save_prompt_cache(
+                os.path.join(tmp, f"{n:06d}.safetensors"),
+                entry.prompt_cache,
+                {"tokens": json.dumps(list(tokens)), "cache_type": kind},
+            )
+            n += 1
+            nbytes += entry.nbytes
+        old = f"{folder}.old-{os.getpid()}"
+        if os.path.isdir(folder):
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return n, nbytes
 
     # ---- facts the Rust side reports ------------------------------------
 

@@ -43,6 +43,16 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_PROMPT_CACHE_BYTES", default_value = "2GiB", value_parser = parse_bytes)]
     pub prompt_cache_bytes: u64,
 
+    /// Where the prefix cache is saved at shutdown and restored at start, so a
+    /// restart keeps warm prefixes (default: <cache dir>/prompt-cache; one
+    /// folder per model, at most --prompt-cache-bytes).
+    #[arg(long, env = "PENSIEVE_PROMPT_CACHE_DIR")]
+    pub prompt_cache_dir: Option<PathBuf>,
+
+    /// Keep the prefix cache in memory only (nothing saved or restored).
+    #[arg(long, env = "PENSIEVE_NO_PROMPT_CACHE_PERSIST")]
+    pub no_prompt_cache_persist: bool,
+
     /// Prompt tokens processed per prefill chunk; smaller chunks interleave
     /// with running streams more often.
     #[arg(long, env = "PENSIEVE_PREFILL_STEP", default_value_t = 512)]
@@ -126,8 +136,18 @@ pub enum BlasChoice {
 
 impl Config {
     /// Defaults as if run with no flags and no environment (for tests and embedding).
+    /// Defaults, on an ephemeral port, without a prefix cache on disk (tests
+    /// must not see each other's warm prefixes).
     pub fn default_for_tests() -> Config {
-        Config::parse_from(["pensieve", "--port", "0"])
+        Config::parse_from(["pensieve", "--port", "0", "--no-prompt-cache-persist"])
+    }
+
+    /// The folder the prefix cache persists to, if it does.
+    pub fn prompt_cache_persist_dir(&self) -> Option<PathBuf> {
+        if self.no_prompt_cache_persist {
+            return None;
+        }
+        Some(self.prompt_cache_dir.clone().unwrap_or_else(|| self.cache_root().join("prompt-cache")))
     }
 
     pub fn venv_dir(&self) -> PathBuf {

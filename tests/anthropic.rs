@@ -496,3 +496,52 @@ async fn follow_up_turns_reuse_the_prefix_cache() {
     assert_eq!(m2_cold["usage"]["cache_read_input_tokens"], 0);
     assert_eq!(text_of(&m2), text_of(&m2_cold));
 }
+
+/// A graceful restart keeps warm prefixes: the prefix cache is saved at
+/// shutdown and restored at start (into the same model only), and a
+/// restored prefix gives the same greedy text as a cold run.
+#[tokio::test]
+async fn the_prefix_cache_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("pensieve-prompt-cache-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    let persisting = |model: &str| {
+        let mut cfg = common::config();
+        cfg.model = Some(model.into());
+        cfg.no_prompt_cache_persist = false;
+        cfg.prompt_cache_dir = Some(dir.clone());
+        cfg
+    };
+    let first = json!({"model": "m", "max_tokens": 8, "temperature": 0,
+        "system": "You are a helpful assistant. ".repeat(30),
+        "messages": [{"role": "user", "content": "tell me about the weather in Paris ".repeat(8)}]});
+    let (s, stop, done) = common::start_controlled(persisting(pensieve::config::BUILTIN_RANDOM));
+    let (_, m1) = s.post("/v1/messages", &first).await;
+    let prompt1 = m1["usage"]["input_tokens"].as_u64().unwrap();
+    stop.send(()).unwrap();
+    tokio::task::spawn_blocking(move || done.recv_timeout(std::time::Duration::from_secs(30))).await.unwrap().unwrap();
+    let saved = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(saved, 1, "one model folder under {}", dir.display());
+
+    let second = json!({"model": "m", "max_tokens": 8, "temperature": 0, "system": first["system"],
+        "messages": [first["messages"][0], {"role": "assistant", "content": text_of(&m1)},
+                     {"role": "user", "content": "and tomorrow?"}]});
+    // Another model must not pick up these entries.
+    let (other, stop_other, done_other) = common::start_controlled(persisting(pensieve::config::BUILTIN_RANDOM_THINK));
+    let (_, o) = other.post("/v1/messages", &first).await;
+    assert_eq!(o["usage"]["cache_read_input_tokens"], 0, "{o}");
+
+    let (restarted, stop_restarted, done_restarted) = common::start_controlled(persisting(pensieve::config::BUILTIN_RANDOM));
+    let (_, m2) = restarted.post("/v1/messages", &second).await;
+    let cached = m2["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+    assert!(cached >= prompt1 - 1, "restored prefix reused: {cached} of {prompt1}: {m2}");
+    let cold = start(common::config());
+    let (_, m2_cold) = cold.post("/v1/messages", &second).await;
+    assert_eq!(m2_cold["usage"]["cache_read_input_tokens"], 0);
+    assert_eq!(text_of(&m2), text_of(&m2_cold));
+    for (stop, done) in [(stop_other, done_other), (stop_restarted, done_restarted)] {
+        stop.send(()).unwrap();
+        tokio::task::spawn_blocking(move || done.recv_timeout(std::time::Duration::from_secs(30))).await.unwrap().unwrap();
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2, "one folder per model");
+    std::fs::remove_dir_all(&dir).ok();
+}

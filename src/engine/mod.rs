@@ -506,6 +506,7 @@ pub(crate) struct EngineOptions {
     pub prompt_cache_bytes: u64,
     pub mlx_cache_limit: u64,
     pub max_decode_stall_ms: u64,
+    pub prompt_cache_dir: Option<std::path::PathBuf>,
 }
 
 /// Engines alive in this process, stopped at exit (see `stop_engines_at_exit`).
@@ -562,6 +563,7 @@ impl EngineHandle {
             mlx_cache_limit: config.mlx_cache_limit,
             max_decode_stall_ms: config.max_decode_stall_ms,
             prompt_cache_bytes: config.prompt_cache_bytes,
+            prompt_cache_dir: config.prompt_cache_persist_dir(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let status = Arc::new(EngineStatus::new());

@@ -64,9 +64,39 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         let _ = status.info.set(info);
         status.set_state(EngineState::Ready);
         let _ = ready.send(Ok(()));
+        restore_prompt_cache(&engine, &opts);
         let mut backend = PyBackend { py, engine };
         worker::serve(&mut backend, rx, &status);
+        persist_prompt_cache(&backend.engine, &opts);
     });
+}
+
+fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
+    let Some(dir) = &opts.prompt_cache_dir else { return };
+    match engine.call_method0("restore_prompt_cache").and_then(|r| r.extract::<(u64, u64, u64)>()) {
+        Ok((0, _, 0)) => {}
+        Ok((n, bytes, skipped)) => tracing::info!(
+            "prefix cache: restored {n} entries ({} MiB) from {}{}",
+            bytes >> 20,
+            dir.display(),
+            if skipped > 0 { format!(", skipped {skipped} unreadable or over budget") } else { String::new() }
+        ),
+        Err(e) => tracing::warn!("prefix cache: could not restore from {}: {e}", dir.display()),
+    }
+}
+
+fn persist_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
+    let Some(dir) = &opts.prompt_cache_dir else { return };
+    let t0 = std::time::Instant::now();
+    match engine.call_method0("persist_prompt_cache").and_then(|r| r.extract::<(u64, u64)>()) {
+        Ok((n, bytes)) => tracing::info!(
+            "prefix cache: saved {n} entries ({} MiB) to {} in {:.2}s",
+            bytes >> 20,
+            dir.display(),
+            t0.elapsed().as_secs_f64()
+        ),
+        Err(e) => tracing::warn!("prefix cache: could not save to {}: {e}", dir.display()),
+    }
 }
 
 /// Finds the venv's packages and picks the BLAS; both must happen before
@@ -119,6 +149,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         "mlx_cache_limit": opts.mlx_cache_limit,
         "max_decode_stall": opts.max_decode_stall_ms as f64 / 1000.0,
         "prompt_cache_bytes": opts.prompt_cache_bytes,
+        "prompt_cache_dir": opts.prompt_cache_dir.as_ref().map(|d| d.to_string_lossy().to_string()),
     })
     .to_string();
     tracing::info!("loading model {path}");
