@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
 port=$((17000 + RANDOM % 1000))
-RUST_LOG=warn target/release/pensieve --model builtin:random --port "$port" --max-concurrent 8 --max-queue 64 &
+RUST_LOG=warn target/release/pensieve --model builtin:random --port "$port" --max-concurrent 8 --max-queue 64 --no-prompt-cache-persist &
 pid=$!
 trap 'kill -INT $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done

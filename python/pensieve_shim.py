@@ -347,6 +347,8 @@ class Engine:
         # Caches of every layer type must merge into batch caches for
         # sequences to share decode steps; otherwise they run one at a time.
         self._batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
+        self.prefill_batch = max(1, int(opts.get("prefill_batch", 2)))
+        self._head = self._find_head()
         self.waiting = []  # _Seq still prefilling, in arrival order
         self.by_rid = {}  # rid -> _Seq
         self._reset_batch()
@@ -642,6 +644,15 @@ class Engine:
             i = self.running.index(s)
             self._keep([j for j in range(len(self.running)) if j != i])
 
+    def close(self):
+        """The engine stops: drop every sequence and wait for MLX's queued
+        work (the pipelined next decode step), so nothing computes while the
+        process tears the libraries down."""
+        self.waiting.clear()
+        self.by_rid.clear()
+        self._reset_batch()
+        mx.synchronize()
+
     def has_work(self):
         return bool(self.by_rid)
 
@@ -692,51 +703,165 @@ class Engine:
 
     def _prefill(self, out):
         s = self._pick()
-        n = min(self.prefill_step, len(s.todo))
-        try:
-            logits = self.model(mx.array([s.todo[:n]]), cache=s.cache)
+        if len(s.todo) > self.prefill_step:
+            # A long prompt: one chunk now, the rest in later steps. Only the
+            # cache is evaluated (no logits: the head never runs on it).
+            n = self.prefill_step
+            try:
+                self._forward_hidden(mx.array([s.todo[:n]]), s.cache)
+                mx.eval([c.state for c in s.cache])
+            except Exception as e:
+                self._fail([s], e, out)
+                return
             s.tokens.extend(s.todo[:n])
             s.todo = s.todo[n:]
-            if s.todo:
-                mx.eval([c.state for c in s.cache])
-                return
-            self.waiting.remove(s)
-            if s.processors:
-                s.context = TokenBuffer(s.tokens)
-            token = self._sample([s], logits[:, -1, :], None)
-            first = token.item()
+            return
+        self._prefill_last(self._group(s), out)
+
+    def _group(self, s):
+        """`s` plus the shortest other waiting prompts that fit in one chunk,
+        up to `prefill_batch` in all, while right padding stays under a
+        quarter of the real tokens."""
+        group = [s]
+        if self.prefill_batch <= 1 or not self._batchable:
+            return group
+        longest, total = len(s.todo), len(s.todo)
+        for c in sorted(self.waiting, key=lambda w: len(w.todo)):
+            if len(group) >= self.prefill_batch:
+                break
+            if c is s or len(c.todo) > self.prefill_step:
+                continue
+            L = max(longest, len(c.todo))
+            if L * (len(group) + 1) > 1.25 * (total + len(c.todo)):
+                continue
+            group.append(c)
+            longest, total = L, total + len(c.todo)
+        return group
+
+    def _prefill_last(self, group, out):
+        """Prefills the last chunk of each prompt in `group` in one forward
+        pass (right-padded), samples every first token from the prefill's
+        own logits, sends them, and moves the sequences to the decode batch."""
+        k = len(group)
+        lengths = [len(s.todo) for s in group]
+        try:
+            if k == 1:
+                cache = group[0].cache
+                x = mx.array([group[0].todo])
+            else:
+                cache = [layer[0].merge(list(layer)) for layer in zip(*(s.cache for s in group))]
+                longest = max(lengths)
+                pad = [longest - n for n in lengths]
+                x = mx.array([s.todo + [0] * (longest - len(s.todo)) for s in group])
+                if max(pad) > 0:
+                    for c in cache:
+                        c.prepare(lengths=lengths, right_padding=pad)
+            logits = self._last_logits(x, cache, [n - 1 for n in lengths])
+            if k > 1 and max(pad) > 0:
+                for c in cache:
+                    c.finalize()
+            for s in group:
+                self.waiting.remove(s)
+                s.tokens.extend(s.todo)
+                s.todo = []
+                if s.processors:
+                    s.context = TokenBuffer(s.tokens)
+            sampled = self._sample(group, logits, None)
+            firsts = sampled.tolist()
         except Exception as e:
+            self._fail(group, e, out)
+            return
+        keep = []
+        for i, s in enumerate(group):
+            if not self._emit(s, firsts[i], out):
+                s.first_sent = True
+                keep.append(i)
+            elif s.failed:
+                self.by_rid.pop(s.rid, None)
+            else:
+                self._finished(s, cache if k == 1 else [c.extract(i) for c in cache])
+        if not keep:
+            return
+        try:
+            if k > 1 and len(keep) < k:
+                sampled = sampled[mx.array(keep)]
+                if len(keep) == 1:
+                    cache = [c.extract(keep[0]) for c in cache]
+                else:
+                    for c in cache:
+                        c.filter(keep)
+            self._join([group[i] for i in keep], cache, sampled)
+        except Exception as e:
+            self._fail([group[i] for i in keep], e, out)
+
+    def _fail(self, seqs, e, out):
+        msg = f"{type(e).__name__}: {e}"
+        for s in seqs:
             if s in self.waiting:
                 self.waiting.remove(s)
             self.by_rid.pop(s.rid, None)
-            out.append((s.rid, [], None, f"{type(e).__name__}: {e}", False))
-            return
-        if self._emit(s, first, out):
-            self._finished(s, None if s.failed else s.cache)
-            return
-        s.first_sent = True
-        try:
-            self._join(s, token)
-        except Exception as e:
-            self.by_rid.pop(s.rid, None)
-            out.append((s.rid, [], None, f"{type(e).__name__}: {e}", False))
+            out.append((s.rid, [], None, msg, False))
 
-    def _join(self, s, token):
-        """Adds a prefilled sequence to the running batch."""
+    def _forward_hidden(self, x, cache):
+        """The forward pass up to the head when the head is split off."""
+        if self._head is not None:
+            return self.model.model(x, cache=cache)
+        return self.model(x, cache=cache)
+
+    def _last_logits(self, x, cache, last):
+        """Logits at position `last[i]` of each row: the head (a vocabulary-
+        sized matmul) runs on those positions only, where the model allows."""
+        rows, cols = mx.arange(x.shape[0]), mx.array(last)
+        if self._head is not None:
+            h = self.model.model(x, cache=cache)
+            return self._head(h[rows, cols][:, None, :])[:, 0, :]
+        return self.model(x, cache=cache)[rows, cols]
+
+    def _find_head(self):
+        """The model's output head, if running `model.model` and then the head
+        on chosen positions computes exactly what `model(...)` does (checked
+        on a probe; models with extra output transforms fail it and keep the
+        full forward pass)."""
+        inner = getattr(self.model, "model", None)
+        if inner is None or not callable(inner):
+            return None
+        heads = []
+        if hasattr(self.model, "lm_head"):
+            heads.append(self.model.lm_head)
+        emb = getattr(inner, "embed_tokens", None)
+        if emb is not None and hasattr(emb, "as_linear"):
+            heads.append(emb.as_linear)
+        try:
+            x = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+            full = self.model(x, cache=make_prompt_cache(self.model))[:, -1, :]
+            h = inner(x, cache=make_prompt_cache(self.model))[:, -1:, :]
+            for head in heads:
+                fast = head(h)[:, -1, :]
+                if fast.shape == full.shape and mx.allclose(fast, full, rtol=1e-4, atol=1e-4).item():
+                    return head
+        except Exception:
+            pass
+        return None
+
+    def _join(self, seqs, cache, tokens):
+        """Adds prefilled sequences (with their cache: plain for one, a batch
+        cache for several) to the running batch."""
+        batched = len(seqs) > 1
         if not self.running:
-            self.batch_cache = s.cache
-            self.next_tokens = token
+            self.batch_cache = cache
+            self.batched = batched
+            self.next_tokens = tokens
         else:
-            if self.batched:
-                merged = [c.merge([c]) for c in s.cache]
-                for ca, cb in zip(self.batch_cache, merged):
-                    ca.extend(cb)
-            else:
-                self.batch_cache = [a.merge([a, b]) for a, b in zip(self.batch_cache, s.cache)]
+            if not self.batched:
+                self.batch_cache = [c.merge([c]) for c in self.batch_cache]
                 self.batched = True
-            self.next_tokens = mx.concatenate([self.next_tokens, token])
-        self.running.append(s)
-        s.cache = None
+            new = cache if batched else [c.merge([c]) for c in cache]
+            for ca, cb in zip(self.batch_cache, new):
+                ca.extend(cb)
+            self.next_tokens = mx.concatenate([self.next_tokens, tokens])
+        self.running.extend(seqs)
+        for s in seqs:
+            s.cache = None
 
     def _keep(self, keep):
         """Shrinks the running batch to the sequences at `keep`."""

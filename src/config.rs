@@ -63,6 +63,12 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_MAX_DECODE_STALL_MS", default_value_t = 1000)]
     pub max_decode_stall_ms: u64,
 
+    /// Waiting prompts prefilled together in one forward pass (each still
+    /// gets its first token from its own prefill). 1: strictly one after
+    /// another, earliest first tokens; larger: fewer, bigger matmuls.
+    #[arg(long, env = "PENSIEVE_PREFILL_BATCH", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub prefill_batch: u32,
+
     /// Bound on MLX's cache of freed buffers (kept for reuse), so resident
     /// memory follows the live KV caches instead of past peaks.
     #[arg(long, env = "PENSIEVE_MLX_CACHE_LIMIT", default_value = "128MiB", value_parser = parse_bytes)]

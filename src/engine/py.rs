@@ -68,6 +68,9 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         let mut backend = PyBackend { py, engine };
         worker::serve(&mut backend, rx, &status);
         persist_prompt_cache(&backend.engine, &opts);
+        if let Err(e) = backend.engine.call_method0("close") {
+            tracing::warn!("engine close: {e}");
+        }
     });
 }
 
@@ -146,6 +149,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
     let options = serde_json::json!({
         "max_batch": opts.max_batch,
         "prefill_step": opts.prefill_step,
+        "prefill_batch": opts.prefill_batch,
         "mlx_cache_limit": opts.mlx_cache_limit,
         "max_decode_stall": opts.max_decode_stall_ms as f64 / 1000.0,
         "prompt_cache_bytes": opts.prompt_cache_bytes,
