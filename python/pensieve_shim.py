@@ -641,8 +641,13 @@ class Engine:
         if s in self.waiting:
             self.waiting.remove(s)
         elif s in self.running:
+            # Keep what it computed: a client that stops a turn early usually
+            # sends the same conversation again.
             i = self.running.index(s)
+            cache = [c.extract(i) for c in self.batch_cache] if self.batched else self.batch_cache
+            self.prompt_cache.insert_cache(self.model_path, list(s.tokens), cache)
             self._keep([j for j in range(len(self.running)) if j != i])
+            self._trim_prompt_cache()
 
     def close(self):
         """The engine stops: drop every sequence and wait for MLX's queued

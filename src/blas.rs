@@ -23,10 +23,22 @@ type SgemmFn = unsafe extern "C" fn(
     c_float, *mut c_float, c_int,
 );
 
+type SgemvFn = unsafe extern "C" fn(
+    c_int, c_int, c_int, c_int,
+    c_float, *const c_float, c_int, *const c_float, c_int,
+    c_float, *mut c_float, c_int,
+);
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+
 /// Where calls go now.
 static ACTIVE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static OPENBLAS: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static REFERENCE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+/// OpenBLAS's `sgemv`, for the products that are matrix-vector products.
+static OPENBLAS_GEMV: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static CALLS_GEMV: AtomicU64 = AtomicU64::new(0);
 static CALLS_OPENBLAS: AtomicU64 = AtomicU64::new(0);
 static CALLS_REFERENCE: AtomicU64 = AtomicU64::new(0);
 /// OpenBLAS crashed here when several MLX stream threads (several engines
@@ -52,14 +64,68 @@ pub unsafe extern "C" fn cblas_sgemm(
         assert!(!f.is_null(), "pensieve: no cblas_sgemm to forward to");
         ACTIVE.store(f, Ordering::Release);
     }
-    if f == OPENBLAS.load(Ordering::Relaxed) {
+    let through_openblas = f == OPENBLAS.load(Ordering::Relaxed);
+    if through_openblas {
         CALLS_OPENBLAS.fetch_add(1, Ordering::Relaxed);
     } else {
         CALLS_REFERENCE.fetch_add(1, Ordering::Relaxed);
     }
-    let f: SgemmFn = std::mem::transmute(f);
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let gemv = OPENBLAS_GEMV.load(Ordering::Relaxed);
+    if through_openblas && !gemv.is_null() && as_gemv(std::mem::transmute::<*mut c_void, SgemvFn>(gemv), order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) {
+        CALLS_GEMV.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let f: SgemmFn = std::mem::transmute(f);
     f(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+/// A product with one row (or one column) is a matrix-vector product: every
+/// decode step's matmuls for a single sequence. OpenBLAS's sgemm packs the
+/// whole weight matrix for it on each call; its sgemv streams the weights
+/// once — 2x the memory throughput on a model's worth of weights here.
+/// Returns false (nothing done) for the shapes it does not take.
+#[allow(clippy::too_many_arguments)]
+unsafe fn as_gemv(
+    gemv: SgemvFn, order: c_int, ta: c_int, tb: c_int, m: c_int, n: c_int, k: c_int,
+    alpha: c_float, a: *const c_float, lda: c_int, b: *const c_float, ldb: c_int,
+    beta: c_float, c: *mut c_float, ldc: c_int,
+) -> bool {
+    if order != ROW_MAJOR || k <= 0 || m <= 0 || n <= 0 {
+        return false;
+    }
+    // sgemv scales y by beta; with beta 0, y need not be initialized (and
+    // 0 * NaN garbage would be NaN), so clear it first.
+    let clear = |len: c_int, stride: c_int| {
+        if beta == 0.0 {
+            for i in 0..len as isize {
+                *c.offset(i * stride as isize) = 0.0;
+            }
+        }
+    };
+    if m == 1 {
+        // c[1×n] = alpha · op(A)[1×k] · op(B)[k×n] + beta · c
+        let inc_a = if ta == NO_TRANS { 1 } else { lda };
+        clear(n, 1);
+        if tb == NO_TRANS {
+            gemv(ROW_MAJOR, 112, k, n, alpha, b, ldb, a, inc_a, beta, c, 1); // B is k×n: y = Bᵀ·a
+        } else {
+            gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1); // B is n×k: y = B·a
+        }
+        return true;
+    }
+    if n == 1 {
+        // c[m×1] (stride ldc) = alpha · op(A)[m×k] · op(B)[k×1] + beta · c
+        let inc_b = if tb == NO_TRANS { ldb } else { 1 };
+        clear(m, ldc);
+        if ta == NO_TRANS {
+            gemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc);
+        } else {
+            gemv(ROW_MAJOR, 112, k, m, alpha, a, lda, b, inc_b, beta, c, ldc);
+        }
+        return true;
+    }
+    false
 }
 
 unsafe fn open(path: &str, symbol: &str) -> Option<*mut c_void> {
@@ -91,13 +157,16 @@ pub fn init(choice: BlasChoice, site_packages: &Path) -> String {
     }
     let wheel = site_packages.join("scipy_openblas32/lib/libscipy_openblas.so");
     let candidates = [
-        (wheel.to_string_lossy().to_string(), "scipy_cblas_sgemm", "OpenBLAS (scipy-openblas32 wheel)"),
-        ("libopenblas.so.0".to_string(), "cblas_sgemm", "OpenBLAS (system libopenblas)"),
+        (wheel.to_string_lossy().to_string(), "scipy_cblas_", "OpenBLAS (scipy-openblas32 wheel)"),
+        ("libopenblas.so.0".to_string(), "cblas_", "OpenBLAS (system libopenblas)"),
     ];
     let mut openblas_name = None;
-    for (path, sym, name) in candidates {
-        if let Some(f) = unsafe { open(&path, sym) } {
+    for (path, prefix, name) in candidates {
+        if let Some(f) = unsafe { open(&path, &format!("{prefix}sgemm")) } {
             OPENBLAS.store(f, Ordering::Release);
+            if let Some(g) = unsafe { open(&path, &format!("{prefix}sgemv")) } {
+                OPENBLAS_GEMV.store(g, Ordering::Release);
+            }
             openblas_name = Some(name);
             break;
         }
@@ -160,4 +229,9 @@ pub fn select(t: Target) -> bool {
 /// sgemm calls so far, (through OpenBLAS, through the reference BLAS).
 pub fn calls() -> (u64, u64) {
     (CALLS_OPENBLAS.load(Ordering::Relaxed), CALLS_REFERENCE.load(Ordering::Relaxed))
+}
+
+/// OpenBLAS calls that went to sgemv (one-row or one-column products).
+pub fn gemv_calls() -> u64 {
+    CALLS_GEMV.load(Ordering::Relaxed)
 }

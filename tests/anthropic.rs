@@ -386,8 +386,12 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     let generated = s.get("/health").await.1["generated_tokens"].as_u64().unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(s.get("/health").await.1["generated_tokens"].as_u64().unwrap(), generated, "generation stopped");
-    let (st, _) = s.post("/v1/messages", &hello(2)).await;
+    // What the cancelled turn computed stays in the prefix cache: the same
+    // conversation sent again (as clients do after an interrupt) reuses it.
+    let (st, again) = s.post("/v1/messages", &hello(2)).await;
     assert_eq!(st, 200);
+    let prompt = again["usage"]["input_tokens"].as_u64().unwrap() + again["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+    assert!(again["usage"]["cache_read_input_tokens"].as_u64().unwrap() >= prompt - 1, "{again}");
 }
 
 #[tokio::test]
