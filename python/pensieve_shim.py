@@ -687,6 +687,9 @@ class Engine:
         with mx.stream(generation_stream):
             if self.waiting and self._may_prefill():
                 self._prefill(out)
+                # A prefill's activations are large and short-lived: give
+                # them back rather than keep them in MLX's buffer cache.
+                mx.clear_cache()
             elif self.running:
                 self._decode(out)
         if any(item[2] is not None or item[3] is not None for item in out):
