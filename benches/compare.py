@@ -229,6 +229,13 @@ def run_server(name, cmd, env, port, dialect, health, args, extra):
             print(f"   c={conc}: {w['agg_tps']:.1f} tok/s aggregate, TTFT p50 {w['ttft_p50']*1000:.0f} ms, "
                   f"peak RSS {w['peak_rss']/2**20:.0f} MiB", file=sys.stderr, flush=True)
             res["waves"].append(w)
+            if "health" in extra:
+                # The engine's own KV accounting (prefix cache + live sequences) at its
+                # highest so far, read before the follow-up turns add more.
+                time.sleep(1.5)  # the engine refreshes its memory snapshot about once a second
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                w["kv_peak_bytes"] = json.loads(c.getresponse().read())["memory"].get("kv_peak_bytes")
         if "followup" in extra:
             res["followup"] = followup(port, dialect, args.followup_words, args.tokens)
             print(f"   follow-up: {res['followup']}", file=sys.stderr, flush=True)
@@ -349,11 +356,12 @@ def report(r):
     if p8 and m8:
         print(f"- aggregate c=8 vs mlx_lm.server as installed: {p8['agg_tps'] / m8['agg_tps']:.2f} [>= 5]")
     p = r.get("pensieve", {})
-    if p8 and "health" in p:
-        kv = p["health"]["memory"]["prompt_cache_bytes"]
+    if p8 and p8.get("kv_peak_bytes") is not None:
+        kv = p8["kv_peak_bytes"]
         budget = p["idle_rss"] + kv
         print(f"- peak RSS c=8 {p8['peak_rss']/2**20:.0f} MiB vs idle {p['idle_rss']/2**20:.0f} MiB + KV "
-              f"{kv/2**20:.0f} MiB: {p8['peak_rss'] / budget:.2f} x [<= 1.10]")
+              f"{kv/2**20:.0f} MiB (most held at once: prefix cache + live sequences): "
+              f"{p8['peak_rss'] / budget:.2f} x [<= 1.10]")
     if "followup" in p:
         print(f"- follow-up TTFT / cold TTFT (prefix cache): {p['followup']['ratio']:.3f} "
               f"({p['followup']['followup_ttft']*1000:.0f} ms vs {p['followup']['cold_ttft']*1000:.0f} ms) [<= 0.2]")

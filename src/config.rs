@@ -71,7 +71,7 @@ pub struct Config {
 
     /// Bound on MLX's cache of freed buffers (kept for reuse), so resident
     /// memory follows the live KV caches instead of past peaks.
-    #[arg(long, env = "PENSIEVE_MLX_CACHE_LIMIT", default_value = "128MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "PENSIEVE_MLX_CACHE_LIMIT", default_value = "32MiB", value_parser = parse_bytes)]
     pub mlx_cache_limit: u64,
 
     /// Require this key (x-api-key or Authorization: Bearer). Off when unset.

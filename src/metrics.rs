@@ -46,6 +46,7 @@ fn describe() {
     describe_gauge!("pensieve_slots_in_use", "admission slots held (the active-slot gauge)");
     describe_gauge!("pensieve_queue_depth", "requests waiting for a slot");
     describe_gauge!("pensieve_prompt_cache_bytes", "bytes held by the prefix KV cache");
+    describe_gauge!("pensieve_live_kv_bytes", "bytes of the KV caches of sequences in flight");
     describe_gauge!("pensieve_process_rss_bytes", "resident set size of the process");
     describe_gauge!("pensieve_mlx_active_bytes", "MLX active memory");
     describe_gauge!("pensieve_mlx_peak_bytes", "MLX peak memory");
@@ -62,6 +63,7 @@ pub fn render(engine: &EngineHandle) -> String {
     gauge!("pensieve_queue_depth").set(adm.queued() as f64);
     gauge!("pensieve_running_sequences").set(mem.running_sequences as f64);
     gauge!("pensieve_prompt_cache_bytes").set(mem.prompt_cache_bytes as f64);
+    gauge!("pensieve_live_kv_bytes").set(mem.live_kv_bytes as f64);
     gauge!("pensieve_mlx_active_bytes").set(mem.mlx_active_bytes as f64);
     gauge!("pensieve_mlx_peak_bytes").set(mem.mlx_peak_bytes as f64);
     gauge!("pensieve_decode_tokens_per_second").set(st.decode_tps());

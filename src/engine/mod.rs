@@ -439,6 +439,10 @@ pub struct MemorySnapshot {
     pub mlx_cache_bytes: u64,
     pub prompt_cache_bytes: u64,
     pub running_sequences: u64,
+    /// KV caches of the sequences in flight (running and prefilling).
+    pub live_kv_bytes: u64,
+    /// The most KV bytes (prefix cache + live) held at once since start.
+    pub kv_peak_bytes: u64,
 }
 
 #[derive(Debug)]

@@ -317,13 +317,16 @@ impl Backend for PyBackend<'_> {
 
     fn memory(&mut self) -> Option<MemorySnapshot> {
         let r = self.engine.call_method0("memory").ok()?;
-        let (active, peak, cache, prompt_cache, running): (u64, u64, u64, u64, u64) = r.extract().ok()?;
+        let (active, peak, cache, prompt_cache, running, live_kv, kv_peak): (u64, u64, u64, u64, u64, u64, u64) =
+            r.extract().ok()?;
         Some(MemorySnapshot {
             mlx_active_bytes: active,
             mlx_peak_bytes: peak,
             mlx_cache_bytes: cache,
             prompt_cache_bytes: prompt_cache,
             running_sequences: running,
+            live_kv_bytes: live_kv,
+            kv_peak_bytes: kv_peak,
         })
     }
 

@@ -54,6 +54,8 @@ pub fn health(state: &AppState) -> Response<Body> {
             "mlx_peak_bytes": mem.mlx_peak_bytes,
             "mlx_cache_bytes": mem.mlx_cache_bytes,
             "prompt_cache_bytes": mem.prompt_cache_bytes,
+            "live_kv_bytes": mem.live_kv_bytes,
+            "kv_peak_bytes": mem.kv_peak_bytes,
         },
         "slots": {"capacity": adm.capacity(), "in_use": adm.in_use(), "queued": adm.queued()},
         "generated_tokens": engine.status().generated_tokens.load(std::sync::atomic::Ordering::Relaxed),
