@@ -140,17 +140,17 @@ fn benches(c: &mut Criterion) {
         rss_peak_reset();
         let reqs: Vec<_> = (0..conc).map(|i| request(words(99_000 + conc * 10 + i, 60), NEW_TOKENS)).collect();
         rt.block_on(futures_util::future::join_all(reqs.into_iter().map(|r| run_one(&engine, r))));
-        std::thread::sleep(Duration::from_millis(300)); // the engine refreshes its memory readings
+        std::thread::sleep(Duration::from_millis(1200)); // the engine refreshes its memory readings about once a second
         let m = *engine.status().memory.lock().unwrap();
-        memory.push((conc, rss_peak(), m.mlx_active_bytes, m.mlx_peak_bytes, m.prompt_cache_bytes));
+        memory.push((conc, rss_peak(), m.mlx_active_bytes, m.mlx_peak_bytes, m.prompt_cache_bytes, m.kv_peak_bytes));
     }
     g.finish();
 
     println!("\nmemory by concurrency ({NEW_TOKENS} new tokens per sequence, ~80-token prompts):");
-    println!("| concurrent | process RSS peak MiB | MLX active MiB | MLX peak MiB (since start) | prefix cache MiB |");
-    println!("|---|---|---|---|---|");
-    for (conc, rss, active, peak, pc) in memory {
-        println!("| {conc} | {} | {} | {} | {} |", rss >> 20, active >> 20, peak >> 20, pc >> 20);
+    println!("| concurrent | process RSS peak MiB | MLX active MiB | MLX peak MiB (since start) | prefix cache MiB | KV peak MiB (since start) |");
+    println!("|---|---|---|---|---|---|");
+    for (conc, rss, active, peak, pc, kv) in memory {
+        println!("| {conc} | {} | {} | {} | {} | {} |", rss >> 20, active >> 20, peak >> 20, pc >> 20, kv >> 20);
     }
     engine.shutdown();
 }

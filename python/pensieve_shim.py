@@ -2,8 +2,9 @@
 
 The Rust binary embeds this file (include_str!) and drives it from exactly one
 engine thread. Nothing here starts threads, sockets or servers: Rust owns the
-request path, this module owns the model, the tokenizer, the batch generator
-and the prompt (prefix) cache.
+request path, this module owns the model, the tokenizer, the scheduler
+(continuous batching over mlx-lm's model and KV caches) and the prompt
+(prefix) cache.
 
 Data crosses the boundary as plain Python values (ints, strs, tuples) or JSON
 strings, so the Rust side never holds Python objects outside its GIL scope.
@@ -70,7 +71,7 @@ def _greedy(logprobs):
 
 def make_sampler(temperature, top_p, top_k, seed):
     """One request's sampler. Greedy requests share one object so that the
-    batch generator can sample the whole batch in one call."""
+    decode step can sample the whole batch in one call."""
     if temperature <= 0.0:
         return _greedy
     state = {"key": mx.random.key(seed) if seed is not None else None}
