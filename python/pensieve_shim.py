@@ -554,6 +554,8 @@ class Engine:
         """Queue one request into the running batch. Returns (prompt tokens
         served from the prefix cache, max_tokens after clamping)."""
         p = json.loads(params_json)
+        if not tokens:
+            raise InvalidPrompt("the prompt is empty (no tokens to start from)")
         if len(tokens) >= self.context_length:
             raise InvalidPrompt(
                 f"prompt is {len(tokens)} tokens; the model's context is {self.context_length}"

@@ -100,6 +100,8 @@ async fn errors_use_the_openai_shape() {
         ("/v1/chat/completions", json!({"n": 3, "messages": [{"role": "user", "content": "x"}]}).to_string(), 400),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string(), 400),
         ("/v1/completions", json!({"prompt": 5}).to_string(), 400),
+        // A prompt with no tokens at all (the demo tokenizer adds no BOS).
+        ("/v1/completions", json!({"prompt": "", "max_tokens": 3}).to_string(), 400),
     ];
     for (path, body, status) in cases {
         let r = client().post(s.url(path)).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
