@@ -376,6 +376,7 @@ class Engine:
         self.prefill_batch = max(1, int(opts.get("prefill_batch", 2)))
         self._head = self._find_head()
         self._kv_peak = 0  # most KV bytes (prefix cache + live) held at once
+        self._decoded_since_prefill = False
         self.waiting = []  # _Seq still prefilling, in arrival order
         self.by_rid = {}  # rid -> _Seq
         self._reset_batch()
@@ -717,6 +718,7 @@ class Engine:
         out = []
         with mx.stream(generation_stream):
             if self.waiting and self._may_prefill():
+                self._decoded_since_prefill = False
                 self._prefill(out)
                 # A prefill's activations are large and short-lived: give
                 # them back rather than keep them in MLX's buffer cache.
@@ -729,11 +731,16 @@ class Engine:
         return out
 
     def _may_prefill(self):
+        """Prefill while nothing runs, within the stall window after a decode
+        step, and otherwise in turns with decode steps (one prefill step after
+        each decode step), so neither side starves."""
         if not self.running:
             return True
         if not self._batchable or len(self.running) >= self.max_batch:
             return False
-        return time.perf_counter() - self._last_decode < self.max_decode_stall
+        if time.perf_counter() - self._last_decode < self.max_decode_stall:
+            return True
+        return self._decoded_since_prefill
 
     def _pick(self):
         oldest = self.waiting[0]
@@ -938,6 +945,7 @@ class Engine:
             return
         self.next_tokens = sampled
         self._last_decode = time.perf_counter()
+        self._decoded_since_prefill = True
         keep, done = [], []
         for i, (s, t) in enumerate(zip(seqs, tokens)):
             s.tokens.append(t)

@@ -59,7 +59,8 @@ pub struct Config {
     pub prefill_step: u32,
 
     /// Longest time running streams may go without a decode step while a
-    /// burst of newcomers is prefilled (milliseconds).
+    /// burst of newcomers is prefilled (milliseconds; plus the prefill step
+    /// under way). Past it, prefill and decode steps take turns; 0: always.
     #[arg(long, env = "PENSIEVE_MAX_DECODE_STALL_MS", default_value_t = 1000)]
     pub max_decode_stall_ms: u64,
 

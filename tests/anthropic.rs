@@ -324,6 +324,22 @@ async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
     let mut cfg = common::config();
     cfg.max_concurrent = 4;
     cfg.prompt_cache_bytes = 0; // every run prefills its whole prompt
+    alone_vs_batched(cfg).await;
+}
+
+/// The same with prompts prefilled in 7-token chunks and a decode step
+/// between every chunk: long prompts interleave with running streams.
+#[tokio::test]
+async fn greedy_output_is_the_same_with_chunked_prefill_between_decode_steps() {
+    let mut cfg = common::config();
+    cfg.max_concurrent = 4;
+    cfg.prompt_cache_bytes = 0;
+    cfg.prefill_step = 7;
+    cfg.max_decode_stall_ms = 0;
+    alone_vs_batched(cfg).await;
+}
+
+async fn alone_vs_batched(cfg: pensieve::Config) {
     let s = start(cfg);
     let ask = |i: usize| {
         let words = "tell me about the weather in the city and the harbour today ".repeat(i * 3 + 1);
