@@ -438,8 +438,13 @@ class Engine:
         if not self.persist_dir:
             return 0, 0
         folder = self._persist_folder()
+        # Leftovers of a save that was killed midway.
+        parent, name = os.path.split(folder)
+        if os.path.isdir(parent):
+            for f in os.listdir(parent):
+                if f.startswith((f"{name}.tmp-", f"{name}.old-")):
+                    shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
         tmp = f"{folder}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         lru = self.prompt_cache._lru
         n = nbytes = 0
