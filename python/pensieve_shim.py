@@ -370,9 +370,9 @@ class Engine:
         self.persist_dir = opts.get("prompt_cache_dir")
         # Metal: keep the weights wired (mlx-lm does the same for its generators).
         maybe_set_recommended_wired_limit()
-        # Caches of every layer type must merge into batch caches for
-        # sequences to share decode steps; otherwise they run one at a time.
-        self._batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
+        # Sequences share decode steps only if this model batches (its caches
+        # merge and its attention takes batch masks); otherwise one at a time.
+        self._batchable = self._can_batch()
         self.prefill_batch = max(1, int(opts.get("prefill_batch", 2)))
         self._head = self._find_head()
         self._kv_peak = 0  # most KV bytes (prefix cache + live) held at once
@@ -484,6 +484,7 @@ class Engine:
                 "has_chat_template": bool(self.tokenizer.has_chat_template),
                 "mlx_version": mx.__version__,
                 "device": str(mx.default_device()),
+                "batching": self._batchable,
                 "template": self._template_info(),
             }
         )
@@ -869,6 +870,30 @@ class Engine:
             return self._head(h[rows, cols][:, None, :])[:, 0, :]
         return self.model(x, cache=cache)[rows, cols]
 
+    def _can_batch(self):
+        """Runs what batching does on a tiny probe — two prompts of different
+        lengths prefilled together right-padded, then a decode step on their
+        merged cache joined by a third — and says whether the model takes it
+        (some attention implementations cannot use batch masks)."""
+        if not all(hasattr(c, "merge") for c in make_prompt_cache(self.model)):
+            return False
+        try:
+            caches = [make_prompt_cache(self.model) for _ in range(2)]
+            group = [layer[0].merge(list(layer)) for layer in zip(*caches)]
+            for c in group:
+                c.prepare(lengths=[3, 5], right_padding=[2, 0])
+            self.model(mx.array([[1, 2, 3, 0, 0], [1, 2, 3, 4, 5]]), cache=group)
+            for c in group:
+                c.finalize()
+            third = make_prompt_cache(self.model)
+            self.model(mx.array([[4, 5]]), cache=third)
+            for ca, cb in zip(group, [c.merge([c]) for c in third]):
+                ca.extend(cb)
+            mx.eval(self.model(mx.array([[6], [7], [8]]), cache=group))
+            return True
+        except Exception:
+            return False
+
     def _find_head(self):
         """The model's output head, if running `model.model` and then the head
         on chosen positions computes exactly what `model(...)` does (checked
@@ -1125,6 +1150,11 @@ MODEL_SHAPES = {
                         num_attention_heads=15, num_key_value_heads=5, vocab=8192, corpus="bench"),
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
                      num_attention_heads=32, num_key_value_heads=8, vocab=8192, corpus="bench"),
+    # A Gemma-2-architecture demo: its attention (logit soft-capping) cannot
+    # take batch masks, so it exercises one-at-a-time serving.
+    "demo-gemma2": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                        num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", arch="gemma2",
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16),
 }
 
 
@@ -1141,11 +1171,13 @@ def make_model(dest, shape="demo", dtype="float32"):
     marker = os.path.join(dest, ".complete")
     if os.path.exists(marker):
         return dest
+    import importlib
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from mlx_lm.models import llama
 
     spec = dict(MODEL_SHAPES[shape])
     think = spec.pop("think", False)
+    arch = spec.pop("arch", "llama")
     corpus = _demo_corpus() if spec.pop("corpus") == "demo" else _bench_corpus()
     import uuid
 
@@ -1180,8 +1212,8 @@ def make_model(dest, shape="demo", dtype="float32"):
             indent=1,
         )
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": arch,
+        "architectures": [{"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM"}[arch]],
         **spec,
         "head_dim": spec["hidden_size"] // spec["num_attention_heads"],
         "rms_norm_eps": 1e-5,
@@ -1197,7 +1229,8 @@ def make_model(dest, shape="demo", dtype="float32"):
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    family = importlib.import_module(f"mlx_lm.models.{arch}")
+    model = family.Model(family.ModelArgs.from_dict(config))
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(os.path.join(tmp, "model.safetensors"), weights)
     with open(os.path.join(tmp, ".complete"), "w") as f:

@@ -339,6 +339,29 @@ async fn greedy_output_is_the_same_with_chunked_prefill_between_decode_steps() {
     alone_vs_batched(cfg).await;
 }
 
+/// A model whose attention cannot take batch masks (Gemma 2's soft-capping)
+/// is found out at load and served one sequence at a time: concurrent
+/// requests all succeed, each with the text it gets alone.
+#[tokio::test]
+async fn a_model_that_cannot_batch_is_served_one_sequence_at_a_time() {
+    let dir = std::env::temp_dir().join(format!("pensieve-demo-gemma2-{}", std::process::id()));
+    let shim = concat!(env!("CARGO_MANIFEST_DIR"), "/python/pensieve_shim.py");
+    let made = std::process::Command::new(common::config().venv_dir().join("bin/python"))
+        .args([shim, "make-model", "demo-gemma2", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let mut cfg = common::config();
+    cfg.model = Some(dir.to_string_lossy().into());
+    cfg.max_concurrent = 4;
+    cfg.prompt_cache_bytes = 0;
+    let (_, h) = start(cfg.clone()).get("/health").await;
+    assert_eq!(h["model"]["type"], "gemma2");
+    assert_eq!(h["model"]["batching"], false, "{h}");
+    alone_vs_batched(cfg).await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 async fn alone_vs_batched(cfg: pensieve::Config) {
     let s = start(cfg);
     let ask = |i: usize| {

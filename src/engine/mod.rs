@@ -427,9 +427,16 @@ pub struct ModelInfo {
     pub device: String,
     #[serde(default)]
     pub blas: String,
+    /// Whether sequences share decode steps (false: the model cannot batch, they run one at a time).
+    #[serde(default = "yes")]
+    pub batching: bool,
     /// Tokenizer file and chat template, for the Rust-side tokenizer.
     #[serde(default, skip_serializing)]
     pub template: crate::tokenizer::TemplateInfo,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]

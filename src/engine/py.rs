@@ -61,6 +61,9 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
             info.device,
             info.mlx_version
         );
+        if !info.batching {
+            tracing::warn!("this model cannot run sequences in one batch (its attention or caches do not take batch masks): requests run one at a time");
+        }
         let _ = status.info.set(info);
         status.set_state(EngineState::Ready);
         let _ = ready.send(Ok(()));

@@ -46,6 +46,7 @@ pub fn health(state: &AppState) -> Response<Body> {
             "device": info.map(|i| i.device.clone()),
             "mlx_version": info.map(|i| i.mlx_version.clone()),
             "blas": info.map(|i| i.blas.clone()),
+            "batching": info.map(|i| i.batching),
         },
         "memory": {
             "system_available_bytes": adm.memory.available(),
