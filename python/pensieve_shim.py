@@ -682,8 +682,11 @@ class Engine:
             # Keep what it computed: a client that stops a turn early usually
             # sends the same conversation again.
             i = self.running.index(s)
-            cache = [c.extract(i) for c in self.batch_cache] if self.batched else self.batch_cache
-            self.prompt_cache.insert_cache(self.model_path, list(s.tokens), _compact(cache))
+            try:
+                cache = [c.extract(i) for c in self.batch_cache] if self.batched else self.batch_cache
+                self.prompt_cache.insert_cache(self.model_path, list(s.tokens), _compact(cache))
+            except Exception:
+                pass  # only an optimisation; the sequence leaves the batch regardless
             self._keep([j for j in range(len(self.running)) if j != i])
             self._trim_prompt_cache()
 
@@ -714,12 +717,14 @@ class Engine:
         caches and still run).
 
         Scheduling: waiting prompts are prefilled shortest first (a prompt
-        passed over for `_STARVATION_S` goes next), one at a time, each to its
-        end, and the prefill's last logits give the first token, which is sent
-        at once; the sequence then joins the decode batch. While prompts wait,
-        the running batch pauses for at most `max_decode_stall` seconds
-        between its decode steps, so a burst of newcomers gets first tokens
-        early without starving the streams already running.
+        passed over for `_STARVATION_S` goes next), up to `prefill_batch` of
+        them in one pass (long ones alone, chunk by chunk), and each prompt's
+        last logits give its first token, which is sent at once; the sequence
+        then joins the decode batch. While prompts wait, the running batch
+        pauses for at most `max_decode_stall` seconds between its decode
+        steps (then prefill and decode steps take turns), so a burst of
+        newcomers gets first tokens early without starving the streams
+        already running.
         """
         out = []
         with mx.stream(generation_stream):
