@@ -933,6 +933,9 @@ class Engine:
             self.batch_cache = cache
             self.batched = batched
             self.next_tokens = tokens
+            # The stall window runs from the newest token of any running
+            # stream: these just got their first.
+            self._last_decode = time.perf_counter()
         else:
             if not self.batched:
                 self.batch_cache = [c.merge([c]) for c in self.batch_cache]
