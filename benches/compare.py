@@ -192,6 +192,12 @@ def probe_latency(port, conc, paths, n=200):
 # ---- systems -----------------------------------------------------------------
 
 
+def health(port):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    c.request("GET", "/health")
+    return json.loads(c.getresponse().read())
+
+
 def wait_ready(port, path, proc, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -233,9 +239,7 @@ def run_server(name, cmd, env, port, dialect, health, args, extra):
                 # The engine's own KV accounting (prefix cache + live sequences) at its
                 # highest so far, read before the follow-up turns add more.
                 time.sleep(1.5)  # the engine refreshes its memory snapshot about once a second
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                c.request("GET", "/health")
-                w["kv_peak_bytes"] = json.loads(c.getresponse().read())["memory"].get("kv_peak_bytes")
+                w["kv_peak_bytes"] = health(port)["memory"].get("kv_peak_bytes")
         if "followup" in extra:
             res["followup"] = followup(port, dialect, args.followup_words, args.tokens)
             print(f"   follow-up: {res['followup']}", file=sys.stderr, flush=True)
@@ -243,9 +247,7 @@ def run_server(name, cmd, env, port, dialect, health, args, extra):
             res["probe"] = probe_latency(port, 8, extra["probe"])
             print(f"   probes: {res['probe']}", file=sys.stderr, flush=True)
         if "health" in extra:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            c.request("GET", "/health")
-            res["health"] = json.loads(c.getresponse().read())
+            res["health"] = health(port)
         return res
     finally:
         proc.send_signal(signal.SIGINT)

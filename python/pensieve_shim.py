@@ -683,8 +683,7 @@ class Engine:
             # sends the same conversation again.
             i = self.running.index(s)
             try:
-                cache = [c.extract(i) for c in self.batch_cache] if self.batched else self.batch_cache
-                self.prompt_cache.insert_cache(self.model_path, list(s.tokens), _compact(cache))
+                self.prompt_cache.insert_cache(self.model_path, list(s.tokens), _compact(self._running_cache(i)))
             except Exception:
                 pass  # only an optimisation; the sequence leaves the batch regardless
             self._keep([j for j in range(len(self.running)) if j != i])
@@ -834,9 +833,7 @@ class Engine:
             if not self._emit(s, firsts[i], out):
                 s.first_sent = True
                 keep.append(i)
-            elif s.failed:
-                self.by_rid.pop(s.rid, None)
-            else:
+            elif not s.failed:  # a failed one was reported and dropped by _fail
                 self._finished(s, cache if k == 1 else [c.extract(i) for c in cache])
         if not keep:
             return
@@ -948,6 +945,10 @@ class Engine:
         for s in seqs:
             s.cache = None
 
+    def _running_cache(self, i):
+        """The cache of the running sequence at `i`, on its own."""
+        return [c.extract(i) for c in self.batch_cache] if self.batched else self.batch_cache
+
     def _keep(self, keep):
         """Shrinks the running batch to the sequences at `keep`."""
         if not keep:
@@ -975,10 +976,7 @@ class Engine:
             mx.async_eval(sampled)
             tokens = inputs.tolist()
         except Exception as e:
-            msg = f"{type(e).__name__}: {e}"
-            for s in seqs:
-                self.by_rid.pop(s.rid, None)
-                out.append((s.rid, [], None, msg, False))
+            self._fail(seqs, e, out)
             self._reset_batch()
             return
         self.next_tokens = sampled
@@ -995,12 +993,8 @@ class Engine:
             else:
                 keep.append(i)
         for i in done:
-            s = seqs[i]
-            if s.failed:
-                self.by_rid.pop(s.rid, None)
-            else:
-                cache = [c.extract(i) for c in self.batch_cache] if self.batched else self.batch_cache
-                self._finished(s, cache)
+            if not seqs[i].failed:  # a failed one was reported and dropped by _fail
+                self._finished(seqs[i], self._running_cache(i))
         self._keep(keep)
 
     def _sample(self, seqs, logits, inputs):
@@ -1026,8 +1020,7 @@ class Engine:
     def _finished(self, s, cache):
         """A sequence ended normally: keep its KV cache for prefix reuse."""
         self.by_rid.pop(s.rid, None)
-        if cache is not None:
-            self.prompt_cache.insert_cache(self.model_path, list(s.tokens), _compact(cache))
+        self.prompt_cache.insert_cache(self.model_path, list(s.tokens), _compact(cache))
 
     def _emit(self, s, token, out):
         """Turns one generated token into an output item. Returns True when
@@ -1052,7 +1045,7 @@ class Engine:
             return finish is not None
         except Exception as e:
             s.failed = True
-            out.append((s.rid, [], None, f"{type(e).__name__}: {e}", False))
+            self._fail([s], e, out)
             return True
 
 
