@@ -35,12 +35,10 @@ fn main() {
         println!("cargo:rustc-env=PENSIEVE_PYTHON_LIBDIR={lib_dir}");
     }
 
-    // MLX looks up `cblas_sgemm` & co. in the global symbol scope; exporting
-    // ours from the executable puts them ahead of the wheel's reference BLAS.
+    // MLX looks up `cblas_sgemm` in the global symbol scope; exporting ours
+    // from the executable puts it ahead of the wheel's reference BLAS.
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
-        for sym in ["cblas_sgemm"] {
-            println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={sym}");
-        }
+        println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=cblas_sgemm");
     }
 
     let venv = std::env::var_os("PENSIEVE_VENV")

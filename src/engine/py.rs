@@ -187,10 +187,14 @@ pub fn logits_per_blas(
     })
 }
 
+/// Whether `e` is the shim's exception class `name`.
+fn raised(py: Python<'_>, e: &PyErr, name: &str) -> bool {
+    e.get_type(py).name().is_ok_and(|n| n == name)
+}
+
 fn describe_load_error(py: Python<'_>, e: &PyErr, opts: &EngineOptions) -> String {
     let what = opts.model.as_deref().unwrap_or("the built-in demo model");
-    let is_load_error = e.get_type(py).name().map(|n| n.to_string() == "ModelLoadError").unwrap_or(false);
-    if is_load_error {
+    if raised(py, e, "ModelLoadError") {
         format!("cannot load --model {what}: {}", e.value(py))
     } else {
         format!("cannot load {what}: {e}")
@@ -276,8 +280,7 @@ impl Backend for PyBackend<'_> {
         let prompt_tokens = tokens.len() as u32;
         let submitted = self.engine.call_method1("submit", (rid, tokens, params));
         let (cached, max_tokens): (u32, u32) = submitted.and_then(|r| r.extract()).map_err(|e| {
-            let too_long = e.get_type(self.py).name().map(|n| n.to_string() == "InvalidPrompt").unwrap_or(false);
-            if too_long {
+            if raised(self.py, &e, "InvalidPrompt") {
                 self.prompt_error(e)
             } else {
                 ApiError::Internal(format!("could not start generation: {e}"))
