@@ -71,23 +71,90 @@ def _greedy(logprobs):
 
 def make_sampler(temperature, top_p, top_k, seed):
     """One request's sampler. Greedy requests share one object so that the
-    decode step can sample the whole batch in one call."""
+    decode step can sample the whole batch in one call.
+
+    Every sampled request draws from its own key (its `seed`, or fresh
+    entropy), never from MLX's global random state: what one request does to
+    that state cannot change another's draws. A `top_k` at or above the
+    vocabulary keeps every token (it is no restriction), as does `top_p` 1."""
     if temperature <= 0.0:
         return _greedy
-    state = {"key": mx.random.key(seed) if seed is not None else None}
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    state = {"key": mx.random.key(seed)}
     inv_temp = 1.0 / temperature
 
     def sample(logprobs):
-        if top_k and top_k > 0:
+        if top_k and 0 < top_k < logprobs.shape[-1]:
             logprobs = apply_top_k(logprobs, top_k)
         if 0.0 < top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
-        if state["key"] is None:
-            return mx.random.categorical(logprobs * inv_temp)
         state["key"], sub = mx.random.split(state["key"])
         return mx.random.categorical(logprobs * inv_temp, key=sub)
 
     return sample
+
+
+class _RandomStateGuard:
+    """Restores MLX's global random state if sampling raises.
+
+    mlx-lm's compiled samplers take the global state as an implicit input and
+    output; one that raises while it is being traced leaves a placeholder
+    array in the state, and every later draw from it fails ("eval an array
+    without a primitive") until restart. The state is one uint32 pair that
+    `mx.random.seed` can set exactly, so it is saved before each sampling call
+    and put back on any exception."""
+
+    def __enter__(self):
+        self.saved = None
+        try:
+            a, b = mx.random.state[0].tolist()
+            self.saved = (int(a) << 32) | int(b)
+        except Exception:
+            pass  # already broken: the health probe reports it
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self.saved is not None:
+            mx.random.seed(self.saved)
+        return False
+
+
+def _raising_sampler(logprobs):
+    """Test hook (fault injection): a sampler that raises while a compiled,
+    random-state-capturing function is being traced (the top_k bug's shape)."""
+    from functools import partial
+
+    @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
+    def broken(x):
+        mx.random.categorical(x)
+        raise RuntimeError("injected fault inside the sampler (test hook)")
+
+    return broken(logprobs)
+
+
+def check_sampling():
+    """What every sampled request needs, run on a tiny input: a draw from the
+    global random state and the top-k / top-p samplers. Returns None when it
+    works, else the error text (the engine then reports itself unhealthy)."""
+    try:
+        logprobs = mx.log(mx.softmax(mx.arange(8, dtype=mx.float32)[None, :], axis=-1))
+        mx.eval(
+            mx.random.categorical(logprobs),
+            make_sampler(1.0, 0.9, 4, None)(logprobs),
+        )
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def _poison_random_state():
+    """Test hook (fault injection): what a sampler that raised mid-trace did
+    to the global random state before the guard existed, done outside it."""
+    try:
+        _raising_sampler(mx.zeros((1, 4)))
+    except RuntimeError:
+        pass
 
 
 class Splitter:
@@ -599,6 +666,11 @@ class Engine:
             splitter=self._splitter(tokens, p),
             fault_after=p.get("fault_after"),
         )
+        fault = p.get("fault")
+        if fault == "raise-in-sampler":
+            seq.sampler = _raising_sampler
+        elif fault == "poison-sampling":
+            _poison_random_state()
         self.waiting.append(seq)
         self.by_rid[rid] = seq
         self._trim_prompt_cache()
@@ -697,6 +769,11 @@ class Engine:
         self.by_rid.clear()
         self._reset_batch()
         mx.synchronize()
+
+    def check_sampling(self):
+        # On the stream generation runs on, like every other engine op.
+        with mx.stream(generation_stream):
+            return check_sampling()
 
     def has_work(self):
         return bool(self.by_rid)
@@ -1000,7 +1077,12 @@ class Engine:
     def _sample(self, seqs, logits, inputs):
         """Next tokens of `seqs` (one row of `logits` each), through their
         logits processors and their own samplers; one call for a batch that
-        shares a sampler (every greedy request does)."""
+        shares a sampler (every greedy request does). An exception leaves
+        MLX's global random state as it was (see _RandomStateGuard)."""
+        with _RandomStateGuard():
+            return self._sample_unguarded(seqs, logits, inputs)
+
+    def _sample_unguarded(self, seqs, logits, inputs):
         if any(s.processors for s in seqs):
             rows = []
             for i, s in enumerate(seqs):

@@ -19,7 +19,8 @@ pub struct Config {
 
     /// A local MLX model folder or a Hugging Face id (e.g. mlx-community/Qwen2.5-7B-Instruct-4bit).
     /// Without it the built-in demo model is served (`builtin:demo`); `builtin:random` is a
-    /// random-weight model of the same family that never stops talking (for load tests).
+    /// random-weight model of the same family whose output is noise and which, at temperature 0,
+    /// never stops on its own (for load tests; sampled, it may draw its end token).
     #[arg(long, env = "PENSIEVE_MODEL")]
     pub model: Option<String>,
 
@@ -74,6 +75,27 @@ pub struct Config {
     /// memory follows the live KV caches instead of past peaks.
     #[arg(long, env = "PENSIEVE_MLX_CACHE_LIMIT", default_value = "32MiB", value_parser = parse_bytes)]
     pub mlx_cache_limit: u64,
+
+    /// Host names (comma-separated) this server also answers to, besides
+    /// localhost, IP addresses and --host: e.g. the name a reverse proxy
+    /// forwards. Other Host headers get 403 (a DNS-rebinding web page sends
+    /// its own). `*` allows any.
+    #[arg(long, env = "PENSIEVE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
+    /// Browser origins (comma-separated, e.g. http://localhost:3000) allowed
+    /// to call this server, with CORS headers for them. Without it every
+    /// request that carries an Origin header (a web page) gets 403. `*`
+    /// allows any origin: only with --api-key.
+    #[arg(long, env = "PENSIEVE_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
+    /// Let message text that spells a control token (`<|im_end|>`, ...)
+    /// become that token (the old behaviour). Off: only the template's own
+    /// markers are control tokens, so text from users and tools cannot forge
+    /// a turn.
+    #[arg(long, env = "PENSIEVE_SPECIAL_TOKENS_IN_CONTENT")]
+    pub special_tokens_in_content: bool,
 
     /// Require this key (x-api-key or Authorization: Bearer). Off when unset.
     #[arg(long, env = "PENSIEVE_API_KEY", hide_env_values = true)]

@@ -10,6 +10,9 @@ pub enum ApiError {
     InvalidRequest(String),
     /// Missing or wrong API key (401).
     Authentication(String),
+    /// Refused whoever asks: a browser origin or a host name this server
+    /// does not answer to (403).
+    Forbidden(String),
     /// No such route or resource (404).
     NotFound(String),
     /// The route exists but not for this method (405).
@@ -40,6 +43,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Authentication(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -55,6 +59,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(m)
             | ApiError::Authentication(m)
+            | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::MethodNotAllowed(m)
             | ApiError::RequestTooLarge(m)
@@ -79,6 +84,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => "invalid_request_error",
             ApiError::Authentication(_) => "authentication_error",
+            ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
             ApiError::MethodNotAllowed(_) => "invalid_request_error",
             ApiError::RequestTooLarge(_) => "request_too_large",
@@ -100,6 +106,7 @@ impl ApiError {
                 "invalid_request_error"
             }
             ApiError::Authentication(_) => "authentication_error",
+            ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
             ApiError::Overloaded { .. } => "server_overloaded",
             ApiError::Unavailable(_) | ApiError::Internal(_) => "server_error",
@@ -177,6 +184,7 @@ mod tests {
         let all = [
             ApiError::InvalidRequest("x".into()),
             ApiError::Authentication("x".into()),
+            ApiError::Forbidden("x".into()),
             ApiError::NotFound("x".into()),
             ApiError::MethodNotAllowed("x".into()),
             ApiError::RequestTooLarge("x".into()),

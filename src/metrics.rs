@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::engine::{EngineHandle, EngineState};
+use crate::engine::EngineHandle;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -68,7 +68,7 @@ pub fn render(engine: &EngineHandle) -> String {
     gauge!("pensieve_mlx_peak_bytes").set(mem.mlx_peak_bytes as f64);
     gauge!("pensieve_decode_tokens_per_second").set(st.decode_tps());
     gauge!("pensieve_process_rss_bytes").set(adm.memory.process_rss() as f64);
-    gauge!("pensieve_engine_up").set(if st.state() == EngineState::Ready { 1.0 } else { 0.0 });
+    gauge!("pensieve_engine_up").set(if st.healthy() { 1.0 } else { 0.0 });
     handle.render()
 }
 

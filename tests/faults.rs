@@ -65,7 +65,7 @@ fn a_client_that_stalls_in_its_headers_is_disconnected() {
     cfg.header_timeout = 1;
     let s = start(cfg);
     let mut tcp = std::net::TcpStream::connect(addr(&s)).unwrap();
-    tcp.write_all(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n").unwrap();
+    tcp.write_all(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n").unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let t = Instant::now();
     let mut buf = Vec::new();
@@ -79,7 +79,7 @@ fn a_client_that_stalls_in_its_body_gets_408() {
     cfg.body_timeout = 1;
     let s = start(cfg);
     let mut tcp = std::net::TcpStream::connect(addr(&s)).unwrap();
-    tcp.write_all(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"")
+    tcp.write_all(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"")
         .unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 4096];
@@ -248,7 +248,7 @@ fn a_stream_client_that_stops_reading_loses_its_slot() {
     let body = json!({"model": "m", "max_tokens": 30000, "stream": true,
                       "messages": [{"role": "user", "content": "hello ".repeat(50)}]})
     .to_string();
-    write!(tcp, "POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+    write!(tcp, "POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
         .unwrap();
     tcp.set_nonblocking(true).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

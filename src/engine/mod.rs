@@ -122,6 +122,12 @@ pub enum Fault {
     RaiseAfter(u32),
     /// Panic the engine thread (engine death).
     KillEngine,
+    /// This request's sampler raises while a compiled sampler is traced (the
+    /// shape of the `top_k` bug): the request fails, nobody else may.
+    RaiseInSampler,
+    /// Break MLX's global random state outside the sampling guard (what the
+    /// `top_k` bug did), so the health probe must notice.
+    PoisonSampling,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -458,6 +464,9 @@ pub struct EngineStatus {
     pub info: OnceLock<ModelInfo>,
     pub memory: Mutex<MemorySnapshot>,
     pub generated_tokens: AtomicU64,
+    /// Set while the sampling probe fails (what sampled requests need is
+    /// broken): `/health` is then 503, whatever the thread's state.
+    pub sampling_error: Mutex<Option<String>>,
     /// Tokens per second over the last refresh interval (f64 bits).
     decode_tps_bits: AtomicU64,
 }
@@ -469,6 +478,7 @@ impl EngineStatus {
             info: OnceLock::new(),
             memory: Mutex::new(MemorySnapshot::default()),
             generated_tokens: AtomicU64::new(0),
+            sampling_error: Mutex::new(None),
             decode_tps_bits: AtomicU64::new(0),
         }
     }
@@ -480,6 +490,16 @@ impl EngineStatus {
             2 => EngineState::Failed,
             _ => EngineState::Stopped,
         }
+    }
+
+    /// Why sampling does not work, if the last probe failed.
+    pub fn sampling_error(&self) -> Option<String> {
+        self.sampling_error.lock().unwrap().clone()
+    }
+
+    /// Ready and able to serve what requests need.
+    pub fn healthy(&self) -> bool {
+        self.state() == EngineState::Ready && self.sampling_error.lock().unwrap().is_none()
     }
 
     pub fn decode_tps(&self) -> f64 {

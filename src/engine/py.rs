@@ -267,6 +267,11 @@ impl Backend for PyBackend<'_> {
                 Some(super::Fault::RaiseAfter(n)) => Some(n),
                 _ => None,
             },
+            "fault": match req.fault {
+                Some(super::Fault::RaiseInSampler) => Some("raise-in-sampler"),
+                Some(super::Fault::PoisonSampling) => Some("poison-sampling"),
+                _ => None,
+            },
             "thinking": req.thinking,
             "thinking_budget": req.thinking_budget,
             "tools": (!req.prompt.tools.is_empty()).then_some(&req.prompt.tools),
@@ -334,6 +339,13 @@ impl Backend for PyBackend<'_> {
             live_kv_bytes: live_kv,
             kv_peak_bytes: kv_peak,
         })
+    }
+
+    fn check_sampling(&mut self) -> Option<String> {
+        match self.engine.call_method0("check_sampling").and_then(|r| r.extract::<Option<String>>()) {
+            Ok(r) => r,
+            Err(e) => Some(format!("the sampling probe itself failed: {e}")),
+        }
     }
 
     fn wait<T: Send>(&mut self, f: impl FnOnce() -> T + Send) -> T {

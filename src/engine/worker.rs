@@ -46,6 +46,8 @@ pub(crate) trait Backend {
     fn cancel(&mut self, rid: u64);
     fn step(&mut self) -> Result<Vec<StepItem>, ApiError>;
     fn memory(&mut self) -> Option<MemorySnapshot>;
+    /// Runs what sampled requests need on a tiny input; `Some(error)` when broken.
+    fn check_sampling(&mut self) -> Option<String>;
     /// Runs `f` with the interpreter released (waiting for work).
     fn wait<T: Send>(&mut self, f: impl FnOnce() -> T + Send) -> T;
 }
@@ -99,9 +101,17 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
     let mut active: HashMap<u64, Active> = HashMap::new();
     let mut rx = Some(rx);
     let mut last_memory = (Instant::now() - Duration::from_secs(1), 0u64);
+    // Whether the sampling probe should run before the loop next waits: at
+    // start, and after any work (a request that broke something shows here,
+    // before the next one arrives).
+    let mut probe_due = true;
     loop {
         // 1. Commands. Block (GIL released) only when there is nothing to run.
         if active.is_empty() {
+            if probe_due {
+                probe_sampling(backend, status);
+                probe_due = false;
+            }
             refresh_memory(backend, status, &mut last_memory, true);
             let r = rx.take().unwrap();
             let (r, cmd) = backend.wait(move || {
@@ -141,12 +151,17 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
         }
 
         // 3. One batch step.
+        probe_due = true;
         match backend.step() {
             Ok(items) => {
                 let n_tokens = items.iter().filter(|i| i.error.is_none() && i.counts).count() as u64;
                 status.generated_tokens.fetch_add(n_tokens, Ordering::Relaxed);
+                let failed = items.iter().any(|i| i.error.is_some());
                 for item in items {
                     dispatch(item, &mut active);
+                }
+                if failed {
+                    probe_sampling(backend, status);
                 }
             }
             Err(e) => {
@@ -154,6 +169,7 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
                 for (_, a) in active.drain() {
                     let _ = a.events.send(TokenEvent::Failed(e.clone()));
                 }
+                probe_sampling(backend, status);
             }
         }
         refresh_memory(backend, status, &mut last_memory, false);
@@ -219,6 +235,18 @@ fn handle<B: Backend>(backend: &mut B, cmd: Command, active: &mut HashMap<u64, A
             false
         }
     }
+}
+
+/// Runs the sampling probe and records its verdict (logged when it changes).
+fn probe_sampling<B: Backend>(backend: &mut B, status: &EngineStatus) {
+    let verdict = backend.check_sampling();
+    let mut slot = status.sampling_error.lock().unwrap();
+    match (&*slot, &verdict) {
+        (None, Some(e)) => tracing::error!("sampling is broken: {e}; /health answers 503 (restart pensieve)"),
+        (Some(_), None) => tracing::info!("sampling works again"),
+        _ => {}
+    }
+    *slot = verdict;
 }
 
 /// Refreshes the memory readings and the decode rate at most every 250 ms

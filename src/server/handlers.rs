@@ -23,23 +23,33 @@ use crate::error::ApiError;
 /// timing out during a long prefill).
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
-pub fn health(state: &AppState) -> Response<Body> {
+/// `GET /health`: 200 only while the engine is ready, sampling works and the
+/// server is not draining. `detail` (with the key, when one is set) adds the
+/// model's path and the memory and slot readings; without it only the state
+/// and the model id are told.
+pub fn health(state: &AppState, detail: bool) -> Response<Body> {
     let engine = &state.engine;
     let st = engine.status().state();
-    let adm = engine.admission();
-    let mem = *engine.status().memory.lock().unwrap();
-    let info = engine.info();
-    let body = json!({
-        "status": if st == EngineState::Ready { "ok" } else { "unavailable" },
+    let sampling = engine.status().sampling_error();
+    let draining = state.draining();
+    let ok = st == EngineState::Ready && sampling.is_none() && !draining;
+    let mut body = json!({
+        "status": if ok { "ok" } else if draining { "draining" } else { "unavailable" },
         "engine": match st {
             EngineState::Loading => "loading",
             EngineState::Ready => "ready",
             EngineState::Failed => "failed",
             EngineState::Stopped => "stopped",
         },
-        "model": {
+        "checks": {"sampling": match &sampling { None => "ok".to_string(), Some(e) => format!("broken: {e}") }},
+        "model": {"id": state.model_id},
+    });
+    if detail {
+        let adm = engine.admission();
+        let mem = *engine.status().memory.lock().unwrap();
+        let info = engine.info();
+        body["model"] = json!({
             "id": state.model_id,
-            "path": info.map(|i| i.model.clone()),
             "type": info.and_then(|i| i.model_type.clone()),
             "context_length": info.map(|i| i.context_length),
             "weights_bytes": info.map(|i| i.model_bytes),
@@ -47,8 +57,12 @@ pub fn health(state: &AppState) -> Response<Body> {
             "mlx_version": info.map(|i| i.mlx_version.clone()),
             "blas": info.map(|i| i.blas.clone()),
             "batching": info.map(|i| i.batching),
-        },
-        "memory": {
+        });
+        // A filesystem path only to a caller that proved it holds the key.
+        if state.config.api_key.is_some() {
+            body["model"]["path"] = json!(info.map(|i| i.model.clone()));
+        }
+        body["memory"] = json!({
             "system_available_bytes": adm.memory.available(),
             "process_rss_bytes": adm.memory.process_rss(),
             "mlx_active_bytes": mem.mlx_active_bytes,
@@ -57,12 +71,12 @@ pub fn health(state: &AppState) -> Response<Body> {
             "prompt_cache_bytes": mem.prompt_cache_bytes,
             "live_kv_bytes": mem.live_kv_bytes,
             "kv_peak_bytes": mem.kv_peak_bytes,
-        },
-        "slots": {"capacity": adm.capacity(), "in_use": adm.in_use(), "queued": adm.queued()},
-        "generated_tokens": engine.status().generated_tokens.load(std::sync::atomic::Ordering::Relaxed),
-        "uptime_seconds": state.started.elapsed().as_secs(),
-    });
-    let status = if st == EngineState::Ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        });
+        body["slots"] = json!({"capacity": adm.capacity(), "in_use": adm.in_use(), "queued": adm.queued()});
+        body["generated_tokens"] = json!(engine.status().generated_tokens.load(std::sync::atomic::Ordering::Relaxed));
+        body["uptime_seconds"] = json!(state.started.elapsed().as_secs());
+    }
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json_response(status, &body)
 }
 

@@ -1,9 +1,11 @@
 //! HTTP: the accept loop, routing, auth, body limits, and response helpers.
 
+mod guard;
 mod handlers;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,18 @@ pub struct AppState {
     pub started: Instant,
     /// The id /v1/models reports.
     pub model_id: String,
+    /// Which hosts and browser origins are answered.
+    access: guard::AccessPolicy,
+    /// Set on the shutdown signal (or engine death): every request, on new or
+    /// kept-alive connections, gets 503 with `Connection: close` while the
+    /// running ones finish.
+    draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
 }
 
 /// How `run` ended.
@@ -49,73 +63,53 @@ pub enum RunOutcome {
 #[derive(Clone, Copy)]
 pub(crate) struct LoggedByGeneration;
 
-/// Serves until `shutdown` resolves or the engine dies, then stops
-/// accepting, lets running generations finish for up to `--shutdown-timeout`,
-/// and stops the engine (which ends any stream still open with an error event).
+/// Serves until `shutdown` resolves or the engine dies, then drains: every
+/// new request (on any connection) gets 503 with `Connection: close`, waiting
+/// requests get 503 at once, running generations have up to
+/// `--shutdown-timeout` to finish; then the engine stops (which ends any stream
+/// still open with an error event).
 pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, shutdown: impl Future<Output = ()>) -> RunOutcome {
     if config.metrics {
         crate::metrics::install();
     }
     let state = Arc::new(AppState {
         model_id: config.served_model_id(),
+        access: guard::AccessPolicy::from_config(&config),
         config,
         engine,
         started: Instant::now(),
+        draining: AtomicBool::new(false),
     });
     let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections as usize));
     tokio::pin!(shutdown);
     let engine_died = engine_death(state.engine.clone());
     tokio::pin!(engine_died);
     let outcome = loop {
-        // A connection slot first: at the cap, new connections wait in the
-        // kernel's backlog instead of being accepted and starved.
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => p.expect("never closed"),
+        tokio::select! {
+            accepted = accept(&listener, &connections) => spawn_connection(&state, accepted),
             _ = &mut shutdown => break RunOutcome::Shutdown,
             _ = &mut engine_died => break RunOutcome::EngineDied,
-        };
-        let (stream, peer) = tokio::select! {
-            res = listener.accept() => match res {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break RunOutcome::Shutdown,
-            _ = &mut engine_died => break RunOutcome::EngineDied,
-        };
-        let _ = stream.set_nodelay(true);
-        let st = state.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let header_timeout = Duration::from_secs(st.config.header_timeout.max(1));
-            let svc = service_fn(move |req| {
-                let st = st.clone();
-                async move { Ok::<_, Infallible>(handle(st, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-        });
+        }
     };
-    drop(listener);
     match outcome {
-        RunOutcome::Shutdown => tracing::info!("shutting down: no new connections; draining running requests"),
-        RunOutcome::EngineDied => tracing::error!("the engine thread died: no new connections; exiting for a restart"),
+        RunOutcome::Shutdown => tracing::info!("shutting down: new requests get 503; draining running requests"),
+        RunOutcome::EngineDied => tracing::error!("the engine thread died: new requests get 503; exiting for a restart"),
     }
+    state.draining.store(true, Ordering::Release);
     let adm = state.engine.admission();
-    let deadline = Instant::now() + Duration::from_secs(state.config.shutdown_timeout);
-    while adm.in_use() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Requests waiting for a slot fail now instead of at the deadline.
     adm.close();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(state.config.shutdown_timeout);
+    // Keep answering (with 503 and `draining` on /health) while running
+    // requests finish, so clients and supervisors learn why.
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while adm.in_use() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            accepted = accept(&listener, &connections) => spawn_connection(&state, accepted),
+            _ = tick.tick() => {}
+        }
+    }
+    drop(listener);
     let engine = state.engine.clone();
     let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
     // Let cancelled streams write their error event before returning.
@@ -124,6 +118,69 @@ pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, sh
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     outcome
+}
+
+/// A connection slot, then a connection: at the cap, new connections wait in
+/// the kernel's backlog instead of being accepted and starved.
+async fn accept(
+    listener: &TcpListener,
+    connections: &Arc<tokio::sync::Semaphore>,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+    let permit = connections.clone().acquire_owned().await.expect("never closed");
+    match listener.accept().await {
+        Ok((stream, peer)) => Some((stream, peer, permit)),
+        Err(e) => {
+            // Out of file descriptors and the like: back off, keep serving.
+            tracing::warn!("accept failed: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
+/// Largest amount of response data the kernel holds for one client: a
+/// streaming client that stops reading fills it (and hyper's buffer, also
+/// bounded) within this many bytes, so `--write-timeout` starts counting then
+/// instead of after megabytes of an auto-tuned send buffer.
+const SEND_BUFFER_BYTES: usize = 64 * 1024;
+
+fn spawn_connection(state: &Arc<AppState>, accepted: Option<(tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::OwnedSemaphorePermit)>) {
+    let Some((stream, peer, permit)) = accepted else { return };
+    let _ = stream.set_nodelay(true);
+    bound_send_buffer(&stream);
+    let st = state.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let header_timeout = Duration::from_secs(st.config.header_timeout.max(1));
+        let svc = service_fn(move |req| {
+            let st = st.clone();
+            async move { Ok::<_, Infallible>(handle(st, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(SEND_BUFFER_BYTES)
+            .serve_connection(TokioIo::new(stream), svc);
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, "connection ended: {e}");
+        }
+    });
+}
+
+/// Sets SO_SNDBUF (which also turns off the kernel's send-buffer auto-tuning).
+fn bound_send_buffer(stream: &tokio::net::TcpStream) {
+    #[cfg(unix)]
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let size = SEND_BUFFER_BYTES as libc::c_int;
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &size as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Resolves when the engine thread is gone without being asked to stop.
@@ -142,10 +199,30 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let dialect = dialect_for(&path);
-    let mut resp = match route(&state, req, &request_id).await {
-        Ok(r) => r,
+    let mut resp = match state.access.check(req.headers(), req.uri().host()) {
         Err(e) => error_response(&e, dialect, &request_id),
+        Ok(origin) => {
+            let mut r = if method == Method::OPTIONS && origin.is_some() {
+                // A CORS preflight from an allowed origin.
+                let mut r = Response::new(Full::new(Bytes::new()).boxed());
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                guard::preflight_headers(r.headers_mut(), req.headers().get("access-control-request-headers"));
+                r
+            } else {
+                match route(&state, req, &request_id).await {
+                    Ok(r) => r,
+                    Err(e) => error_response(&e, dialect, &request_id),
+                }
+            };
+            if let Some(o) = origin {
+                guard::add_cors_headers(r.headers_mut(), &o);
+            }
+            r
+        }
     };
+    if state.draining() {
+        resp.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp.headers_mut().insert("request-id", HeaderValue::from_str(&request_id).unwrap());
     let route = crate::metrics::route_label(&path);
     if state.config.metrics {
@@ -176,6 +253,9 @@ fn dialect_for(path: &str) -> Dialect {
 async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let method = req.method().clone();
+    if state.draining() && path != "/health" {
+        return Err(ApiError::Unavailable("the server is shutting down; retry in a moment".into()));
+    }
     if path != "/health" && path != "/metrics" {
         check_auth(&state.config, &req)?;
     }
@@ -194,7 +274,11 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) 
     }
     let label = |route: &'static str| crate::engine::RequestLabel { id: request_id.to_string(), route, model: String::new() };
     match path.as_str() {
-        "/health" => Ok(handlers::health(state)),
+        "/health" => {
+            // Details (paths, memory) only for whoever holds the key, if one is set.
+            let detail = state.config.api_key.is_none() || check_auth(&state.config, &req).is_ok();
+            Ok(handlers::health(state, detail))
+        }
         "/metrics" => Ok(handlers::metrics(state)),
         "/v1/models" => Ok(handlers::list_models(state)),
         p if p.starts_with("/v1/models/") => handlers::get_model(state, &p["/v1/models/".len()..]),
@@ -216,26 +300,28 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) 
     }
 }
 
-/// Accepts `x-api-key: KEY` or `Authorization: Bearer KEY`, compared in constant time.
+/// Accepts `x-api-key: KEY` or `Authorization: Bearer KEY`, compared in
+/// constant time: a request is authorized when either carries the key (a
+/// client may send both, one of them empty or stale).
 fn check_auth(config: &Config, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(expected) = &config.api_key else { return Ok(()) };
     let h = req.headers();
-    let presented = h
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
+    let presented: Vec<&str> = h
+        .get_all("x-api-key")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .chain(h.get_all(hyper::header::AUTHORIZATION).iter().filter_map(|v| {
+            let v = v.to_str().ok()?;
+            v.get(..7).filter(|s| s.eq_ignore_ascii_case("bearer ")).map(|_| &v[7..])
+        }))
         .map(str::trim)
-        .or_else(|| {
-            h.get(hyper::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                .map(str::trim)
-        });
-    match presented {
-        None => Err(ApiError::Authentication(
-            "missing API key: send x-api-key or Authorization: Bearer".into(),
-        )),
-        Some(k) if keys_match(k.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::Authentication("invalid API key".into())),
+        .collect();
+    // Every candidate is compared (no early exit on the first match).
+    let ok = presented.iter().fold(false, |ok, k| keys_match(k.as_bytes(), expected.as_bytes()) | ok);
+    match (ok, presented.is_empty()) {
+        (true, _) => Ok(()),
+        (false, true) => Err(ApiError::Authentication("missing API key: send x-api-key or Authorization: Bearer".into())),
+        (false, false) => Err(ApiError::Authentication("invalid API key".into())),
     }
 }
 
@@ -253,26 +339,38 @@ fn fault_hook(config: &Config, req: &Request<Incoming>) -> Result<Option<crate::
         return Ok(None);
     }
     let Some(v) = req.headers().get("x-pensieve-fault").and_then(|v| v.to_str().ok()) else { return Ok(None) };
-    if v == "kill-engine" {
-        return Ok(Some(crate::engine::Fault::KillEngine));
+    match v {
+        "kill-engine" => return Ok(Some(crate::engine::Fault::KillEngine)),
+        "raise-in-sampler" => return Ok(Some(crate::engine::Fault::RaiseInSampler)),
+        "poison-sampling" => return Ok(Some(crate::engine::Fault::PoisonSampling)),
+        _ => {}
     }
     v.strip_prefix("raise-after=")
         .and_then(|n| n.parse().ok())
         .map(|n| Some(crate::engine::Fault::RaiseAfter(n)))
-        .ok_or_else(|| ApiError::InvalidRequest("x-pensieve-fault: expected raise-after=N or kill-engine".into()))
+        .ok_or_else(|| ApiError::InvalidRequest("x-pensieve-fault: expected raise-after=N, kill-engine, raise-in-sampler or poison-sampling".into()))
 }
 
 /// Reads a JSON body: checks the content-type, the size limit and the time
 /// limit (a client trickling its body must not hold a connection forever).
 async fn read_body(req: Request<Incoming>, config: &Config) -> Result<Bytes, ApiError> {
     let limit = config.max_body_bytes;
-    if let Some(ct) = req.headers().get(CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-        let essence = ct.split(';').next().unwrap_or("").trim();
-        if !(essence.is_empty() || essence == "application/json" || essence.ends_with("+json")) {
+    // A JSON content-type is required: the types a web page may send
+    // without a CORS preflight (text/plain, forms, none) are all refused.
+    let ct = req.headers().get(CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?").to_ascii_lowercase());
+    let essence = ct.as_deref().map(|c| c.split(';').next().unwrap_or("").trim().to_string());
+    match essence.as_deref() {
+        Some("application/json") => {}
+        Some(e) if e.ends_with("+json") => {}
+        Some(e) => {
             return Err(ApiError::UnsupportedMediaType(format!(
-                "content-type {essence:?} is not supported: send a JSON body with content-type: application/json"
-            )));
+                "content-type {e:?} is not supported: send a JSON body with content-type: application/json"
+            )))
+        }
+        None => {
+            return Err(ApiError::UnsupportedMediaType(
+                "no content-type: send a JSON body with content-type: application/json".into(),
+            ))
         }
     }
     let too_large = || ApiError::RequestTooLarge(format!("request body exceeds the {limit}-byte limit (--max-body-bytes)"));
