@@ -425,22 +425,46 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.served_model_id(),
         listener.local_addr()?
     );
-    match run(listener, config, engine, shutdown_signal()).await {
+    let (first_signal, drain) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(signals(first_signal));
+    match run(listener, config, engine, async move {
+        let _ = drain.await;
+    })
+    .await
+    {
         RunOutcome::Shutdown => Ok(()),
         RunOutcome::EngineDied => anyhow::bail!("the engine thread died (see the log above); exiting so a supervisor can restart pensieve"),
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// The first SIGINT or SIGTERM starts the drain; a second one ends the
+/// process at once: no waiting for running requests and no prefix-cache save
+/// (a save under way leaves only a temporary folder, cleaned at the next save).
+async fn signals(first: tokio::sync::oneshot::Sender<()>) {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut next = async || -> i32 {
+            tokio::select! {
+                _ = term.recv() => libc::SIGTERM,
+                _ = int.recv() => libc::SIGINT,
+            }
+        };
+        let sig = next().await;
+        tracing::info!("signal {sig}: draining (a second signal exits at once)");
+        let _ = first.send(());
+        let sig = next().await;
+        tracing::warn!("second signal ({sig}): exiting now, without waiting for running requests");
+        // _exit: no atexit handlers or library destructors under a running engine.
+        unsafe { libc::_exit(128 + sig) };
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = first.send(());
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::exit(130);
+    }
 }
