@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import os
+import stat
 import time
 
 import mlx.core as mx
@@ -333,6 +334,35 @@ class _ForceTokens:
 _STARVATION_S = 10.0
 
 
+def _tighten(path, mode):
+    """chmod to `mode` unless already there (umask-independent permissions)."""
+    if stat.S_IMODE(os.lstat(path).st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def _unsafe_folder(path, st):
+    """Why a prefix-cache folder must not be trusted, or None."""
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a plain folder"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _check_entry(tokens, cache, vocab):
+    """A restored entry's token ids must be ids of this model, one per
+    position of its KV cache."""
+    if not isinstance(tokens, list) or not tokens:
+        raise ValueError("its token list is missing or empty")
+    if not all(type(t) is int and 0 <= t < vocab for t in tokens):
+        raise ValueError(f"its token ids are not all integers in [0, {vocab})")
+    for c in cache:
+        if isinstance(c, KVCache) and c.offset != len(tokens):
+            raise ValueError(f"it has {len(tokens)} token ids for {c.offset} cached positions")
+
+
 def _own_copy(x):
     return x * 1 if isinstance(x, mx.array) else x
 
@@ -475,36 +505,65 @@ class Engine:
 
     def restore_prompt_cache(self):
         """Loads the entries a previous run saved (oldest first, so the LRU
-        order survives). Returns (entries, bytes, skipped)."""
+        order survives). Returns (entries, bytes, skipped, warnings).
+
+        The folder holds conversations, so what is read from it is checked:
+        the folder must be this user's and writable by no one else, only
+        regular files are opened (a planted FIFO would block the read, a
+        symlink could point anywhere), and an entry's token ids must be
+        integers below the vocabulary size, as many as its KV length."""
         if not self.persist_dir:
-            return 0, 0, 0
+            return 0, 0, 0, []
         folder = self._persist_folder()
-        if not os.path.isdir(folder):
-            return 0, 0, 0
+        try:
+            st = os.lstat(folder)
+        except FileNotFoundError:
+            return 0, 0, 0, []
+        problem = _unsafe_folder(folder, st)
+        if problem:
+            return 0, 0, 0, [f"not restoring the prefix cache: {problem}"]
+        _tighten(folder, 0o700)
         n = skipped = 0
+        warnings = []
+        vocab = self._vocab_size()
         for f in sorted(os.listdir(folder)):
+            path = os.path.join(folder, f)
             if not f.endswith(".safetensors"):
                 continue
             try:
-                cache, meta = load_prompt_cache(os.path.join(folder, f), return_metadata=True)
+                fst = os.lstat(path)
+                if not stat.S_ISREG(fst.st_mode):
+                    raise ValueError("not a regular file (symlink, FIFO or device): not opened")
+                _tighten(path, 0o600)
+                cache, meta = load_prompt_cache(path, return_metadata=True)
                 tokens = json.loads(meta["tokens"])
-                if not tokens or sum(c.nbytes for c in cache) + self.prompt_cache.nbytes > self.prompt_cache_bytes:
+                _check_entry(tokens, cache, vocab)
+                if sum(c.nbytes for c in cache) + self.prompt_cache.nbytes > self.prompt_cache_bytes:
                     skipped += 1
                     continue
                 self.prompt_cache.insert_cache(
                     self.model_path, tokens, cache, cache_type=meta.get("cache_type", "assistant")
                 )
                 n += 1
-            except Exception:
+            except Exception as e:
                 skipped += 1
-        return n, int(self.prompt_cache.nbytes), skipped
+                warnings.append(f"skipped prefix-cache entry {path}: {e}")
+        return n, int(self.prompt_cache.nbytes), skipped, warnings
+
+    def _vocab_size(self):
+        cfg = self.config.get("text_config", self.config) if "vocab_size" not in self.config else self.config
+        v = cfg.get("vocab_size")
+        return int(v) if v else len(self.tokenizer._tokenizer)
 
     def persist_prompt_cache(self):
         """Writes the prefix cache to disk (replacing the previous set) so a
-        restart keeps warm prefixes. Returns (entries, bytes)."""
+        restart keeps warm prefixes. Folders are 0700 and files 0600 whatever
+        the umask: they hold conversations. Returns (entries, bytes)."""
         if not self.persist_dir:
             return 0, 0
         folder = self._persist_folder()
+        os.makedirs(self.persist_dir, mode=0o700, exist_ok=True)
+        _tighten(self.persist_dir, 0o700)
         # Leftovers of a save that was killed midway.
         parent, name = os.path.split(folder)
         if os.path.isdir(parent):
@@ -512,7 +571,8 @@ class Engine:
                 if f.startswith((f"{name}.tmp-", f"{name}.old-")):
                     shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
         tmp = f"{folder}.tmp-{os.getpid()}"
-        os.makedirs(tmp)
+        os.makedirs(tmp, mode=0o700)
+        _tighten(tmp, 0o700)
         lru = self.prompt_cache._lru
         n = nbytes = 0
         # Oldest first across the LRU's queues: restored in this order, the
@@ -522,11 +582,13 @@ class Engine:
             if model != self.model_path:
                 continue
             entry = self.prompt_cache._trie.get(model, tokens)
+            path = os.path.join(tmp, f"{n:06d}.safetensors")
             save_prompt_cache(
-                os.path.join(tmp, f"{n:06d}.safetensors"),
+                path,
                 entry.prompt_cache,
                 {"tokens": json.dumps(list(tokens)), "cache_type": kind},
             )
+            _tighten(path, 0o600)
             n += 1
             nbytes += entry.nbytes
         old = f"{folder}.old-{os.getpid()}"

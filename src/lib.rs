@@ -27,6 +27,7 @@
 //! - [`demo`]: the trained demo model embedded in the binary.
 //! - [`memory`]: system / process memory readings.
 //! - [`metrics`]: Prometheus metrics (`GET /metrics`).
+//! - [`private_dir`]: the prefix-cache folder kept private to its user.
 //! - [`tokenizer`]: chat template + tokenizer in Rust (verified against Python at start-up).
 //! - [`error`]: the one error type and its mapping to HTTP and each dialect.
 
@@ -38,6 +39,8 @@ pub mod engine;
 pub mod error;
 pub mod memory;
 pub mod metrics;
+#[cfg(unix)]
+pub mod private_dir;
 pub mod server;
 pub mod sse;
 pub mod stop;

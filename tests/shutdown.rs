@@ -3,53 +3,14 @@
 //! queued requests refused at once, running streams finish), a second one
 //! exits at once.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::binary::{signal, spawn, wait_exit};
 use serde_json::{json, Value};
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the built binary on a free port with the random-weight model and
-/// waits for its "serving" log line.
-fn spawn(args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pensieve"))
-        .args(["--model", "builtin:random", "--port", "0", "--no-prompt-cache-persist"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the pensieve binary starts");
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("on http://") {
-                let rest = &line[i + "on http://".len()..];
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(120)).expect("the server reports its address");
-    Server { child, addr }
-}
-
-fn signal(s: &Server, sig: libc::c_int) {
-    unsafe { libc::kill(s.child.id() as libc::pid_t, sig) };
-}
 
 /// One HTTP/1.1 exchange on an open connection: (status, lower-cased head, body).
 fn exchange(tcp: &mut TcpStream, request: &str) -> (u16, String, String) {
@@ -100,17 +61,6 @@ async fn open_stream(addr: &str, max_tokens: u64) -> reqwest::Response {
         seen.push_str(std::str::from_utf8(&r.chunk().await.unwrap().expect("stream open")).unwrap());
     }
     r
-}
-
-fn wait_exit(s: &mut Server, secs: u64) -> std::process::ExitStatus {
-    let t = Instant::now();
-    loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(t.elapsed() < Duration::from_secs(secs), "the server did not exit within {secs} s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

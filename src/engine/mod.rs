@@ -585,6 +585,13 @@ impl EngineHandle {
     /// Starts the engine thread and waits until the model is loaded. A load
     /// failure is returned here, before any listener opens.
     pub fn start(config: &Config) -> anyhow::Result<EngineHandle> {
+        #[cfg(unix)]
+        if let Some(dir) = config.prompt_cache_persist_dir() {
+            let tightened = crate::private_dir::prepare(&dir)?;
+            if tightened > 0 {
+                tracing::info!("prefix cache: restricted {tightened} folders and files under {} to this user", dir.display());
+            }
+        }
         let opts = EngineOptions {
             model: config.model.clone(),
             cache_root: config.cache_root(),

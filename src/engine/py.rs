@@ -79,9 +79,15 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
 
 fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
     let Some(dir) = &opts.prompt_cache_dir else { return };
-    match engine.call_method0("restore_prompt_cache").and_then(|r| r.extract::<(u64, u64, u64)>()) {
-        Ok((0, _, 0)) => {}
-        Ok((n, bytes, skipped)) => tracing::info!(
+    let restored = engine.call_method0("restore_prompt_cache").and_then(|r| r.extract::<(u64, u64, u64, Vec<String>)>());
+    if let Ok((_, _, _, warnings)) = &restored {
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+    }
+    match restored {
+        Ok((0, _, 0, _)) => {}
+        Ok((n, bytes, skipped, _)) => tracing::info!(
             "prefix cache: restored {n} entries ({} MiB) from {}{}",
             bytes >> 20,
             dir.display(),

@@ -2,6 +2,9 @@
 //! spoken to over real HTTP.
 #![allow(dead_code)]
 
+#[cfg(unix)]
+pub mod binary;
+
 use std::sync::OnceLock;
 
 use pensieve::{Config, EngineHandle};
