@@ -110,6 +110,29 @@ proptest! {
     }
 
     #[test]
+    fn stop_sequence_limits_hold_in_both_dialects(
+        lens in prop::collection::vec(prop_oneof![0usize..4, 1000usize..1100], 0..70),
+        fill in "[aé日]",
+    ) {
+        let stops: Vec<String> = lens.iter().map(|&n| fill.repeat(n.div_ceil(fill.len()))).collect();
+        let total: usize = stops.iter().map(String::len).sum();
+        let fits = |max: usize| stops.len() <= max
+            && stops.iter().all(|s| !s.is_empty() && s.len() <= pensieve::api::MAX_STOP_BYTES)
+            && total <= pensieve::api::MAX_STOPS_TOTAL_BYTES;
+        let mut a = anthropic_base();
+        a["stop_sequences"] = json!(stops);
+        let r = parse_json::<MessagesRequest>(a.to_string().as_bytes()).and_then(|r| r.to_generate());
+        prop_assert_eq!(r.is_ok(), fits(64), "{:?}", r.err());
+        if let Err(e) = r {
+            prop_assert_eq!(e.status().as_u16(), 400);
+        }
+        let mut o = openai_base();
+        o["stop"] = json!(stops);
+        let r = parse_json::<ChatRequest>(o.to_string().as_bytes()).and_then(|r| r.to_generate());
+        prop_assert_eq!(r.is_ok(), fits(4), "{:?}", r.err());
+    }
+
+    #[test]
     fn stop_matcher_agrees_with_searching_the_whole_text(
         text in "[abé日]{0,30}",
         stops in prop::collection::vec("[abé日]{1,3}", 1..3),

@@ -92,13 +92,31 @@ pub fn check_range(name: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<(), A
     }
 }
 
-/// Stop strings: at most `max`, none empty.
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Most bytes of all stop sequences of one request together.
+pub const MAX_STOPS_TOTAL_BYTES: usize = 16 * 1024;
+
+/// Stop strings: at most `max`, none empty, each at most `MAX_STOP_BYTES`
+/// and all together at most `MAX_STOPS_TOTAL_BYTES`.
 pub fn check_stops(name: &str, stops: &[String], max: usize) -> Result<(), ApiError> {
     if stops.len() > max {
         return Err(ApiError::InvalidRequest(format!("{name}: at most {max} stop sequences, got {}", stops.len())));
     }
     if let Some(i) = stops.iter().position(|s| s.is_empty()) {
         return Err(ApiError::InvalidRequest(format!("{name}[{i}]: must not be empty")));
+    }
+    if let Some(i) = stops.iter().position(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::InvalidRequest(format!(
+            "{name}[{i}]: a stop sequence may be at most {MAX_STOP_BYTES} bytes, got {}",
+            stops[i].len()
+        )));
+    }
+    let total: usize = stops.iter().map(String::len).sum();
+    if total > MAX_STOPS_TOTAL_BYTES {
+        return Err(ApiError::InvalidRequest(format!(
+            "{name}: the stop sequences may be at most {MAX_STOPS_TOTAL_BYTES} bytes together, got {total}"
+        )));
     }
     Ok(())
 }
@@ -174,5 +192,11 @@ mod tests {
         assert!(check_range("temperature", None, 0.0, 1.0).is_ok());
         assert!(check_stops("stop", &["".into()], 4).is_err());
         assert!(check_stops("stop", &vec!["a".into(); 5], 4).is_err());
+        assert!(check_stops("stop", &["x".repeat(MAX_STOP_BYTES)], 4).is_ok());
+        let e = check_stops("stop", &["x".repeat(MAX_STOP_BYTES + 1)], 4).unwrap_err();
+        assert!(e.message().contains("at most 1024 bytes"), "{}", e.message());
+        assert!(check_stops("stop_sequences", &vec!["x".repeat(MAX_STOP_BYTES); 16], 64).is_ok());
+        let e = check_stops("stop_sequences", &vec!["x".repeat(MAX_STOP_BYTES); 17], 64).unwrap_err();
+        assert!(e.message().contains("together"), "{}", e.message());
     }
 }
