@@ -539,6 +539,7 @@ pub(crate) struct EngineOptions {
     pub mlx_cache_limit: u64,
     pub max_decode_stall_ms: u64,
     pub prompt_cache_dir: Option<std::path::PathBuf>,
+    pub special_tokens_in_content: bool,
 }
 
 /// Engines alive in this process, stopped at exit (see `stop_engines_at_exit`).
@@ -579,6 +580,8 @@ pub struct EngineHandle {
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Set when the Rust tokenizer reproduced Python's ids on the probes.
     tokenizer: Option<Arc<PromptTokenizer>>,
+    /// `--special-tokens-in-content`: request text may spell control tokens.
+    special_tokens_in_content: bool,
 }
 
 impl EngineHandle {
@@ -604,6 +607,7 @@ impl EngineHandle {
             max_decode_stall_ms: config.max_decode_stall_ms,
             prompt_cache_bytes: config.prompt_cache_bytes,
             prompt_cache_dir: config.prompt_cache_persist_dir(),
+            special_tokens_in_content: config.special_tokens_in_content,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let status = Arc::new(EngineStatus::new());
@@ -631,6 +635,7 @@ impl EngineHandle {
             next_id: Arc::new(AtomicU64::new(1)),
             thread: Arc::new(Mutex::new(Some(thread))),
             tokenizer: None,
+            special_tokens_in_content: config.special_tokens_in_content,
         };
         handle.tokenizer = handle.verified_rust_tokenizer().map(Arc::new);
         Ok(handle)
@@ -640,7 +645,7 @@ impl EngineHandle {
     /// tokenizer's ids on every probe prompt (errors must agree too).
     fn verified_rust_tokenizer(&self) -> Option<PromptTokenizer> {
         let info = self.status.info.get()?;
-        let tok = match PromptTokenizer::load(&info.template) {
+        let tok = match PromptTokenizer::load(&info.template, self.special_tokens_in_content) {
             Ok(t) => t,
             Err(e) => {
                 tracing::info!("prompts are tokenized on the engine thread (Rust tokenizer unavailable: {e})");

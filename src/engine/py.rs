@@ -163,6 +163,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         "max_decode_stall": opts.max_decode_stall_ms as f64 / 1000.0,
         "prompt_cache_bytes": opts.prompt_cache_bytes,
         "prompt_cache_dir": opts.prompt_cache_dir.as_ref().map(|d| d.to_string_lossy().to_string()),
+        "special_tokens_in_content": opts.special_tokens_in_content,
     })
     .to_string();
     tracing::info!("loading model {path}");
