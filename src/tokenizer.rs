@@ -75,6 +75,10 @@ struct SpecialText {
     finder: aho_corasick::AhoCorasick,
 }
 
+/// Byte spans (start, end, special index) of special-token text that came
+/// from the request, in the rendered text.
+type MarkedSpans = Vec<(usize, usize, usize)>;
+
 /// Placeholder: START, one char naming the special (PLANE + index), END.
 const PLACEHOLDER_START: char = '\u{E000}';
 const PLACEHOLDER_END: char = '\u{E001}';
@@ -134,7 +138,7 @@ impl SpecialText {
 
     /// Puts the special texts back; returns the text and the byte spans
     /// (with the special's index) that came from request strings.
-    fn restore(&self, rendered: &str) -> (String, Vec<(usize, usize, usize)>) {
+    fn restore(&self, rendered: &str) -> (String, MarkedSpans) {
         let mut out = String::with_capacity(rendered.len());
         let mut spans = Vec::new();
         let mut chars = rendered.char_indices().peekable();
@@ -188,7 +192,7 @@ impl PromptTokenizer {
 
     /// The rendered text and the spans of special-token text that came from
     /// the request (empty when none, or when that is allowed).
-    fn render_marked(&self, prompt: &Prompt) -> Result<(String, Vec<(usize, usize, usize)>), String> {
+    fn render_marked(&self, prompt: &Prompt) -> Result<(String, MarkedSpans), String> {
         if let Some(raw) = &prompt.raw_prompt {
             // A raw completion prompt is the client's own template.
             return Ok((raw.clone(), vec![]));

@@ -33,7 +33,7 @@ fn with_tokens(src: &Path, dst: &Path, tokens: &Value) {
     let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     header["__metadata__"]["0.tokens"] = json!(tokens.to_string());
     let mut h = header.to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

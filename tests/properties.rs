@@ -110,6 +110,25 @@ proptest! {
     }
 
     #[test]
+    fn the_host_check_refuses_names_that_are_not_this_server(
+        name in "[a-z][a-z0-9-]{0,20}(\\.[a-z0-9-]{1,10}){1,3}\\.?",
+        port in proptest::option::of(any::<u16>()),
+        junk in "\\PC{0,40}",
+    ) {
+        let p = pensieve::server::guard::AccessPolicy::from_config(&pensieve::Config::default_for_tests());
+        let with_port = |h: &str| match port { Some(n) => format!("{h}:{n}"), None => h.to_string() };
+        let lower = name.trim_end_matches('.');
+        if lower != "localhost" && !lower.ends_with(".localhost") {
+            prop_assert!(!p.host_allowed(&with_port(&name)), "{}", name);
+            prop_assert!(!p.host_allowed(&with_port(&name.to_uppercase())), "{}", name);
+        }
+        prop_assert!(p.host_allowed(&with_port("127.0.0.1")));
+        prop_assert!(p.host_allowed(&with_port("localhost")));
+        // Whatever arrives, the check answers (no panic).
+        let _ = p.host_allowed(&junk);
+    }
+
+    #[test]
     fn stop_sequence_limits_hold_in_both_dialects(
         lens in prop::collection::vec(prop_oneof![0usize..4, 1000usize..1100], 0..70),
         fill in "[aé日]",

@@ -81,7 +81,7 @@ impl AccessPolicy {
         if host == "localhost" || host.ends_with(".localhost") {
             return true;
         }
-        self.hosts.iter().any(|h| *h == host)
+        self.hosts.contains(&host)
     }
 
     /// Whether a browser origin may call this server.

@@ -1,6 +1,6 @@
 //! HTTP: the accept loop, routing, auth, body limits, and response helpers.
 
-mod guard;
+pub mod guard;
 mod handlers;
 
 use std::convert::Infallible;

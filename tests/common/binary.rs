@@ -52,7 +52,11 @@ pub fn spawn_with(args: &[&str], umask: Option<libc::mode_t>) -> (Server, Vec<St
     let mut before = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("the server never reported its address; log: {before:#?}"));
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server never reported its address; log: {before:#?}");
+        };
         if let Some(i) = line.find("on http://") {
             let addr = line[i + "on http://".len()..].split_whitespace().next().unwrap_or("").to_string();
             return (Server { child, addr, logs: rx }, before);
