@@ -42,7 +42,9 @@ def metric(url, name):
 
 def body(rng, stream, max_tokens=16):
     words = " ".join(rng.choice(["alpha", "bravo", "weather", "city", "paris", "token"]) for _ in range(rng.randint(3, 60)))
+    # top_k past the vocabulary once broke sampling for every later request.
     return json.dumps({"model": "soak", "max_tokens": max_tokens, "temperature": rng.choice([0, 0.7]), "stream": stream,
+                       "top_k": rng.choice([0, 40, 1 << 20]),
                        "messages": [{"role": "user", "content": words}]})
 
 
@@ -57,6 +59,18 @@ MALFORMED = [
     (b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}', "text/plain"),
     (json.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 300000}],
                  "stop_sequences": [""]}).encode(), "application/json"),
+    # Over the stop-sequence limits: 1 KiB each, 16 KiB together.
+    (json.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                 "stop_sequences": ["y" * 100_000]}).encode(), "application/json"),
+    (json.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                 "stop_sequences": ["y" * 1024] * 64}).encode(), "application/json"),
+    # What a web page can send without a preflight, and what it sends with one.
+    (b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}', None),
+    (b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}', "application/x-www-form-urlencoded"),
+    (b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}', "application/json",
+     {"Origin": "https://evil.example"}),
+    (b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}', "application/json",
+     {"Host": "rebound.attacker.example"}),
 ]
 
 
@@ -77,8 +91,17 @@ def one(url, kind, rng, failures, counts):
     try:
         c = conn(url)
         if kind == "malformed":
-            payload, ctype = rng.choice(MALFORMED)
-            c.request("POST", "/v1/messages", payload, {"content-type": ctype})
+            payload, ctype, *extra = rng.choice(MALFORMED)
+            headers = dict(extra[0]) if extra else {}
+            if ctype is not None:
+                headers["content-type"] = ctype
+            if "Host" in headers:
+                c.putrequest("POST", "/v1/messages", skip_host=True)
+                for k, v in list(headers.items()) + [("content-length", str(len(payload)))]:
+                    c.putheader(k, v)
+                c.endheaders(payload)
+            else:
+                c.request("POST", "/v1/messages", payload, headers)
             r = c.getresponse()
             data = r.read()
             if r.status == 529:

@@ -108,17 +108,18 @@ class _RandomStateGuard:
     and put back on any exception."""
 
     def __enter__(self):
-        self.saved = None
-        try:
-            a, b = mx.random.state[0].tolist()
-            self.saved = (int(a) << 32) | int(b)
-        except Exception:
-            pass  # already broken: the health probe reports it
+        # The array itself, not its value: reading it here would wait for
+        # the pipelined previous step whenever a compiled sampler wrote it.
+        self.saved = mx.random.state[0]
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and self.saved is not None:
-            mx.random.seed(self.saved)
+        if exc_type is not None:
+            try:
+                a, b = self.saved.tolist()
+                mx.random.seed((int(a) << 32) | int(b))
+            except Exception:
+                pass  # it was broken before this call: the health probe reports it
         return False
 
 
