@@ -171,6 +171,14 @@ impl Config {
         Config::parse_from(["pensieve", "--port", "0", "--no-prompt-cache-persist"])
     }
 
+    /// Refuses combinations that would open the server to every web page.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cors_origin.iter().any(|o| o.trim() == "*") && self.api_key.is_none() {
+            return Err("--cors-origin '*' lets every web page the user visits drive this server: set --api-key too, or list the origins".into());
+        }
+        Ok(())
+    }
+
     /// The folder the prefix cache persists to, if it does.
     pub fn prompt_cache_persist_dir(&self) -> Option<PathBuf> {
         if self.no_prompt_cache_persist {
@@ -239,6 +247,18 @@ mod tests {
         assert_eq!(parse_bytes("42").unwrap(), 42);
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn any_origin_needs_a_key() {
+        let mut c = Config::default_for_tests();
+        c.cors_origin = vec!["*".into()];
+        assert!(c.validate().unwrap_err().contains("--api-key"));
+        c.api_key = Some("k".into());
+        assert!(c.validate().is_ok());
+        c.api_key = None;
+        c.cors_origin = vec!["http://localhost:3000".into()];
+        assert!(c.validate().is_ok());
     }
 
     #[test]

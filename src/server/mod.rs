@@ -415,6 +415,7 @@ pub fn error_response(e: &ApiError, dialect: Dialect, request_id: &str) -> Respo
 
 /// Starts the engine, binds, and serves: the whole program behind `main`.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
     let cfg = config.clone();
     let engine = tokio::task::spawn_blocking(move || EngineHandle::start(&cfg)).await??;
     let listener = TcpListener::bind((config.host.as_str(), config.port))
