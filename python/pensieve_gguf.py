@@ -1,0 +1,319 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio) into MLX model folders.
+
+A GGUF file is converted once into a folder mlx-lm loads like any model:
+config.json from the file's metadata, the weights (renamed to the Hugging
+Face names mlx-lm's model classes use), tokenizer.json and
+tokenizer_config.json (with the chat template) from the file's tokenizer
+metadata. The folder is named by a fingerprint of the file, written under a
+temporary name and renamed when complete, so a killed conversion never looks
+finished and later starts load it directly.
+
+Weights: MLX reads Q4_0, Q4_1 and Q8_0 itself as its own quantized format
+(group size 32) and F16/BF16/F32 as arrays. Other types (the K-quants most
+Ollama downloads use, IQ types) are dequantized in numpy by the `gguf`
+package. On the Linux CPU backend everything becomes float32 (MLX's quantized
+CPU matmuls are far slower than float32 through OpenBLAS); elsewhere MLX's
+quantized format is kept (a type MLX cannot read is re-quantized at the
+nearest bit width).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+
+import mlx.core as mx
+
+# Bump when the output of a conversion changes: old folders are then ignored.
+CONVERTER_VERSION = "1"
+
+SUPPORTED = ("llama", "qwen2", "qwen3")
+
+
+class GGUFError(Exception):
+    """A GGUF file this converter cannot serve (architecture, tensor type)."""
+
+
+def plan():
+    """(dequantize, why): what this backend wants from quantized GGUF weights."""
+    if mx.default_device() == mx.cpu:
+        return True, ("dequantizing to float32: on the CPU backend MLX's quantized matmuls are far slower "
+                      "than float32 through OpenBLAS")
+    return False, f"keeping MLX's quantized format (group size 32) on {mx.default_device()}"
+
+
+def find_gguf(path):
+    """The .gguf file `path` names: the file itself, or the only one in a
+    folder that is not already a model folder. None when it is neither."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return path
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(found) == 1:
+            return os.path.join(path, found[0])
+        if len(found) > 1:
+            raise GGUFError(f"{path} holds several GGUF files ({', '.join(found)}): name one")
+    return None
+
+
+def fingerprint(path, dequantize):
+    st = os.stat(path)
+    h = hashlib.sha256(
+        f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{dequantize}:{CONVERTER_VERSION}".encode()
+    )
+    return h.hexdigest()[:16]
+
+
+def prepare(path, cache_dir, dequantize, log=print):
+    """The converted folder for GGUF file `path` (converting it first when no
+    finished conversion exists). Returns (folder, converted_now, seconds)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    dest = os.path.join(cache_dir, f"{name}-{fingerprint(path, dequantize)}")
+    if os.path.exists(os.path.join(dest, ".complete")):
+        return dest, False, 0.0
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    try:
+        convert(path, tmp, dequantize, log)
+        with open(os.path.join(tmp, ".complete"), "w") as f:
+            f.write(CONVERTER_VERSION)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not os.path.exists(os.path.join(dest, ".complete")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest, True, time.perf_counter() - t0
+
+
+def _scalar(meta, key, default=None):
+    v = meta.get(key)
+    if v is None:
+        return default
+    if isinstance(v, mx.array):
+        v = v.item()
+    return v
+
+
+def read(path):
+    """(tensors, metadata). Tensors MLX cannot read come back dequantized to
+    float32 (marked in the returned set) through the `gguf` package."""
+    try:
+        weights, meta = mx.load(path, return_metadata=True)
+        return weights, meta, set()
+    except Exception as e:
+        mlx_error = e
+    try:
+        import gguf
+    except ImportError:
+        raise GGUFError(f"MLX cannot read {path} ({mlx_error}) and the gguf package is not installed")
+    reader = gguf.GGUFReader(path)
+    weights, float_only = {}, set()
+    for t in reader.tensors:
+        qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        try:
+            data = gguf.quants.dequantize(t.data, qtype)
+        except NotImplementedError:
+            raise GGUFError(f"tensor {t.name} has type {qtype.name}, which nothing here can read")
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        weights[t.name] = mx.array(data.astype("float32").reshape(shape))
+        float_only.add(t.name)
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        val = field.contents()
+        meta[key] = val
+    return weights, meta, float_only
+
+
+def _config(meta, weights):
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED:
+        raise GGUFError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED)})"
+        )
+    a = lambda k, d=None: _scalar(meta, f"{arch}.{k}", d)  # noqa: E731
+    hidden = int(a("embedding_length"))
+    heads = int(a("attention.head_count"))
+    head_dim = int(a("attention.key_length", hidden // heads))
+    tokens = meta["tokenizer.ggml.tokens"]
+    eos = [int(_scalar(meta, k)) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+           if _scalar(meta, k) is not None]
+    config = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": int(a("block_count")),
+        "intermediate_size": int(a("feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(a("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(a("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(a("context_length", 4096)),
+        "vocab_size": len(tokens),
+        "tie_word_embeddings": "output.weight" not in weights,
+        "eos_token_id": sorted(set(eos)) if len(set(eos)) > 1 else (eos[0] if eos else None),
+        "bos_token_id": _scalar(meta, "tokenizer.ggml.bos_token_id"),
+    }
+    if arch == "qwen2":
+        config["attention_bias"] = True
+    return arch, config
+
+
+# GGUF tensor names -> Hugging Face names (the layer part is filled in).
+_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(name):
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) >= 4 and parts[2] in _NAMES:
+        return f"model.layers.{parts[1]}.{_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
+    if parts[0] in _TOP and len(parts) >= 2:
+        return f"{_TOP[parts[0]]}.{'.'.join(parts[1:])}"
+    return None
+
+
+def unpermute_qk(w, n_head):
+    """llama.cpp's converter interleaves the two rotary halves of each Q/K
+    head (rows) for its RoPE; mlx-lm (like Hugging Face) expects them split.
+    This undoes it on the output rows of a [out, in] matrix."""
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert(path, dest, dequantize, log=print, permute_qk=True):
+    """Writes the MLX model folder for GGUF file `path` into `dest`.
+    `permute_qk=False` keeps llama.cpp's Q/K row order (wrong for mlx-lm:
+    only for measuring what a mis-conversion does)."""
+    t0 = time.perf_counter()
+    weights, meta, float_only = read(path)
+    arch, config = _config(meta, weights)
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    out, bits_seen = {}, set()
+    names = sorted({k.rsplit(".", 1)[0] for k in weights})
+    for base in names:
+        w = weights.get(f"{base}.weight")
+        target = hf_name(f"{base}.weight")
+        if w is None or target is None:
+            for suffix in ("bias",):
+                if f"{base}.{suffix}" in weights and hf_name(f"{base}.{suffix}"):
+                    out[hf_name(f"{base}.{suffix}")] = weights[f"{base}.{suffix}"].astype(mx.float32)
+            if target is None and w is not None:
+                log(f"gguf: ignoring tensor {base}.weight")
+            continue
+        target = target[: -len(".weight")]
+        scales = weights.get(f"{base}.scales")
+        if scales is not None:
+            biases = weights[f"{base}.biases"]
+            in_features = scales.shape[-1] * 32
+            bits = w.shape[-1] * 32 // in_features
+            bits_seen.add(bits)
+            w = mx.dequantize(w, scales, biases, group_size=32, bits=bits).astype(mx.float32)
+        else:
+            w = w.astype(mx.float32)
+        if arch == "llama" and permute_qk and base.endswith((".attn_q", ".attn_k")):
+            w = unpermute_qk(w, n_head if base.endswith(".attn_q") else n_kv)
+        if f"{base}.bias" in weights:
+            out[f"{target}.bias"] = weights[f"{base}.bias"].astype(mx.float32)
+        out[f"{target}.weight"] = w
+        mx.eval(w)
+    if config["tie_word_embeddings"]:
+        out.pop("lm_head.weight", None)
+    if not dequantize:
+        # Keep MLX's quantized format for the matmul weights (Metal, CUDA):
+        # the bit width the file used (the nearest MLX has for others).
+        bits = min(bits_seen or {8}, key=lambda b: abs(b - 4))
+        bits = min((2, 3, 4, 5, 6, 8), key=lambda b: abs(b - bits))
+        quantized = {}
+        for k, v in out.items():
+            if k.endswith(".weight") and v.ndim == 2 and v.shape[-1] % 32 == 0 and "norm" not in k:
+                q, s, b = mx.quantize(v, group_size=32, bits=bits)
+                quantized[k] = q
+                quantized[k[: -len(".weight")] + ".scales"] = s
+                quantized[k[: -len(".weight")] + ".biases"] = b
+            else:
+                quantized[k] = v
+        out = quantized
+        config["quantization"] = {"group_size": 32, "bits": bits}
+    os.makedirs(dest, exist_ok=True)
+    mx.save_safetensors(os.path.join(dest, "model.safetensors"), out, metadata={"format": "mlx"})
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump({k: v for k, v in config.items() if v is not None}, f, indent=1)
+    _write_tokenizer(meta, arch, dest)
+    with open(os.path.join(dest, "pensieve-gguf.json"), "w") as f:
+        json.dump({"source": os.path.realpath(path), "seconds": time.perf_counter() - t0,
+                   "dequantized": bool(dequantize), "types_read_by": "gguf" if float_only else "mlx"}, f)
+
+
+def _write_tokenizer(meta, arch, dest):
+    """tokenizer.json and tokenizer_config.json from the file's tokenizer
+    metadata, through transformers' GGUF tokenizer builders."""
+    from tokenizers import pre_tokenizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    d = {"tokenizer_type": meta.get("tokenizer.ggml.model"), "pre_tokenizer_type": meta.get("tokenizer.ggml.pre"),
+         "tokens": tokens}
+    for key, name in (("tokenizer.ggml.merges", "merges"), ("tokenizer.ggml.scores", "scores")):
+        if key in meta:
+            v = meta[key]
+            d[name] = v.tolist() if isinstance(v, mx.array) else list(v)
+    if "tokenizer.ggml.token_type" in meta:
+        tt = meta["tokenizer.ggml.token_type"]
+        d["token_type"] = tt.tolist() if isinstance(tt, mx.array) else list(tt)
+    try:
+        backend, _ = convert_gguf_tokenizer(arch, d)
+    except Exception as e:
+        raise GGUFError(f"cannot build this file's tokenizer ({d['tokenizer_type']!r}): {e}") from e
+    if d.get("pre_tokenizer_type") == "smollm":
+        # SmolLM's own tokenizer: single digits, then GPT-2's byte-level split.
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    backend.save(os.path.join(dest, "tokenizer.json"))
+    tok_name = lambda k: tokens[int(_scalar(meta, k))] if _scalar(meta, k) is not None else None  # noqa: E731
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok_name("tokenizer.ggml.bos_token_id"),
+        "eos_token": tok_name("tokenizer.ggml.eos_token_id"),
+        "unk_token": tok_name("tokenizer.ggml.unknown_token_id"),
+        "pad_token": tok_name("tokenizer.ggml.padding_token_id"),
+        "add_bos_token": bool(_scalar(meta, "tokenizer.ggml.add_bos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(_scalar(meta, f"{arch}.context_length", 4096)),
+    }
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        cfg["chat_template"] = template
+    with open(os.path.join(dest, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
+if __name__ == "__main__":
+    # python python/pensieve_gguf.py FILE.gguf DEST [--keep-quantized] [--no-permute]
+    args = sys.argv[1:]
+    if len(args) < 2:
+        sys.exit("usage: pensieve_gguf.py FILE.gguf DEST [--keep-quantized] [--no-permute]")
+    t0 = time.perf_counter()
+    convert(args[0], args[1], "--keep-quantized" not in args, permute_qk="--no-permute" not in args)
+    print(f"{args[1]} ready in {time.perf_counter() - t0:.1f}s")
