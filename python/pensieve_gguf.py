@@ -309,11 +309,108 @@ def _write_tokenizer(meta, arch, dest):
         json.dump(cfg, f, indent=1)
 
 
+def write(folder, out, qtype="F32"):
+    """Writes MLX model folder `folder` (llama / qwen2 / qwen3, float weights,
+    a byte-level BPE tokenizer.json) as a GGUF file the way llama.cpp's
+    converter lays it out: its tensor names, Q/K rows permuted for llama,
+    matrices in `qtype` (F32, F16 or Q8_0; norms and biases stay F32), and the
+    tokenizer as gguf metadata. For tests and benchmarks: real GGUF files of
+    any shape without a download."""
+    import gguf
+    import numpy as np
+
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    arch = config["model_type"]
+    if arch not in SUPPORTED:
+        raise GGUFError(f"cannot write architecture {arch!r}")
+    weights = mx.load(os.path.join(folder, "model.safetensors"))
+    w = gguf.GGUFWriter(out, arch)
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    w.add_context_length(config.get("max_position_embeddings", 4096))
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    qt = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
+          "Q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
+    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[qtype])
+    _write_tokenizer_meta(w, folder)
+    top = {v: k for k, v in _TOP.items()}
+    names = {v: k for k, v in _NAMES.items()}
+    for name, v in sorted(weights.items()):
+        parts = name.split(".")
+        if parts[0] == "model" and parts[1] == "layers":
+            base = f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}"
+        else:
+            base = top[".".join(parts[:-1])]
+        a = np.array(v.astype(mx.float32))
+        if arch == "llama" and base.endswith((".attn_q", ".attn_k")) and parts[-1] == "weight":
+            n = heads if base.endswith(".attn_q") else kv
+            a = a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        gname = f"{base}.{parts[-1]}"
+        if a.ndim == 2 and qt != gguf.GGMLQuantizationType.F32 and "norm" not in base:
+            if qt == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(gname, a.astype(np.float16))
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(a, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _write_tokenizer_meta(w, folder):
+    """A byte-level BPE tokenizer.json as llama.cpp's gpt2-model metadata."""
+    with open(os.path.join(folder, "tokenizer.json")) as f:
+        tj = json.load(f)
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    vocab = dict(tj["model"]["vocab"])
+    special = {}
+    for t in tj.get("added_tokens", []):
+        vocab[t["content"]] = t["id"]
+        special[t["id"]] = t.get("special", False)
+    tokens = [None] * (max(vocab.values()) + 1)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if special.get(i) else (4 if i in special else 1) for i in range(len(tokens))])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_token_merges(merges)
+    index = {t: i for i, t in enumerate(tokens)}
+    for key, add in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
+                     ("pad_token", w.add_pad_token_id), ("unk_token", w.add_unk_token_id)):
+        if tc.get(key) in index:
+            add(index[tc[key]])
+    w.add_add_bos_token(False)
+    if tc.get("chat_template"):
+        w.add_chat_template(tc["chat_template"])
+
+
 if __name__ == "__main__":
     # python python/pensieve_gguf.py FILE.gguf DEST [--keep-quantized] [--no-permute]
+    # python python/pensieve_gguf.py write MODEL_FOLDER OUT.gguf [F32|F16|Q8_0]
     args = sys.argv[1:]
-    if len(args) < 2:
-        sys.exit("usage: pensieve_gguf.py FILE.gguf DEST [--keep-quantized] [--no-permute]")
     t0 = time.perf_counter()
-    convert(args[0], args[1], "--keep-quantized" not in args, permute_qk="--no-permute" not in args)
-    print(f"{args[1]} ready in {time.perf_counter() - t0:.1f}s")
+    if args[:1] == ["write"] and len(args) >= 3:
+        write(args[1], args[2], *(args[3:4] or []))
+        print(f"{args[2]} written in {time.perf_counter() - t0:.1f}s")
+    elif len(args) >= 2:
+        convert(args[0], args[1], "--keep-quantized" not in args, permute_qk="--no-permute" not in args)
+        print(f"{args[1]} ready in {time.perf_counter() - t0:.1f}s")
+    else:
+        sys.exit("usage: pensieve_gguf.py FILE.gguf DEST [--keep-quantized] [--no-permute]\n"
+                 "       pensieve_gguf.py write MODEL_FOLDER OUT.gguf [F32|F16|Q8_0]")

@@ -1391,6 +1391,11 @@ MODEL_SHAPES = {
                      num_attention_heads=32, num_key_value_heads=8, vocab=8192, corpus="bench"),
     # A Gemma-2-architecture demo: its attention (logit soft-capping) cannot
     # take batch masks, so it exercises one-at-a-time serving.
+    # The demo shape in the other GGUF architectures (tests of the GGUF path).
+    "demo-qwen2": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", arch="qwen2"),
+    "demo-qwen3": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", arch="qwen3"),
     "demo-gemma2": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                         num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", arch="gemma2",
                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16),
@@ -1452,7 +1457,8 @@ def make_model(dest, shape="demo", dtype="float32"):
         )
     config = {
         "model_type": arch,
-        "architectures": [{"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM"}[arch]],
+        "architectures": [{"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
         **spec,
         "head_dim": spec["hidden_size"] // spec["num_attention_heads"],
         "rms_norm_eps": 1e-5,

@@ -21,10 +21,14 @@ impl Drop for Server {
     }
 }
 
-/// The binary with the random-weight model, on port 0, not yet started.
+/// The binary on port 0 (with the random-weight model unless `args` name
+/// one), not yet started.
 pub fn command(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pensieve"));
-    c.args(["--model", "builtin:random", "--port", "0"]).args(args).env("RUST_LOG", "info");
+    if !args.contains(&"--model") {
+        c.args(["--model", "builtin:random"]);
+    }
+    c.args(["--port", "0"]).args(args).env("RUST_LOG", "info");
     c
 }
 
@@ -40,6 +44,15 @@ pub fn spawn_with(args: &[&str], umask: Option<libc::mode_t>) -> (Server, Vec<St
             });
         }
     }
+    start(cmd)
+}
+
+/// Starts a prepared command (see `command`) and waits until it serves.
+pub fn spawn_cmd(cmd: Command) -> Server {
+    start(cmd).0
+}
+
+fn start(mut cmd: Command) -> (Server, Vec<String>) {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("the pensieve binary starts");
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -1,0 +1,89 @@
+"""The GGUF path (python/pensieve_gguf.py), against references that can fail:
+
+- round trip: random-weight llama / qwen2 / qwen3 models written as GGUF the
+  way llama.cpp lays files out (its tensor names, llama's Q/K rows permuted,
+  F32 / F16 / Q8_0), converted back: the tokenizer gives the same ids and the
+  logits match the original (exactly for F32);
+- the real SmolLM2-135M-Instruct Q4_1 file: perplexity on a fixed English
+  paragraph below a bound that the same file converted with llama.cpp's Q/K
+  layout left in place (a mis-conversion) cannot reach;
+- an architecture the converter does not know is a clear error naming it.
+
+Usage: gguf_test.py PATH_TO_python/ SMOLLM2_GGUF WORK_DIR
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, sys.argv[1])
+import mlx.core as mx  # noqa: E402
+import mlx_lm  # noqa: E402
+
+import pensieve_gguf as pg  # noqa: E402
+import pensieve_shim as ps  # noqa: E402
+
+SMOLLM2, WORK = sys.argv[2], sys.argv[3]
+PARAGRAPH = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+    "It is named after the engineer Gustave Eiffel, whose company designed and built the tower. "
+    "Locally nicknamed the Iron Lady, it was constructed from 1887 to 1889 as the centerpiece of the 1889 "
+    "World's Fair, and to crown the centennial anniversary of the French Revolution."
+)
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+    else:
+        failed += 1
+        print(f"FAIL {name}: {detail}")
+
+
+def perplexity(folder):
+    m, t = mlx_lm.load(folder)
+    ids = t.encode(PARAGRAPH)
+    logits = m(mx.array([ids[:-1]]))[0]
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nll = -mx.take_along_axis(lp, mx.array(ids[1:])[:, None], axis=-1).mean()
+    return float(mx.exp(nll))
+
+
+for shape in ("demo", "demo-qwen2", "demo-qwen3"):
+    src = ps.make_model(os.path.join(WORK, shape), shape)
+    m, t = mlx_lm.load(src)
+    text = t.apply_chat_template([{"role": "user", "content": "hello world, weather in Paris today?"}],
+                                 add_generation_prompt=True, tokenize=False)
+    ids = t.encode(text, add_special_tokens=False)
+    ref = m(mx.array([ids]))
+    for qtype, tol in (("F32", 1e-5), ("F16", 0.02), ("Q8_0", 0.15)):
+        gguf_file = os.path.join(WORK, f"{shape}.{qtype}.gguf")
+        pg.write(src, gguf_file, qtype)
+        out = os.path.join(WORK, f"{shape}-{qtype}")
+        pg.convert(gguf_file, out, True)
+        m2, t2 = mlx_lm.load(out)
+        ids2 = t2.encode(t2.apply_chat_template([{"role": "user", "content": "hello world, weather in Paris today?"}],
+                                                add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+        check(f"{shape} {qtype} tokenizer and template", ids2 == ids, f"{ids2} != {ids}")
+        diff = float(mx.abs(m2(mx.array([ids])) - ref).max())
+        check(f"{shape} {qtype} logits", diff <= tol, f"max |diff| {diff} > {tol}")
+    print(f"{shape}: round trip through F32/F16/Q8_0 GGUF checked")
+
+t0 = time.perf_counter()
+pg.convert(SMOLLM2, os.path.join(WORK, "smollm2"), True)
+seconds = time.perf_counter() - t0
+pg.convert(SMOLLM2, os.path.join(WORK, "smollm2-wrong-qk"), True, permute_qk=False)
+right, wrong = perplexity(os.path.join(WORK, "smollm2")), perplexity(os.path.join(WORK, "smollm2-wrong-qk"))
+print(f"SmolLM2 Q4_1 -> f32 in {seconds:.1f}s; perplexity {right:.2f} (Q/K layout left as llama.cpp's: {wrong:.2f})")
+check("SmolLM2 perplexity", right < 15.0, right)
+check("a mis-conversion cannot pass the bound", wrong > 15.0, wrong)
+
+try:
+    pg._config({"general.architecture": "mamba", "tokenizer.ggml.tokens": []}, {})
+    check("unknown architecture", False, "no error")
+except pg.GGUFError as e:
+    check("unknown architecture", "'mamba' is not supported" in str(e), str(e))
+
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
