@@ -48,7 +48,7 @@ fn request(text: String, max_tokens: u64) -> GenerateRequest {
     GenerateRequest::new(
         Prompt { messages: vec![ChatMessage::new("user", text)], ..Default::default() },
         max_tokens,
-        Sampling { temperature: 0.0, ..Default::default() },
+        Sampling::greedy(),
         vec![],
     )
 }

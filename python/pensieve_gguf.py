@@ -260,6 +260,12 @@ def convert(path, dest, dequantize, log=print, permute_qk=True):
     with open(os.path.join(dest, "config.json"), "w") as f:
         json.dump({k: v for k, v in config.items() if v is not None}, f, indent=1)
     _write_tokenizer(meta, arch, dest)
+    gen = {k: _scalar(meta, f"general.sampling.{g}") for k, g in
+           (("temperature", "temp"), ("top_p", "top_p"), ("top_k", "top_k"), ("min_p", "min_p"))}
+    gen = {k: v for k, v in gen.items() if v is not None}
+    if gen:
+        with open(os.path.join(dest, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=1)
     with open(os.path.join(dest, "pensieve-gguf.json"), "w") as f:
         json.dump({"source": os.path.realpath(path), "seconds": time.perf_counter() - t0,
                    "dequantized": bool(dequantize), "types_read_by": "gguf" if float_only else "mlx"}, f)

@@ -35,7 +35,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 from mlx_lm.utils import maybe_set_recommended_wired_limit
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 DEMO_MODEL_VERSION = "demo-v1"
 
@@ -71,7 +71,7 @@ def _greedy(logprobs):
     return mx.argmax(logprobs, axis=-1)
 
 
-def make_sampler(temperature, top_p, top_k, seed):
+def make_sampler(temperature, top_p, top_k, seed, min_p=0.0):
     """One request's sampler. Greedy requests share one object so that the
     decode step can sample the whole batch in one call.
 
@@ -91,6 +91,8 @@ def make_sampler(temperature, top_p, top_k, seed):
             logprobs = apply_top_k(logprobs, top_k)
         if 0.0 < top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
+        if min_p and 0.0 < min_p <= 1.0:
+            logprobs = apply_min_p(logprobs, min_p)
         state["key"], sub = mx.random.split(state["key"])
         return mx.random.categorical(logprobs * inv_temp, key=sub)
 
@@ -144,7 +146,7 @@ def check_sampling():
         logprobs = mx.log(mx.softmax(mx.arange(8, dtype=mx.float32)[None, :], axis=-1))
         mx.eval(
             mx.random.categorical(logprobs),
-            make_sampler(1.0, 0.9, 4, None)(logprobs),
+            make_sampler(1.0, 0.9, 4, None, 0.05)(logprobs),
         )
         return None
     except Exception as e:
@@ -413,6 +415,35 @@ class _SpecialText:
         return ids
 
 
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
+
+
+def _sampling_defaults(model, opts):
+    """{key: {"value", "source"}} for requests that send no sampling values:
+    the model's own generation_config.json (greedy if it says do_sample:
+    false), a built-in's model-card recommendation, then the server's flags."""
+    out = {}
+    gen_path = os.path.join(model, "generation_config.json") if os.path.isdir(model) else None
+    if gen_path and os.path.exists(gen_path):
+        try:
+            with open(gen_path) as f:
+                gen = json.load(f)
+        except (OSError, ValueError):
+            gen = {}
+        for k in _SAMPLING_KEYS:
+            if isinstance(gen.get(k), (int, float)) and not isinstance(gen.get(k), bool):
+                out[k] = {"value": gen[k], "source": "generation_config.json"}
+        if gen.get("do_sample") is False:
+            out["temperature"] = {"value": 0.0, "source": "generation_config.json (do_sample: false)"}
+    for k, v in (opts.get("model_sampling") or {}).items():
+        if k in _SAMPLING_KEYS and k not in out and v is not None:
+            out[k] = {"value": v, "source": "model card"}
+    for k, v in (opts.get("sampling_flags") or {}).items():
+        if k in _SAMPLING_KEYS and v is not None:
+            out[k] = {"value": v, "source": "--" + k.replace("_", "-")}
+    return out
+
+
 def _tighten(path, mode):
     """chmod to `mode` unless already there (umask-independent permissions)."""
     if stat.S_IMODE(os.lstat(path).st_mode) != mode:
@@ -544,6 +575,7 @@ class Engine:
             mx.set_cache_limit(int(cache_limit))
         self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
         self.persist_dir = opts.get("prompt_cache_dir")
+        self.sampling_defaults = _sampling_defaults(model, opts)
         # Request text that spells a control token stays text (unless the
         # operator allows it: --special-tokens-in-content).
         self._specials = None
@@ -700,6 +732,8 @@ class Engine:
                 "mlx_version": mx.__version__,
                 "device": str(mx.default_device()),
                 "batching": self._batchable,
+                "sampling_defaults": self.sampling_defaults,
+                "thinking": bool(self.tokenizer.has_thinking),
                 "template": self._template_info(),
             }
         )
@@ -816,7 +850,7 @@ class Engine:
             todo=list(rest),
             cache=cache if cache is not None else make_prompt_cache(self.model),
             max_tokens=max_tokens,
-            sampler=make_sampler(p["temperature"], p["top_p"], p["top_k"], p.get("seed")),
+            sampler=make_sampler(seed=p.get("seed"), **self._sampling(p)),
             processors=processors,
             detok=self.tokenizer.detokenizer,
             splitter=self._splitter(tokens, p),
@@ -831,6 +865,20 @@ class Engine:
         self.by_rid[rid] = seq
         self._trim_prompt_cache()
         return cached, max_tokens
+
+    def _sampling(self, p):
+        """A request's sampling: its own values, else the defaults in force
+        (the model's, then the server's flags), else the API defaults."""
+        d = self.sampling_defaults
+
+        def pick(key, api_default):
+            v = p.get(key)
+            if v is None:
+                v = d.get(key, {}).get("value")
+            return api_default if v is None else v
+
+        return {"temperature": float(pick("temperature", 1.0)), "top_p": float(pick("top_p", 1.0)),
+                "top_k": int(pick("top_k", 0)), "min_p": float(pick("min_p", 0.0))}
 
     def _splitter(self, tokens, p):
         tk = self.tokenizer

@@ -73,6 +73,22 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_PREFILL_BATCH", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub prefill_batch: u32,
 
+    /// Temperature for requests that send none (over the model's own default).
+    #[arg(long, env = "PENSIEVE_TEMPERATURE", value_parser = unit_interval_2)]
+    pub temperature: Option<f32>,
+
+    /// top_p for requests that send none (over the model's own default).
+    #[arg(long, env = "PENSIEVE_TOP_P", value_parser = unit_interval)]
+    pub top_p: Option<f32>,
+
+    /// top_k for requests that send none (over the model's own default; 0: off).
+    #[arg(long, env = "PENSIEVE_TOP_K")]
+    pub top_k: Option<u32>,
+
+    /// min_p for requests that send none (over the model's own default; 0: off).
+    #[arg(long, env = "PENSIEVE_MIN_P", value_parser = unit_interval)]
+    pub min_p: Option<f32>,
+
     /// Bound on MLX's cache of freed buffers (kept for reuse), so resident
     /// memory follows the live KV caches instead of past peaks.
     #[arg(long, env = "PENSIEVE_MLX_CACHE_LIMIT", default_value = "32MiB", value_parser = parse_bytes)]
@@ -225,6 +241,23 @@ impl Config {
             }
         }
     }
+}
+
+fn in_range(s: &str, hi: f32) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|_| format!("not a number: {s:?}"))?;
+    if (0.0..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be between 0 and {hi}, got {v}"))
+    }
+}
+
+fn unit_interval(s: &str) -> Result<f32, String> {
+    in_range(s, 1.0)
+}
+
+fn unit_interval_2(s: &str) -> Result<f32, String> {
+    in_range(s, 2.0)
 }
 
 /// Parses "1073741824", "1GiB", "512MiB", "2G", "64k" into bytes.

@@ -55,6 +55,11 @@ fn smollm2_answers_factual_questions_through_both_sdks() {
     assert_eq!(r["anthropic"][0]["text"], "The capital of France is Paris.");
     assert_eq!(r["anthropic"][0]["stop_reason"], "end_turn");
     assert_eq!(r["openai"][0]["text"], r["anthropic"][0]["text"]);
+    // Requests that send no temperature get the model card's recommendation.
+    let h = tokio::runtime::Runtime::new().unwrap().block_on(s.get("/health")).1;
+    assert_eq!(h["model"]["sampling_defaults"]["temperature"], serde_json::json!({"value": 0.2, "source": "model card"}), "{h}");
+    assert_eq!(h["model"]["sampling_defaults"]["top_p"]["value"], 0.9);
+    assert_eq!(h["model"]["context_length"], 8192);
 }
 
 /// `ollama:NAME[:TAG]` finds the GGUF through Ollama's manifest (the real

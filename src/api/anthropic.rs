@@ -37,6 +37,9 @@ pub struct MessagesRequest {
     pub top_p: Option<f64>,
     #[serde(default)]
     pub top_k: Option<u64>,
+    /// Not in Anthropic's API, but common in local servers' clients.
+    #[serde(default)]
+    pub min_p: Option<f64>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
@@ -282,12 +285,14 @@ impl MessagesRequest {
         };
         check_range("temperature", self.temperature, 0.0, 1.0)?;
         check_range("top_p", self.top_p, 0.0, 1.0)?;
+        check_range("min_p", self.min_p, 0.0, 1.0)?;
         let stop = self.stop_sequences.clone().unwrap_or_default();
         check_stops("stop_sequences", &stop, 64)?;
         let sampling = Sampling {
-            temperature: self.temperature.unwrap_or(1.0) as f32,
-            top_p: self.top_p.unwrap_or(1.0) as f32,
-            top_k: self.top_k.unwrap_or(0).min(u32::MAX as u64) as u32,
+            temperature: self.temperature.map(|t| t as f32),
+            top_p: self.top_p.map(|t| t as f32),
+            top_k: self.top_k.map(|k| k.min(u32::MAX as u64) as u32),
+            min_p: self.min_p.map(|t| t as f32),
             seed: None,
         };
         let mut req = GenerateRequest::new(self.to_prompt()?, max_tokens, sampling, stop);

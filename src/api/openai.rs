@@ -57,6 +57,8 @@ pub struct Common {
     #[serde(default)]
     pub top_k: Option<u64>,
     #[serde(default)]
+    pub min_p: Option<f64>,
+    #[serde(default)]
     pub stop: Option<StopField>,
     #[serde(default)]
     pub seed: Option<u64>,
@@ -193,6 +195,7 @@ impl Common {
     fn check(&self) -> Result<(), ApiError> {
         check_range("temperature", self.temperature, 0.0, 2.0)?;
         check_range("top_p", self.top_p, 0.0, 1.0)?;
+        check_range("min_p", self.min_p, 0.0, 1.0)?;
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(ApiError::InvalidRequest(format!("n: only n=1 is supported, got {n}")));
@@ -211,9 +214,10 @@ impl Common {
 
     fn sampling(&self) -> Sampling {
         Sampling {
-            temperature: self.temperature.unwrap_or(1.0) as f32,
-            top_p: self.top_p.unwrap_or(1.0) as f32,
-            top_k: self.top_k.unwrap_or(0).min(u32::MAX as u64) as u32,
+            temperature: self.temperature.map(|t| t as f32),
+            top_p: self.top_p.map(|t| t as f32),
+            top_k: self.top_k.map(|k| k.min(u32::MAX as u64) as u32),
+            min_p: self.min_p.map(|t| t as f32),
             seed: self.seed,
         }
     }

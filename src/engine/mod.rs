@@ -82,19 +82,25 @@ pub struct Prompt {
     pub enable_thinking: Option<bool>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+/// A request's sampling settings. `None` is "not sent": the engine fills it
+/// from the model's own defaults (its generation config), then the server's
+/// flags (`--temperature`, ...), then the API defaults (1.0, 1.0, off, off).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
 pub struct Sampling {
     /// 0 means greedy (deterministic).
-    pub temperature: f32,
-    pub top_p: f32,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
     /// 0 means off.
-    pub top_k: u32,
+    pub top_k: Option<u32>,
+    /// 0 means off.
+    pub min_p: Option<f32>,
     pub seed: Option<u64>,
 }
 
-impl Default for Sampling {
-    fn default() -> Self {
-        Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None }
+impl Sampling {
+    /// Greedy decoding (temperature 0), everything else as the model says.
+    pub fn greedy() -> Sampling {
+        Sampling { temperature: Some(0.0), ..Default::default() }
     }
 }
 
@@ -436,6 +442,12 @@ pub struct ModelInfo {
     /// Whether sequences share decode steps (false: the model cannot batch, they run one at a time).
     #[serde(default = "yes")]
     pub batching: bool,
+    /// Sampling values used when a request sends none, each with its source.
+    #[serde(default)]
+    pub sampling_defaults: serde_json::Value,
+    /// Whether the model thinks in tags (its template has a thinking switch).
+    #[serde(default)]
+    pub thinking: bool,
     /// Tokenizer file and chat template, for the Rust-side tokenizer.
     #[serde(default, skip_serializing)]
     pub template: crate::tokenizer::TemplateInfo,
@@ -540,6 +552,8 @@ pub(crate) struct EngineOptions {
     pub max_decode_stall_ms: u64,
     pub prompt_cache_dir: Option<std::path::PathBuf>,
     pub special_tokens_in_content: bool,
+    /// --temperature, --top-p, --top-k, --min-p (over the model's defaults).
+    pub sampling_flags: serde_json::Value,
 }
 
 /// Engines alive in this process, stopped at exit (see `stop_engines_at_exit`).
@@ -608,6 +622,9 @@ impl EngineHandle {
             prompt_cache_bytes: config.prompt_cache_bytes,
             prompt_cache_dir: config.prompt_cache_persist_dir(),
             special_tokens_in_content: config.special_tokens_in_content,
+            sampling_flags: serde_json::json!({
+                "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k, "min_p": config.min_p,
+            }),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let status = Arc::new(EngineStatus::new());

@@ -62,6 +62,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
             info.device,
             info.mlx_version
         );
+        tracing::info!("sampling when a request sends none: {}", info.sampling_defaults);
         if !info.batching {
             tracing::warn!("this model cannot run sequences in one batch (its attention or caches do not take batch masks): requests run one at a time");
         }
@@ -225,6 +226,12 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         "prompt_cache_bytes": opts.prompt_cache_bytes,
         "prompt_cache_dir": opts.prompt_cache_dir.as_ref().map(|d| d.to_string_lossy().to_string()),
         "special_tokens_in_content": opts.special_tokens_in_content,
+        "sampling_flags": opts.sampling_flags,
+        // Model-card recommendations for built-ins that ship none in their files.
+        "model_sampling": match opts.model.as_deref() {
+            None | Some(BUILTIN_SMOLLM2) => serde_json::json!({"temperature": 0.2, "top_p": 0.9}),
+            _ => serde_json::Value::Null,
+        },
     })
     .to_string();
     tracing::info!("loading model {path}");
@@ -330,6 +337,7 @@ impl Backend for PyBackend<'_> {
             "temperature": s.temperature,
             "top_p": s.top_p,
             "top_k": s.top_k,
+            "min_p": s.min_p,
             "seed": s.seed,
             "fault_after": match req.fault {
                 Some(super::Fault::RaiseAfter(n)) => Some(n),

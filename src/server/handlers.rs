@@ -57,6 +57,7 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             "mlx_version": info.map(|i| i.mlx_version.clone()),
             "blas": info.map(|i| i.blas.clone()),
             "batching": info.map(|i| i.batching),
+            "sampling_defaults": info.map(|i| i.sampling_defaults.clone()),
         });
         // A filesystem path only to a caller that proved it holds the key.
         if state.config.api_key.is_some() {

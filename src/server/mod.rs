@@ -40,6 +40,9 @@ pub struct AppState {
     /// kept-alive connections, gets 503 with `Connection: close` while the
     /// running ones finish.
     draining: AtomicBool,
+    /// Set once the drain is over: every connection finishes the response it
+    /// is writing (a cancelled stream's error event included), then closes.
+    close_connections: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -79,6 +82,7 @@ pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, sh
         engine,
         started: Instant::now(),
         draining: AtomicBool::new(false),
+        close_connections: tokio::sync::watch::channel(false).0,
     });
     let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections as usize));
     tokio::pin!(shutdown);
@@ -117,6 +121,13 @@ pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, sh
     while adm.in_use() > 0 && Instant::now() < grace {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Then every connection writes out what it has and closes (idle ones at
+    // once), so no response is cut by the process exiting.
+    state.close_connections.send_replace(true);
+    let max = state.config.max_connections as usize;
+    while connections.available_permits() < max && Instant::now() < grace + Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     outcome
 }
 
@@ -149,6 +160,7 @@ fn spawn_connection(state: &Arc<AppState>, accepted: Option<(tokio::net::TcpStre
     let _ = stream.set_nodelay(true);
     bound_send_buffer(&stream);
     let st = state.clone();
+    let st_close = state.close_connections.clone();
     tokio::spawn(async move {
         let _permit = permit;
         let header_timeout = Duration::from_secs(st.config.header_timeout.max(1));
@@ -156,12 +168,28 @@ fn spawn_connection(state: &Arc<AppState>, accepted: Option<(tokio::net::TcpStre
             let st = st.clone();
             async move { Ok::<_, Infallible>(handle(st, req).await) }
         });
+        let mut close = st_close.subscribe();
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(header_timeout)
             .max_buf_size(SEND_BUFFER_BYTES)
             .serve_connection(TokioIo::new(stream), svc);
-        if let Err(e) = conn.await {
+        tokio::pin!(conn);
+        let closing = async move {
+            while !*close.borrow_and_update() {
+                if close.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let ended = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = closing => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(%peer, "connection ended: {e}");
         }
     });

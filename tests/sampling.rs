@@ -1,0 +1,67 @@
+//! Sampling for clients that send none (Claude Code sends no temperature):
+//! the model's own generation config, then the server's flags, and a
+//! request's own values always win.
+
+mod common;
+
+use serde_json::{json, Value};
+
+/// A copy of the random-weight model whose generation config asks for greedy decoding.
+fn greedy_model() -> std::path::PathBuf {
+    common::shared(); // makes the random-weight model on first use
+    let src = pensieve::Config::default_for_tests().cache_root().join("demo-v1");
+    let dst = std::env::temp_dir().join(format!("pensieve-greedy-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::write(dst.join("generation_config.json"), r#"{"temperature": 0.0, "top_p": 0.95}"#).unwrap();
+    dst
+}
+
+fn ask(temperature: Option<f64>) -> Value {
+    let mut v = json!({"model": "m", "max_tokens": 24, "messages": [{"role": "user", "content": "tell me a story"}]});
+    if let Some(t) = temperature {
+        v["temperature"] = json!(t);
+    }
+    v
+}
+
+async fn text(s: &common::TestServer, body: &Value) -> String {
+    let (st, v) = s.post("/v1/messages", body).await;
+    assert_eq!(st, 200, "{v}");
+    v["content"][0]["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn the_models_defaults_then_flags_then_the_request_decide() {
+    let model = greedy_model();
+    let mut cfg = common::config();
+    cfg.model = Some(model.to_string_lossy().to_string());
+    let s = common::start(cfg.clone());
+    let (_, h) = s.get("/health").await;
+    assert_eq!(h["model"]["sampling_defaults"]["temperature"], json!({"value": 0.0, "source": "generation_config.json"}), "{h}");
+    let greedy = text(&s, &ask(Some(0.0))).await;
+    // No temperature sent: the model's generation config (0) decides.
+    for _ in 0..3 {
+        assert_eq!(text(&s, &ask(None)).await, greedy);
+    }
+
+    // A flag overrides the model's default...
+    cfg.temperature = Some(1.0);
+    let s = common::start(cfg);
+    let (_, h) = s.get("/health").await;
+    assert_eq!(h["model"]["sampling_defaults"]["temperature"]["source"], "--temperature");
+    assert_eq!(h["model"]["sampling_defaults"]["top_p"]["source"], "generation_config.json");
+    let mut outs = std::collections::HashSet::new();
+    for _ in 0..4 {
+        outs.insert(text(&s, &ask(None)).await);
+    }
+    assert!(outs.len() > 1, "sampled at the flag's temperature: {outs:?}");
+    // ...and a request's own value overrides both.
+    assert_eq!(text(&s, &ask(Some(0.0))).await, greedy);
+    let _ = std::fs::remove_dir_all(model);
+}
