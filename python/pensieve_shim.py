@@ -821,8 +821,10 @@ class Engine:
         if not tokens:
             raise InvalidPrompt("the prompt is empty (no tokens to start from)")
         if len(tokens) >= self.context_length:
+            # Anthropic's wording, which Claude Code parses (N and M) to compact
+            # the conversation; M leaves room for one generated token.
             raise InvalidPrompt(
-                f"prompt is {len(tokens)} tokens; the model's context is {self.context_length}"
+                f"prompt is too long: {len(tokens)} tokens > {self.context_length - 1} maximum"
             )
         max_tokens = max(1, min(p["max_tokens"], self.context_length - len(tokens)))
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_path, tokens)
@@ -972,6 +974,12 @@ class Engine:
         self.waiting.clear()
         self.by_rid.clear()
         self._reset_batch()
+        # The pipelined step runs on the generation stream, not on this
+        # thread's default stream: wait for both. (Waiting on the default
+        # stream alone let a queued step finish, and free its buffers, while
+        # the process exit was already destroying MLX's allocator: a heap
+        # corruption at test-process exit, about one run in fifteen.)
+        mx.synchronize(generation_stream)
         mx.synchronize()
 
     def check_sampling(self):

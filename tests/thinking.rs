@@ -78,3 +78,51 @@ async fn openai_reasoning_content() {
     assert_eq!(st, 200, "{r}");
     assert!(!r["choices"][0]["message"]["reasoning_content"].as_str().unwrap().is_empty(), "{r}");
 }
+
+/// Claude Code sends `thinking: {type: adaptive, display: omitted}`: blocks
+/// keep their place and signature, with empty text, streamed or not.
+#[tokio::test]
+async fn omitted_thinking_keeps_its_blocks_without_text() {
+    let s = think_server();
+    let thinking = json!({"type": "adaptive", "display": "omitted", "budget_tokens": 5});
+    let (st, m) = s.post("/v1/messages", &ask(thinking.clone())).await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(m["content"][0], json!({"type": "thinking", "thinking": "", "signature": ""}), "{m}");
+    assert_eq!(m["content"][1]["type"], "text", "{m}");
+    let mut body = ask(thinking);
+    body["stream"] = json!(true);
+    let evs = parse_sse(&client().post(s.url("/v1/messages")).json(&body).send().await.unwrap().text().await.unwrap());
+    let block0: Vec<&Value> = evs.iter().filter(|e| e.1["index"] == 0).map(|e| &e.1).collect();
+    assert_eq!(block0[0]["content_block"], json!({"type": "thinking", "thinking": ""}), "{evs:?}");
+    assert!(!evs.iter().any(|e| e.1["delta"]["type"] == "thinking_delta"), "no thinking text: {evs:?}");
+    assert_eq!(block0[block0.len() - 2]["delta"], json!({"type": "signature_delta", "signature": ""}));
+    assert_eq!(block0[block0.len() - 1]["type"], "content_block_stop");
+}
+
+/// What Claude Code reads: the window and capabilities in /v1/models, and the
+/// exact wording of a prompt over the context (it parses N and M to compact).
+#[tokio::test]
+async fn limits_are_told_the_way_claude_code_reads_them() {
+    let s = think_server();
+    let (_, models) = s.get("/v1/models").await;
+    let m = &models["data"][0];
+    assert_eq!(m["max_input_tokens"], 32768, "{m}");
+    assert_eq!(m["max_tokens"], 32768);
+    assert_eq!(m["capabilities"]["thinking"]["supported"], true, "{m}");
+    assert_eq!(m["capabilities"]["image_input"]["supported"], false);
+    let long = "hello ".repeat(40_000);
+    let (st, e) = s.post("/v1/messages", &json!({"model": "m", "max_tokens": 5,
+        "messages": [{"role": "user", "content": long}]})).await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    let msg = e["error"]["message"].as_str().unwrap();
+    let rest = msg.strip_prefix("prompt is too long: ").unwrap_or_else(|| panic!("{msg}"));
+    let (n, m) = rest.split_once(" tokens > ").unwrap();
+    let n: u64 = n.parse().unwrap();
+    let m: u64 = m.strip_suffix(" maximum").unwrap().parse().unwrap();
+    assert_eq!(m, 32767);
+    assert!(n > m, "{msg}");
+    let (_, count) = s.post("/v1/messages/count_tokens", &json!({"model": "m",
+        "messages": [{"role": "user", "content": long}]})).await;
+    assert_eq!(count["input_tokens"], n, "the same count as count_tokens");
+}

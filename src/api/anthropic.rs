@@ -57,11 +57,22 @@ pub struct Thinking {
     pub kind: String,
     #[serde(default)]
     pub budget_tokens: Option<u32>,
+    /// `summarized` (the default) or `omitted`: blocks keep their place and
+    /// signature, with empty text.
+    #[serde(default)]
+    pub display: Option<String>,
 }
 
 impl Thinking {
     fn enabled(&self) -> bool {
         self.kind != "disabled"
+    }
+}
+
+impl MessagesRequest {
+    /// `thinking.display: "omitted"`: thinking blocks carry no text.
+    pub fn thinking_omitted(&self) -> bool {
+        self.thinking.as_ref().is_some_and(|t| t.enabled() && t.display.as_deref() == Some("omitted"))
     }
 }
 
@@ -381,14 +392,17 @@ fn tool_use_block(c: &OutputToolCall) -> Value {
     json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments})
 }
 
-/// The `content` array of a response, in output order.
-pub fn content_blocks(out: &Collected) -> Vec<Value> {
+/// The `content` array of a response, in output order (`omit_thinking`:
+/// thinking blocks with empty text).
+pub fn content_blocks(out: &Collected, omit_thinking: bool) -> Vec<Value> {
     let mut blocks: Vec<Value> = out
         .blocks
         .iter()
         .filter_map(|b| match b {
             GenEvent::Text(t) if !t.is_empty() => Some(json!({"type": "text", "text": t})),
-            GenEvent::Thinking(t) => Some(json!({"type": "thinking", "thinking": t, "signature": ""})),
+            GenEvent::Thinking(t) => {
+                Some(json!({"type": "thinking", "thinking": if omit_thinking { "" } else { t }, "signature": ""}))
+            }
             GenEvent::ToolCall(c) => Some(tool_use_block(c)),
             _ => None,
         })
@@ -400,14 +414,14 @@ pub fn content_blocks(out: &Collected) -> Vec<Value> {
 }
 
 /// A complete non-streaming response.
-pub fn message_response(id: &str, model: &str, out: &Collected, reason: &StopReason, usage: Usage) -> Value {
+pub fn message_response(id: &str, model: &str, out: &Collected, reason: &StopReason, usage: Usage, omit_thinking: bool) -> Value {
     let (stop_reason, stop_sequence) = stop_reason_fields(reason);
     json!({
         "id": id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": content_blocks(out),
+        "content": content_blocks(out, omit_thinking),
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
         "usage": usage.to_json(),
@@ -427,6 +441,8 @@ pub struct EventStream {
     index: usize,
     open: Option<BlockKind>,
     finished: bool,
+    /// `thinking.display: "omitted"`: thinking blocks open and close, no text.
+    omit_thinking: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,7 +453,13 @@ enum BlockKind {
 
 impl EventStream {
     pub fn new(id: &str, model: &str) -> EventStream {
-        EventStream { id: id.into(), model: model.into(), index: 0, open: None, finished: false }
+        EventStream { id: id.into(), model: model.into(), index: 0, open: None, finished: false, omit_thinking: false }
+    }
+
+    /// Thinking blocks without their text (`thinking.display: "omitted"`).
+    pub fn omitting_thinking(mut self, omit: bool) -> EventStream {
+        self.omit_thinking = omit;
+        self
     }
 
     pub fn start(&mut self, usage: Usage) -> Vec<Event> {
@@ -472,6 +494,9 @@ impl EventStream {
             return vec![];
         }
         let mut ev = self.open_block(kind);
+        if kind == BlockKind::Thinking && self.omit_thinking {
+            return ev;
+        }
         let d = match kind {
             BlockKind::Text => json!({"type": "text_delta", "text": delta}),
             BlockKind::Thinking => json!({"type": "thinking_delta", "thinking": delta}),
@@ -513,10 +538,16 @@ impl EventStream {
     }
 
     fn close_block(&mut self) -> Vec<Event> {
-        if self.open.take().is_none() {
-            return vec![];
+        let Some(kind) = self.open.take() else { return vec![] };
+        let mut ev = vec![];
+        if kind == BlockKind::Thinking {
+            // As the API does: a thinking block ends with its signature.
+            ev.push((
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "signature_delta", "signature": ""}}),
+            ));
         }
-        let ev = vec![("content_block_stop", json!({"type": "content_block_stop", "index": self.index}))];
+        ev.push(("content_block_stop", json!({"type": "content_block_stop", "index": self.index})));
         self.index += 1;
         ev
     }

@@ -19,6 +19,26 @@ use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, 
 use crate::config::{BUILTIN_DEMO, BUILTIN_RANDOM, BUILTIN_RANDOM_THINK, BUILTIN_SMOLLM2};
 use crate::error::ApiError;
 
+/// One engine's MLX work at a time in this process. A server runs one
+/// engine, so this is never contended there; tests run several in one
+/// process, and MLX (one shared generation stream, compiled-function caches)
+/// is not made for several threads evaluating at once: an intermittent heap
+/// corruption at test-process exit was seen with concurrent engines.
+static MLX_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` holding `MLX_TURN`, waiting for it with the GIL released (the
+/// engine holding it may need the GIL to finish).
+fn mlx_turn<T>(py: Python<'_>, f: impl FnOnce() -> T) -> T {
+    let _turn = loop {
+        match MLX_TURN.try_lock() {
+            Ok(g) => break g,
+            Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => py.detach(|| std::thread::sleep(std::time::Duration::from_micros(200))),
+        }
+    };
+    f()
+}
+
 const SHIM_SOURCE: &str = include_str!("../../python/pensieve_shim.py");
 const GGUF_SOURCE: &str = include_str!("../../python/pensieve_gguf.py");
 
@@ -32,7 +52,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         }
     };
     Python::attach(|py| {
-        let loaded = load(py, &opts, &site_packages).and_then(|(shim, engine)| {
+        let loaded = mlx_turn(py, || load(py, &opts, &site_packages)).and_then(|(shim, engine)| {
             let info_json: String = engine.call_method0("info")?.extract()?;
             Ok((shim, engine, info_json))
         });
@@ -73,7 +93,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         let mut backend = PyBackend { py, engine };
         worker::serve(&mut backend, rx, &status);
         persist_prompt_cache(&backend.engine, &opts);
-        if let Err(e) = backend.engine.call_method0("close") {
+        if let Err(e) = mlx_turn(py, || backend.engine.call_method0("close")) {
             tracing::warn!("engine close: {e}");
         }
     });
@@ -81,7 +101,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
 
 fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
     let Some(dir) = &opts.prompt_cache_dir else { return };
-    let restored = engine.call_method0("restore_prompt_cache").and_then(|r| r.extract::<(u64, u64, u64, Vec<String>)>());
+    let restored = mlx_turn(engine.py(), || engine.call_method0("restore_prompt_cache")).and_then(|r| r.extract::<(u64, u64, u64, Vec<String>)>());
     if let Ok((_, _, _, warnings)) = &restored {
         for w in warnings {
             tracing::warn!("{w}");
@@ -102,7 +122,7 @@ fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
 fn persist_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
     let Some(dir) = &opts.prompt_cache_dir else { return };
     let t0 = std::time::Instant::now();
-    match engine.call_method0("persist_prompt_cache").and_then(|r| r.extract::<(u64, u64)>()) {
+    match mlx_turn(engine.py(), || engine.call_method0("persist_prompt_cache")).and_then(|r| r.extract::<(u64, u64)>()) {
         Ok((n, bytes)) => tracing::info!(
             "prefix cache: saved {n} entries ({} MiB) to {} in {:.2}s",
             bytes >> 20,
@@ -359,7 +379,7 @@ impl Backend for PyBackend<'_> {
         })
         .to_string();
         let prompt_tokens = tokens.len() as u32;
-        let submitted = self.engine.call_method1("submit", (rid, tokens, params));
+        let submitted = mlx_turn(self.py, || self.engine.call_method1("submit", (rid, tokens, params)));
         let (cached, max_tokens): (u32, u32) = submitted.and_then(|r| r.extract()).map_err(|e| {
             if raised(self.py, &e, "InvalidPrompt") {
                 self.prompt_error(e)
@@ -378,16 +398,14 @@ impl Backend for PyBackend<'_> {
     }
 
     fn cancel(&mut self, rid: u64) {
-        if let Err(e) = self.engine.call_method1("cancel", (rid,)) {
+        if let Err(e) = mlx_turn(self.py, || self.engine.call_method1("cancel", (rid,))) {
             tracing::warn!(rid, "cancel failed: {e}");
         }
     }
 
     fn step(&mut self) -> Result<Vec<StepItem>, ApiError> {
         type Raw = Vec<(u64, Vec<(String, String)>, Option<String>, Option<String>, bool)>;
-        let items: Raw = self
-            .engine
-            .call_method0("step")
+        let items: Raw = mlx_turn(self.py, || self.engine.call_method0("step"))
             .and_then(|r| r.extract())
             .map_err(|e| ApiError::Internal(format!("generation step failed: {e}")))?;
         Ok(items
@@ -403,7 +421,7 @@ impl Backend for PyBackend<'_> {
     }
 
     fn memory(&mut self) -> Option<MemorySnapshot> {
-        let r = self.engine.call_method0("memory").ok()?;
+        let r = mlx_turn(self.py, || self.engine.call_method0("memory")).ok()?;
         let (active, peak, cache, prompt_cache, running, live_kv, kv_peak): (u64, u64, u64, u64, u64, u64, u64) =
             r.extract().ok()?;
         Some(MemorySnapshot {
@@ -418,7 +436,7 @@ impl Backend for PyBackend<'_> {
     }
 
     fn check_sampling(&mut self) -> Option<String> {
-        match self.engine.call_method0("check_sampling").and_then(|r| r.extract::<Option<String>>()) {
+        match mlx_turn(self.py, || self.engine.call_method0("check_sampling")).and_then(|r| r.extract::<Option<String>>()) {
             Ok(r) => r,
             Err(e) => Some(format!("the sampling probe itself failed: {e}")),
         }

@@ -84,13 +84,36 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
 fn model_entry(state: &AppState) -> Value {
     let created = state.started.elapsed();
     let created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d - created).unwrap_or_default().as_secs();
+    let info = state.engine.info();
+    let context = info.map(|i| i.context_length);
+    let thinking = info.is_some_and(|i| i.thinking);
+    let tools = info.is_some_and(|i| i.template.tool_call_start.as_deref().is_some_and(|s| !s.is_empty()));
+    let yes_no = |b: bool| json!({"supported": b});
     // Fields of both the Anthropic and the OpenAI model shapes, so both SDKs'
-    // `models.list()` parse the same answer.
+    // `models.list()` parse the same answer. Anthropic's carry the window
+    // (`max_input_tokens`), the output limit and what the model can do.
     json!({
         "type": "model",
         "id": state.model_id,
         "display_name": state.model_id,
         "created_at": rfc3339(created_unix),
+        "lifecycle": "active",
+        "max_input_tokens": context,
+        "max_tokens": context,
+        "capabilities": {
+            "batch": yes_no(false),
+            "citations": yes_no(false),
+            "code_execution": yes_no(false),
+            "context_management": {"supported": false},
+            "effort": {"supported": false, "low": yes_no(false), "medium": yes_no(false), "high": yes_no(false), "max": yes_no(false)},
+            "image_input": yes_no(false),
+            "pdf_input": yes_no(false),
+            "server_tools": {"supported": false, "code_execution": yes_no(false), "web_search": yes_no(false)},
+            "structured_outputs": yes_no(false),
+            "thinking": {"supported": thinking, "types": {
+                "enabled": yes_no(thinking), "adaptive": yes_no(thinking), "disabled": yes_no(true), "between_tools": yes_no(false)}},
+            "tool_use": yes_no(tools),
+        },
         "object": "model",
         "created": created_unix,
         "owned_by": "pensieve",
@@ -140,9 +163,10 @@ pub async fn messages(state: &Arc<AppState>, body: &[u8], mut ctx: Ctx) -> Resul
     let id = new_id("msg_");
     let model = req.model.clone();
     ctx.label.model = model.clone();
-    let stream = req.stream.unwrap_or(false).then(|| EventStream::new(&id, &model));
+    let omit = req.thinking_omitted();
+    let stream = req.stream.unwrap_or(false).then(|| EventStream::new(&id, &model).omitting_thinking(omit));
     serve_generation(state, gen_req, ctx.label, "toolu_", stream, |out, reason, g| {
-        anthropic::message_response(&id, &model, out, reason, usage_of(g))
+        anthropic::message_response(&id, &model, out, reason, usage_of(g), omit)
     })
     .await
 }
