@@ -734,6 +734,7 @@ class Engine:
                 "batching": self._batchable,
                 "sampling_defaults": self.sampling_defaults,
                 "thinking": bool(self.tokenizer.has_thinking),
+                "late_system": self._late_system_mode(),
                 "template": self._template_info(),
             }
         )
@@ -763,6 +764,32 @@ class Engine:
             "tool_call_end": tk.tool_call_end,
             "tool_parser": self._tool_parser_type(),
         }
+
+    def _late_system_mode(self):
+        """How this template takes a system message in mid-conversation:
+        "system" (rendered where it stands), "user" (dropped or refused
+        there, but consecutive user turns are fine: it becomes its own user
+        turn) or "merge" (roles must alternate: it joins a user turn)."""
+        if not self.tokenizer.has_chat_template:
+            return "system"  # the plain transcript prints every role in place
+        kw = dict(add_generation_prompt=True, tokenize=False, **self._template_kwargs())
+        a, probe, b = "PNSVUSERA", "PNSVPROBE", "PNSVUSERB"
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": a}, {"role": "system", "content": probe},
+                 {"role": "user", "content": b}], **kw)
+            if a in text and probe in text and text.index(a) < text.index(probe) < text.index(b):
+                return "system"
+        except Exception:
+            pass
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": a}, {"role": "user", "content": b}], **kw)
+            if a in text and b in text:
+                return "user"
+        except Exception:
+            pass
+        return "merge"
 
     def _tool_parser_type(self):
         parser = self.tokenizer.tool_parser

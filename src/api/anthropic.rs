@@ -209,7 +209,19 @@ impl MessagesRequest {
         let mut tool_names: Vec<(String, String)> = Vec::new();
         for (i, m) in self.messages.iter().enumerate() {
             match m.role {
-                Role::System => push_nonempty(&mut system_parts, flatten_text(&m.content, i)?),
+                Role::System => {
+                    // Before the conversation: part of the system prompt. Later
+                    // (Claude Code's environment block after the first user
+                    // message, reminders after tool results): where it stands,
+                    // so the head of the prompt stays the same turn after turn
+                    // and session after session.
+                    let text = crate::api::strip_volatile(&flatten_text(&m.content, i)?);
+                    if out.is_empty() {
+                        push_nonempty(&mut system_parts, text);
+                    } else if !text.trim().is_empty() {
+                        out.push(ChatMessage::new("system", text));
+                    }
+                }
                 Role::Assistant => {
                     let mut msg = ChatMessage::new("assistant", String::new());
                     for b in blocks_of(&m.content) {
@@ -631,19 +643,21 @@ mod tests {
     }
 
     #[test]
-    fn billing_header_dropped_and_system_messages_folded() {
+    fn billing_header_dropped_and_late_system_messages_stay_where_they_stand() {
         let r = req(json!({"model": "m", "max_tokens": 5,
             "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cc_entrypoint=cli;"},
                        {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]},
-                         {"role": "system", "content": [{"type": "text", "text": "late rule"}]}]}))
+            "messages": [{"role": "system", "content": "early rule"},
+                         {"role": "user", "content": [{"type": "text", "text": "hello"}]},
+                         {"role": "system", "content": [{"type": "text", "text": "late rule"}]},
+                         {"role": "system", "content": "<total_tokens>4242 tokens left</total_tokens>"}]}))
         .unwrap();
         let p = r.to_prompt().unwrap();
-        assert_eq!(p.messages.len(), 2);
-        assert_eq!(p.messages[0].role, "system");
-        assert_eq!(p.messages[0].content, "You are Claude Code.\n\nlate rule");
-        assert!(!p.messages[0].content.contains("billing"));
-        assert_eq!(p.messages[1], ChatMessage::new("user", "hello"));
+        assert_eq!(p.messages, vec![
+            ChatMessage::new("system", "You are Claude Code.\n\nearly rule"),
+            ChatMessage::new("user", "hello"),
+            ChatMessage::new("system", "late rule"),
+        ]);
     }
 
     #[test]
@@ -729,7 +743,9 @@ mod tests {
         assert_eq!(g.prompt.tools.len(), 12);
         assert_eq!(g.prompt.messages[0].role, "system");
         assert!(!g.prompt.messages[0].content.contains("x-anthropic-billing-header"));
-        assert!(g.prompt.messages.iter().skip(1).all(|m| m.role != "system"));
+        // The environment block after the first user message stays there.
+        let roles: Vec<&str> = g.prompt.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles[1..], ["user", "system"]);
     }
 
     #[test]

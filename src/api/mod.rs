@@ -74,6 +74,27 @@ pub fn json_fragments(args: &serde_json::Value) -> Vec<String> {
     chars.chunks(size).map(|c| c.iter().collect()).collect()
 }
 
+/// Drops the parts of a late system message that change every turn and mean
+/// nothing to a local model: Claude Code's `<total_tokens>N tokens
+/// left</total_tokens>` countdown (N changes each turn; kept, it would end the
+/// reusable prefix right there).
+pub fn strip_volatile(text: &str) -> String {
+    const OPEN: &str = "<total_tokens>";
+    const CLOSE: &str = "</total_tokens>";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(OPEN) {
+        let Some(j) = rest[i..].find(CLOSE) else { break };
+        out.push_str(&rest[..i]);
+        rest = &rest[i + j + CLOSE.len()..];
+    }
+    out.push_str(rest);
+    if out.len() == text.len() {
+        return out;
+    }
+    out.trim().to_string()
+}
+
 /// A random id with the given prefix (`msg_`, `toolu_`, `chatcmpl-`).
 pub fn new_id(prefix: &str) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
@@ -174,6 +195,14 @@ mod tests {
         let back: serde_json::Value = serde_json::from_str(&f.concat()).unwrap();
         assert_eq!(back, v);
         assert_eq!(json_fragments(&serde_json::json!({})).concat(), "{}");
+    }
+
+    #[test]
+    fn the_token_countdown_is_dropped() {
+        assert_eq!(strip_volatile("<total_tokens>123456 tokens left</total_tokens>"), "");
+        assert_eq!(strip_volatile("keep <total_tokens>9 tokens left</total_tokens>\n"), "keep");
+        assert_eq!(strip_volatile("no marker here\n"), "no marker here\n");
+        assert_eq!(strip_volatile("open <total_tokens> never closed"), "open <total_tokens> never closed");
     }
 
     #[test]

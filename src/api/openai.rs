@@ -252,8 +252,13 @@ impl ChatRequest {
             let text = m.content.as_ref().map(|c| c.0.clone()).unwrap_or_default();
             match m.role {
                 Role::System | Role::Developer => {
-                    if !text.trim().is_empty() {
+                    let text = crate::api::strip_volatile(&text);
+                    if text.trim().is_empty() {
+                    } else if out.is_empty() {
                         system.push(text)
+                    } else {
+                        // Late: it stays where it stands (see api::strip_volatile).
+                        out.push(ChatMessage::new("system", text));
                     }
                 }
                 Role::User => out.push(ChatMessage::new("user", text)),

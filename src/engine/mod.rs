@@ -448,6 +448,10 @@ pub struct ModelInfo {
     /// Whether the model thinks in tags (its template has a thinking switch).
     #[serde(default)]
     pub thinking: bool,
+    /// How the template takes a system message in mid-conversation: "system"
+    /// (in place), "user" (as its own user turn), "merge" (joined to a user turn).
+    #[serde(default = "system_mode")]
+    pub late_system: String,
     /// Tokenizer file and chat template, for the Rust-side tokenizer.
     #[serde(default, skip_serializing)]
     pub template: crate::tokenizer::TemplateInfo,
@@ -455,6 +459,53 @@ pub struct ModelInfo {
 
 fn yes() -> bool {
     true
+}
+
+fn system_mode() -> String {
+    "system".into()
+}
+
+/// A system message that is not the first message (Claude Code's
+/// environment block, reminders) stays where it stands, so the head of the
+/// prompt — system prompt and tools — is the same turn after turn and session
+/// after session. Templates that drop or refuse a system message there get it
+/// as `<system-reminder>` text in a user turn at the same place (`mode`
+/// "user"), or joined to the neighbouring user turn where roles must
+/// alternate ("merge"; appending after a user turn then changes that turn).
+pub fn place_late_system_messages(prompt: &mut Prompt, mode: &str) {
+    if mode == "system" || !prompt.messages.iter().skip(1).any(|m| m.role == "system") {
+        return;
+    }
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(prompt.messages.len());
+    for (i, m) in prompt.messages.drain(..).enumerate() {
+        if i == 0 || m.role != "system" {
+            out.push(m);
+            continue;
+        }
+        let reminder = format!("<system-reminder>\n{}\n</system-reminder>", m.content);
+        match out.last_mut() {
+            Some(last) if mode == "merge" && last.role == "user" => {
+                last.content.push_str("\n\n");
+                last.content.push_str(&reminder);
+            }
+            _ => out.push(ChatMessage::new("user", reminder)),
+        }
+    }
+    if mode == "merge" {
+        // A reminder that followed an assistant turn joins the next user turn.
+        let mut merged: Vec<ChatMessage> = Vec::with_capacity(out.len());
+        for m in out {
+            match merged.last_mut() {
+                Some(last) if last.role == "user" && m.role == "user" && m.tool_calls.is_empty() => {
+                    last.content.push_str("\n\n");
+                    last.content.push_str(&m.content);
+                }
+                _ => merged.push(m),
+            }
+        }
+        out = merged;
+    }
+    prompt.messages = out;
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -755,6 +806,7 @@ impl EngineHandle {
     /// As `generate`, naming tool calls `{prefix}…` (`toolu_` / `call_`).
     pub async fn generate_with_ids(&self, mut request: GenerateRequest, tool_id_prefix: &'static str) -> Result<Generation, ApiError> {
         self.apply_tool_choice(&mut request)?;
+        self.place_system_messages(&mut request.prompt);
         self.ensure_alive()?;
         let tokens = match &self.tokenizer {
             Some(tok) => Some(Self::tokenize_in_rust(tok, request.prompt.clone()).await?),
@@ -812,9 +864,17 @@ impl EngineHandle {
         Ok(())
     }
 
+    /// Late system messages as this model's template can take them.
+    fn place_system_messages(&self, prompt: &mut Prompt) {
+        if let Some(info) = self.info() {
+            place_late_system_messages(prompt, &info.late_system);
+        }
+    }
+
     /// Tokens the prompt renders to, with the model's own template.
-    pub async fn count_tokens(&self, prompt: Prompt) -> Result<u32, ApiError> {
+    pub async fn count_tokens(&self, mut prompt: Prompt) -> Result<u32, ApiError> {
         self.ensure_alive()?;
+        self.place_system_messages(&mut prompt);
         if let Some(tok) = &self.tokenizer {
             return Ok(Self::tokenize_in_rust(tok, prompt).await?.len() as u32);
         }
@@ -827,5 +887,44 @@ impl EngineHandle {
         if let Some(t) = self.thread.lock().unwrap().take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(roles: &[(&str, &str)]) -> Prompt {
+        Prompt { messages: roles.iter().map(|(r, c)| ChatMessage::new(r, *c)).collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn late_system_messages_stay_in_place_in_each_mode() {
+        let p = conv(&[("system", "sys"), ("user", "u1"), ("system", "env"), ("assistant", "a1"), ("system", "note"), ("user", "u2")]);
+        let mut q = p.clone();
+        place_late_system_messages(&mut q, "system");
+        assert_eq!(q, p);
+
+        let mut q = p.clone();
+        place_late_system_messages(&mut q, "user");
+        let got: Vec<(&str, &str)> = q.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+        assert_eq!(got, [
+            ("system", "sys"),
+            ("user", "u1"),
+            ("user", "<system-reminder>\nenv\n</system-reminder>"),
+            ("assistant", "a1"),
+            ("user", "<system-reminder>\nnote\n</system-reminder>"),
+            ("user", "u2"),
+        ]);
+
+        let mut q = p;
+        place_late_system_messages(&mut q, "merge");
+        let got: Vec<(&str, &str)> = q.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+        assert_eq!(got, [
+            ("system", "sys"),
+            ("user", "u1\n\n<system-reminder>\nenv\n</system-reminder>"),
+            ("assistant", "a1"),
+            ("user", "<system-reminder>\nnote\n</system-reminder>\n\nu2"),
+        ]);
     }
 }

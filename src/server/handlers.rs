@@ -58,6 +58,7 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             "blas": info.map(|i| i.blas.clone()),
             "batching": info.map(|i| i.batching),
             "sampling_defaults": info.map(|i| i.sampling_defaults.clone()),
+            "late_system_messages": info.map(|i| i.late_system.clone()),
         });
         // A filesystem path only to a caller that proved it holds the key.
         if state.config.api_key.is_some() {
