@@ -101,11 +101,12 @@ def _scalar(meta, key, default=None):
 
 
 def read(path):
-    """(tensors, metadata). Tensors MLX cannot read come back dequantized to
-    float32 (marked in the returned set) through the `gguf` package."""
+    """(tensors, metadata, bits): tensors MLX cannot read come back
+    dequantized to float32 through the `gguf` package, with the bit width
+    their type had (`bits`: name -> bits, for re-quantizing)."""
     try:
         weights, meta = mx.load(path, return_metadata=True)
-        return weights, meta, set()
+        return weights, meta, {}
     except Exception as e:
         mlx_error = e
     try:
@@ -113,7 +114,7 @@ def read(path):
     except ImportError:
         raise GGUFError(f"MLX cannot read {path} ({mlx_error}) and the gguf package is not installed")
     reader = gguf.GGUFReader(path)
-    weights, float_only = {}, set()
+    weights, bits = {}, {}
     for t in reader.tensors:
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         try:
@@ -122,14 +123,16 @@ def read(path):
             raise GGUFError(f"tensor {t.name} has type {qtype.name}, which nothing here can read")
         shape = [int(x) for x in reversed(t.shape.tolist())]
         weights[t.name] = mx.array(data.astype("float32").reshape(shape))
-        float_only.add(t.name)
+        digits = "".join(c for c in qtype.name.split("_")[0] if c.isdigit())
+        if digits and qtype.name not in ("F16", "F32", "BF16", "F64"):
+            bits[t.name] = int(digits)
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
         val = field.contents()
         meta[key] = val
-    return weights, meta, float_only
+    return weights, meta, bits
 
 
 def _config(meta, weights):
@@ -206,7 +209,7 @@ def convert(path, dest, dequantize, log=print, permute_qk=True):
     `permute_qk=False` keeps llama.cpp's Q/K row order (wrong for mlx-lm:
     only for measuring what a mis-conversion does)."""
     t0 = time.perf_counter()
-    weights, meta, float_only = read(path)
+    weights, meta, file_bits = read(path)
     arch, config = _config(meta, weights)
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     out, bits_seen = {}, set()
@@ -230,6 +233,8 @@ def convert(path, dest, dequantize, log=print, permute_qk=True):
             bits_seen.add(bits)
             w = mx.dequantize(w, scales, biases, group_size=32, bits=bits).astype(mx.float32)
         else:
+            if f"{base}.weight" in file_bits:
+                bits_seen.add(file_bits[f"{base}.weight"])
             w = w.astype(mx.float32)
         if arch == "llama" and permute_qk and base.endswith((".attn_q", ".attn_k")):
             w = unpermute_qk(w, n_head if base.endswith(".attn_q") else n_kv)
@@ -268,7 +273,7 @@ def convert(path, dest, dequantize, log=print, permute_qk=True):
             json.dump(gen, f, indent=1)
     with open(os.path.join(dest, "pensieve-gguf.json"), "w") as f:
         json.dump({"source": os.path.realpath(path), "seconds": time.perf_counter() - t0,
-                   "dequantized": bool(dequantize), "types_read_by": "gguf" if float_only else "mlx"}, f)
+                   "dequantized": bool(dequantize), "types_read_by": "gguf" if file_bits else "mlx"}, f)
 
 
 def _write_tokenizer(meta, arch, dest):
@@ -319,7 +324,8 @@ def write(folder, out, qtype="F32"):
     """Writes MLX model folder `folder` (llama / qwen2 / qwen3, float weights,
     a byte-level BPE tokenizer.json) as a GGUF file the way llama.cpp's
     converter lays it out: its tensor names, Q/K rows permuted for llama,
-    matrices in `qtype` (F32, F16 or Q8_0; norms and biases stay F32), and the
+    matrices in `qtype` (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0; norms and
+    biases stay F32), and the
     tokenizer as gguf metadata. For tests and benchmarks: real GGUF files of
     any shape without a download."""
     import gguf
@@ -345,9 +351,8 @@ def write(folder, out, qtype="F32"):
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     w.add_rope_freq_base(config.get("rope_theta", 10000.0))
-    qt = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
-          "Q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
-    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[qtype])
+    qt = gguf.GGMLQuantizationType[qtype]
+    w.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}[qtype])
     _write_tokenizer_meta(w, folder)
     top = {v: k for k, v in _TOP.items()}
     names = {v: k for k, v in _NAMES.items()}
@@ -408,7 +413,7 @@ def _write_tokenizer_meta(w, folder):
 
 if __name__ == "__main__":
     # python python/pensieve_gguf.py FILE.gguf DEST [--keep-quantized] [--no-permute]
-    # python python/pensieve_gguf.py write MODEL_FOLDER OUT.gguf [F32|F16|Q8_0]
+    # python python/pensieve_gguf.py write MODEL_FOLDER OUT.gguf [F32|F16|Q4_0|Q4_1|Q5_0|Q5_1|Q8_0]
     args = sys.argv[1:]
     t0 = time.perf_counter()
     if args[:1] == ["write"] and len(args) >= 3:
@@ -419,4 +424,4 @@ if __name__ == "__main__":
         print(f"{args[1]} ready in {time.perf_counter() - t0:.1f}s")
     else:
         sys.exit("usage: pensieve_gguf.py FILE.gguf DEST [--keep-quantized] [--no-permute]\n"
-                 "       pensieve_gguf.py write MODEL_FOLDER OUT.gguf [F32|F16|Q8_0]")
+                 "       pensieve_gguf.py write MODEL_FOLDER OUT.gguf [F32|F16|Q4_0|Q4_1|Q5_0|Q5_1|Q8_0]")
