@@ -187,12 +187,19 @@ impl PromptTokenizer {
 
     /// Renders the prompt with the chat template (or takes the raw prompt).
     pub fn render(&self, prompt: &Prompt) -> Result<String, String> {
-        Ok(self.render_marked(prompt)?.0)
+        Ok(self.render_marked(prompt, true)?.0)
+    }
+
+    /// Token ids of the conversation as it stands, without the generation
+    /// prompt: what a later turn's prompt must start with for the prefix
+    /// cache to reuse it.
+    pub fn tokenize_conversation(&self, prompt: &Prompt) -> Result<Vec<u32>, String> {
+        self.tokenize_with(prompt, false)
     }
 
     /// The rendered text and the spans of special-token text that came from
     /// the request (empty when none, or when that is allowed).
-    fn render_marked(&self, prompt: &Prompt) -> Result<(String, MarkedSpans), String> {
+    fn render_marked(&self, prompt: &Prompt, add_generation_prompt: bool) -> Result<(String, MarkedSpans), String> {
         if let Some(raw) = &prompt.raw_prompt {
             // A raw completion prompt is the client's own template.
             return Ok((raw.clone(), vec![]));
@@ -212,7 +219,7 @@ impl PromptTokenizer {
         ctx.insert("messages".into(), messages);
         ctx.insert("tools".into(), tools);
         ctx.insert("documents".into(), Value::Null);
-        ctx.insert("add_generation_prompt".into(), json!(true));
+        ctx.insert("add_generation_prompt".into(), json!(add_generation_prompt));
         for (k, v) in &self.info.special_tokens {
             ctx.insert(k.clone(), v.clone());
         }
@@ -229,7 +236,11 @@ impl PromptTokenizer {
 
     /// Token ids exactly as the shim's `render` produces them.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, String> {
-        let (text, spans) = self.render_marked(prompt)?;
+        self.tokenize_with(prompt, true)
+    }
+
+    fn tokenize_with(&self, prompt: &Prompt, add_generation_prompt: bool) -> Result<Vec<u32>, String> {
+        let (text, spans) = self.render_marked(prompt, add_generation_prompt)?;
         // A raw prompt gets the tokenizer's special tokens (BOS); a rendered
         // chat template already has them.
         let add_special = prompt.raw_prompt.is_some();
