@@ -70,7 +70,9 @@ def fingerprint(path, dequantize):
 def prepare(path, cache_dir, dequantize, log=print):
     """The converted folder for GGUF file `path` (converting it first when no
     finished conversion exists). Returns (folder, converted_now, seconds)."""
-    name = os.path.splitext(os.path.basename(path))[0]
+    # Named after the real file: an Ollama blob symlinked to a file already
+    # converted reuses that conversion.
+    name = os.path.splitext(os.path.basename(os.path.realpath(path)))[0]
     dest = os.path.join(cache_dir, f"{name}-{fingerprint(path, dequantize)}")
     if os.path.exists(os.path.join(dest, ".complete")):
         return dest, False, 0.0
