@@ -67,7 +67,11 @@ def fingerprint(path, dequantize):
     return h.hexdigest()[:16]
 
 
-def prepare(path, cache_dir, dequantize, log=print):
+def _stderr(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(path, cache_dir, dequantize, log=_stderr):
     """The converted folder for GGUF file `path` (converting it first when no
     finished conversion exists). Returns (folder, converted_now, seconds)."""
     # Named after the real file: an Ollama blob symlinked to a file already
@@ -206,7 +210,7 @@ def unpermute_qk(w, n_head):
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def convert(path, dest, dequantize, log=print, permute_qk=True):
+def convert(path, dest, dequantize, log=_stderr, permute_qk=True):
     """Writes the MLX model folder for GGUF file `path` into `dest`.
     `permute_qk=False` keeps llama.cpp's Q/K row order (wrong for mlx-lm:
     only for measuring what a mis-conversion does)."""
@@ -216,7 +220,10 @@ def convert(path, dest, dequantize, log=print, permute_qk=True):
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     out, bits_seen = {}, set()
     names = sorted({k.rsplit(".", 1)[0] for k in weights})
-    for base in names:
+    step = max(1, len(names) // 10)
+    for i, base in enumerate(names):
+        if i % step == 0 and i:
+            log(f"pensieve gguf: converting {os.path.basename(path)}: {100 * i // len(names)}% ({i}/{len(names)} tensors)")
         w = weights.get(f"{base}.weight")
         target = hf_name(f"{base}.weight")
         if w is None or target is None:

@@ -60,6 +60,7 @@ fn smollm2_answers_factual_questions_through_both_sdks() {
     assert_eq!(h["model"]["sampling_defaults"]["temperature"], serde_json::json!({"value": 0.2, "source": "model card"}), "{h}");
     assert_eq!(h["model"]["sampling_defaults"]["top_p"]["value"], 0.9);
     assert_eq!(h["model"]["context_length"], 8192);
+    assert_eq!(h["model"]["prompt_tokenizer"], "rust", "the Rust tokenizer passed the start-up check on the GGUF tokenizer");
 }
 
 /// `ollama:NAME[:TAG]` finds the GGUF through Ollama's manifest (the real

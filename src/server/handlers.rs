@@ -59,6 +59,8 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             "batching": info.map(|i| i.batching),
             "sampling_defaults": info.map(|i| i.sampling_defaults.clone()),
             "late_system_messages": info.map(|i| i.late_system.clone()),
+            // "rust": the Rust tokenizer reproduced Python's ids at start-up.
+            "prompt_tokenizer": if engine.rust_tokenizer_active() { "rust" } else { "python" },
         });
         // A filesystem path only to a caller that proved it holds the key.
         if state.config.api_key.is_some() {
