@@ -28,11 +28,11 @@ fn tokenizer_file(llama3_markers: bool) -> String {
         return file.to_string_lossy().to_string();
     }
     let mut tj: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    let mut next = tj["model"]["vocab"].as_object().unwrap().len() as u64 + 16;
-    for t in ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"] {
-        tj["added_tokens"].as_array_mut().unwrap().push(json!({"id": next, "content": t, "single_word": false,
+    let first = tj["model"]["vocab"].as_object().unwrap().len() as u64 + 16;
+    let markers = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
+    for (id, t) in (first..).zip(markers) {
+        tj["added_tokens"].as_array_mut().unwrap().push(json!({"id": id, "content": t, "single_word": false,
             "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
-        next += 1;
     }
     let out = std::env::temp_dir().join(format!("pensieve-llama3-tokenizer-{}.json", std::process::id()));
     std::fs::write(&out, tj.to_string()).unwrap();
