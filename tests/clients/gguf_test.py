@@ -11,6 +11,7 @@
 
 Usage: gguf_test.py PATH_TO_python/ SMOLLM2_GGUF WORK_DIR
 """
+import json
 import os
 import sys
 import time
@@ -97,6 +98,32 @@ for shape in ("demo", "demo-qwen2", "demo-qwen3"):
         worst = weights_match(gguf_file, out, shape)
         check(f"{shape} {qtype} weights", worst <= 1e-3, f"max |diff| {worst}")  # MLX dequantizes in float16
     print(f"{shape}: round trip through F32/F16/Q8_0/Q4_0/Q5_0 GGUF checked")
+
+# Metal and CUDA keep MLX's quantized format: the same conversion without
+# dequantizing gives 4-bit MLX weights (checked here on the CPU backend).
+demo_f32 = os.path.join(WORK, "demo.F32.gguf")
+kept = os.path.join(WORK, "demo-kept-quantized")
+pg.convert(demo_f32, kept, False)
+with open(os.path.join(kept, "config.json")) as f:
+    check("kept quantized: config", json.load(f).get("quantization") == {"group_size": 32, "bits": 8},
+          "F32 files re-quantize at 8 bits")
+mq, tq = mlx_lm.load(kept)
+md, td = mlx_lm.load(os.path.join(WORK, "demo-F32"))
+ids = td.encode("hello world")
+rel = float(mx.abs(mq(mx.array([ids])) - md(mx.array([ids]))).max() / mx.abs(md(mx.array([ids]))).max())
+check("kept quantized: logits", rel < 0.05, rel)
+
+# A folder holding one GGUF file names it; two are ambiguous.
+folder = os.path.join(WORK, "one-gguf")
+os.makedirs(folder, exist_ok=True)
+os.symlink(demo_f32, os.path.join(folder, "model.gguf"))
+check("folder with one .gguf", pg.find_gguf(folder) == os.path.join(folder, "model.gguf"), pg.find_gguf(folder))
+os.symlink(demo_f32, os.path.join(folder, "other.gguf"))
+try:
+    pg.find_gguf(folder)
+    check("folder with two .gguf", False, "no error")
+except pg.GGUFError as e:
+    check("folder with two .gguf", "several GGUF files" in str(e), str(e))
 
 t0 = time.perf_counter()
 pg.convert(SMOLLM2, os.path.join(WORK, "smollm2"), True)
