@@ -16,6 +16,7 @@
 //! ```
 //!
 //! Modules:
+//! - [`cli`]: the subcommands (serve, claude, env, status).
 //! - [`config`]: flags (each also an env var).
 //! - [`server`]: accept loop, routing, auth, body limits, handlers, shutdown.
 //! - [`api`]: the dialects; each converts its wire types to the internal request.
@@ -34,6 +35,7 @@
 
 pub mod api;
 pub mod blas;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod engine;

@@ -1,15 +1,21 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() {
-    let config = pensieve::Config::parse();
+fn main() -> std::process::ExitCode {
+    let config = match pensieve::cli::run(pensieve::cli::Cli::parse()) {
+        Ok(code) => return code,
+        Err(config) => config,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_target(false)
+        // Colours only on a terminal: logs piped to files or journald stay plain.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    if let Err(e) = pensieve::server::serve(config).await {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    if let Err(e) = rt.block_on(pensieve::server::serve(config)) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        return std::process::ExitCode::from(1);
     }
+    std::process::ExitCode::SUCCESS
 }

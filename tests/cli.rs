@@ -1,0 +1,127 @@
+//! The subcommands on the real binary: `pensieve status`, `pensieve env`
+//! (sourced by a shell, used by the real SDK), and `pensieve claude` with the
+//! real Claude Code CLI (skipped, saying so, where it is not installed).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::binary::{signal, spawn, wait_exit};
+
+fn pensieve(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pensieve")).args(args).output().unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn port_of(s: &common::binary::Server) -> String {
+    s.addr.rsplit(':').next().unwrap().to_string()
+}
+
+#[test]
+fn status_describes_a_running_server_and_fails_on_nothing() {
+    let nothing = free_port().to_string();
+    let out = pensieve(&["status", "--port", &nothing]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no pensieve is listening"), "{out:?}");
+
+    let mut s = spawn(&["--model", "builtin:demo"]);
+    let port = port_of(&s);
+    let out = pensieve(&["status", "--port", &port]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in ["pensieve-demo", "32768 tokens of context", "slots", "memory", "uptime"] {
+        assert!(text.contains(want), "{want} missing from:\n{text}");
+    }
+    let out = pensieve(&["status", "--json", "--port", &port]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "ok");
+    signal(&s, libc::SIGTERM);
+    wait_exit(&mut s, 30);
+}
+
+#[test]
+fn env_output_sourced_by_a_shell_reaches_the_server_through_the_sdk() {
+    let mut s = spawn(&["--model", "builtin:demo"]);
+    let port = port_of(&s);
+    let script = format!(
+        "eval \"$({} env anthropic --port {port})\" && {} -c 'import anthropic; m = anthropic.Anthropic().messages.create(model=\"x\", max_tokens=4, messages=[{{\"role\": \"user\", \"content\": \"hi\"}}]); print(m.type, m.usage.output_tokens)'",
+        env!("CARGO_BIN_EXE_pensieve"),
+        common::venv_python()
+    );
+    let out = Command::new("bash").args(["-c", &script]).env_remove("ANTHROPIC_BASE_URL").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "message 4");
+    let out = pensieve(&["env", "claude", "--port", &port]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["CLAUDE_CODE_AUTO_COMPACT_WINDOW=32768", "ANTHROPIC_MODEL=pensieve-demo", "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off"] {
+        assert!(text.contains(want), "{want} missing from:\n{text}");
+    }
+    signal(&s, libc::SIGTERM);
+    wait_exit(&mut s, 30);
+}
+
+fn claude_installed() -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("claude").is_file()))
+        .unwrap_or(false);
+    if !found {
+        eprintln!("SKIPPED: the claude CLI is not installed (npm install -g @anthropic-ai/claude-code); .ci/run installs it");
+    }
+    found
+}
+
+/// Claude Code's minimal mode, so its prompt fits the demo model's 32k window.
+const CLAUDE_ARGS: [&str; 7] = ["-p", "hello", "--bare", "--system-prompt", "Be brief.", "--max-turns", "1"];
+
+#[test]
+fn pensieve_claude_runs_the_real_cli_against_an_existing_server() {
+    if !claude_installed() {
+        return;
+    }
+    let mut s = spawn(&["--model", "builtin:demo"]);
+    let port = port_of(&s);
+    let mut args = vec!["claude", "--port", port.as_str(), "--"];
+    args.extend(CLAUDE_ARGS);
+    let out = Command::new(env!("CARGO_BIN_EXE_pensieve")).args(&args).env_remove("ANTHROPIC_MODEL").output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty(), "the turn produced an answer");
+    // The server saw Claude Code ask for the served model by name.
+    let mut saw = Vec::new();
+    while let Ok(line) = s.logs.recv_timeout(Duration::from_millis(500)) {
+        saw.push(line);
+    }
+    let generations: Vec<&String> = saw.iter().filter(|l| l.contains("generation")).collect();
+    assert!(!generations.is_empty(), "{saw:#?}");
+    assert!(generations.iter().all(|l| l.contains("model=pensieve-demo")), "{generations:#?}");
+    assert!(s.child.try_wait().unwrap().is_none(), "a server it did not start keeps running");
+    signal(&s, libc::SIGTERM);
+    wait_exit(&mut s, 30);
+}
+
+#[test]
+fn pensieve_claude_starts_a_server_and_stops_it_afterwards() {
+    if !claude_installed() {
+        return;
+    }
+    let port = free_port().to_string();
+    let mut args = vec!["claude", "--model", "builtin:demo", "--no-prompt-cache-persist", "--port", port.as_str(), "--"];
+    args.extend(CLAUDE_ARGS);
+    let out = Command::new(env!("CARGO_BIN_EXE_pensieve")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("starting a server"));
+    assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err(), "the server it started is gone");
+
+    // A model whose window cannot hold Claude Code's prompt: refused before launching.
+    let out = Command::new(env!("CARGO_BIN_EXE_pensieve"))
+        .args(["claude", "--model", "builtin:smollm2", "--no-prompt-cache-persist", "--port", &port, "--", "-p", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("8192-token context") && err.contains("--bare"), "{err}");
+    assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err());
+}
