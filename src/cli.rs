@@ -125,14 +125,22 @@ impl Target {
     }
 }
 
-/// Runs a subcommand; `None` means "serve with this config".
-pub fn run(cli: Cli) -> Result<ExitCode, Config> {
+/// What `main` does next.
+pub enum Action {
+    /// Serve with this config.
+    Serve(Box<Config>),
+    /// A subcommand ran: exit with its code.
+    Exit(ExitCode),
+}
+
+/// Runs a subcommand, or says to serve.
+pub fn run(cli: Cli) -> Action {
     match cli.command {
-        None => Err(cli.serve),
-        Some(Cmd::Serve(c)) => Err(c),
-        Some(Cmd::Claude(a)) => Ok(claude(a)),
-        Some(Cmd::Env(a)) => Ok(env(a)),
-        Some(Cmd::Status(a)) => Ok(status(a)),
+        None => Action::Serve(Box::new(cli.serve)),
+        Some(Cmd::Serve(c)) => Action::Serve(Box::new(c)),
+        Some(Cmd::Claude(a)) => Action::Exit(claude(a)),
+        Some(Cmd::Env(a)) => Action::Exit(env(a)),
+        Some(Cmd::Status(a)) => Action::Exit(status(a)),
     }
 }
 

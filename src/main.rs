@@ -3,8 +3,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let config = match pensieve::cli::run(pensieve::cli::Cli::parse()) {
-        Ok(code) => return code,
-        Err(config) => config,
+        pensieve::cli::Action::Exit(code) => return code,
+        pensieve::cli::Action::Serve(config) => *config,
     };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
