@@ -235,7 +235,8 @@ fn status(a: StatusArgs) -> ExitCode {
                  mib(&mem["live_kv_bytes"]), mib(&mem["system_available_bytes"]));
         let s = &h["slots"];
         println!("  slots        {} of {} in use, {} queued", s["in_use"], s["capacity"], s["queued"]);
-        println!("  throughput   {:.1} tokens/s now, {} tokens generated", metric("pensieve_decode_tokens_per_second"), h["generated_tokens"]);
+        println!("  throughput   {} tokens/s over the last minute, {} tokens generated since start",
+                 h["tokens_per_second_1m"], h["generated_tokens"]);
         let (input, cached) = (metric("pensieve_input_tokens_total"), metric("pensieve_cached_tokens_total"));
         if input + cached > 0.0 {
             println!("  prefix cache {:.1} % of prompt tokens served from cache ({} hits)",

@@ -33,7 +33,7 @@ fn status_describes_a_running_server_and_fails_on_nothing() {
     let out = pensieve(&["status", "--port", &port]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    for want in ["pensieve-demo", "32768 tokens of context", "slots", "memory", "uptime"] {
+    for want in ["pensieve-demo", "32768 tokens of context", "slots", "memory", "tokens/s over the last minute", "uptime"] {
         assert!(text.contains(want), "{want} missing from:\n{text}");
     }
     let out = pensieve(&["status", "--json", "--port", &port]);
@@ -124,4 +124,46 @@ fn pensieve_claude_starts_a_server_and_stops_it_afterwards() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("8192-token context") && err.contains("--bare"), "{err}");
     assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err());
+}
+
+/// What `pensieve claude` hands Claude Code, seen by a stand-in `claude` on
+/// PATH that records its arguments and environment: every variable, a
+/// user-set one winning, the arguments passed through, the exit code returned.
+#[test]
+fn pensieve_claude_sets_the_environment_and_passes_arguments_and_exit_code() {
+    let mut s = spawn(&["--model", "builtin:demo"]);
+    let port = port_of(&s);
+    let dir = std::env::temp_dir().join(format!("pensieve-fake-claude-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let record = dir.join("record.txt");
+    let script = format!("#!/bin/sh\n{{ echo \"ARGS: $*\"; env; }} > '{}'\nexit 7\n", record.display());
+    std::fs::write(dir.join("claude"), script).unwrap();
+    std::fs::set_permissions(dir.join("claude"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new(env!("CARGO_BIN_EXE_pensieve"))
+        .args(["claude", "--port", &port, "--", "-p", "two words", "--max-turns", "3"])
+        .env("PATH", path)
+        .env("CLAUDE_CODE_MAX_CONTEXT_TOKENS", "1234")
+        .env_remove("ANTHROPIC_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "Claude Code's exit code: {}", String::from_utf8_lossy(&out.stderr));
+    let rec = std::fs::read_to_string(&record).unwrap();
+    for want in [
+        "ARGS: -p two words --max-turns 3",
+        &format!("ANTHROPIC_BASE_URL=http://127.0.0.1:{port}"),
+        "ANTHROPIC_AUTH_TOKEN=pensieve",
+        "CLAUDE_CODE_AUTO_COMPACT_WINDOW=32768",
+        "CLAUDE_CODE_MAX_CONTEXT_TOKENS=1234",
+        "ANTHROPIC_MODEL=pensieve-demo",
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL=pensieve-demo",
+        "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off",
+        "CLAUDE_CODE_ATTRIBUTION_HEADER=0",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+    ] {
+        assert!(rec.lines().any(|l| l == want), "{want:?} missing from:\n{rec}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    signal(&s, libc::SIGTERM);
+    wait_exit(&mut s, 30);
 }

@@ -532,6 +532,9 @@ pub struct EngineStatus {
     pub sampling_error: Mutex<Option<String>>,
     /// Tokens per second over the last refresh interval (f64 bits).
     decode_tps_bits: AtomicU64,
+    /// (when, generated_tokens) samples of the last two minutes, for the
+    /// tokens/s of the last minute.
+    rate_samples: Mutex<VecDeque<(std::time::Instant, u64)>>,
 }
 
 impl EngineStatus {
@@ -543,6 +546,7 @@ impl EngineStatus {
             generated_tokens: AtomicU64::new(0),
             sampling_error: Mutex::new(None),
             decode_tps_bits: AtomicU64::new(0),
+            rate_samples: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -567,6 +571,29 @@ impl EngineStatus {
 
     pub fn decode_tps(&self) -> f64 {
         f64::from_bits(self.decode_tps_bits.load(Ordering::Relaxed))
+    }
+
+    /// Generated tokens per second over (about) the last minute.
+    pub fn tokens_per_second_last_minute(&self) -> f64 {
+        let now = std::time::Instant::now();
+        let count = self.generated_tokens.load(Ordering::Relaxed);
+        let samples = self.rate_samples.lock().unwrap();
+        let minute = std::time::Duration::from_secs(60);
+        let base = samples.iter().rev().find(|(t, _)| now.duration_since(*t) >= minute).or(samples.front());
+        match base {
+            Some((t, c)) if now > *t => count.saturating_sub(*c) as f64 / now.duration_since(*t).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+
+    fn record_rate_sample(&self) {
+        let now = std::time::Instant::now();
+        let mut samples = self.rate_samples.lock().unwrap();
+        samples.push_back((now, self.generated_tokens.load(Ordering::Relaxed)));
+        // Keep one sample older than a minute (the window's start), no more.
+        while samples.len() > 2 && now.duration_since(samples[1].0) >= std::time::Duration::from_secs(60) {
+            samples.pop_front();
+        }
     }
 
     fn set_decode_tps(&self, v: f64) {

@@ -260,6 +260,7 @@ fn refresh_memory<B: Backend>(backend: &mut B, status: &EngineStatus, last: &mut
     let rate = now_count.saturating_sub(last.1) as f64 / elapsed.as_secs_f64().max(1e-3);
     *last = (Instant::now(), now_count);
     status.set_decode_tps(if force { 0.0 } else { rate });
+    status.record_rate_sample();
     if let Some(m) = backend.memory() {
         *status.memory.lock().unwrap() = m;
     }

@@ -78,6 +78,7 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
         });
         body["slots"] = json!({"capacity": adm.capacity(), "in_use": adm.in_use(), "queued": adm.queued()});
         body["generated_tokens"] = json!(engine.status().generated_tokens.load(std::sync::atomic::Ordering::Relaxed));
+        body["tokens_per_second_1m"] = json!((engine.status().tokens_per_second_last_minute() * 10.0).round() / 10.0);
         body["uptime_seconds"] = json!(state.started.elapsed().as_secs());
     }
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
