@@ -227,10 +227,8 @@ def convert(path, dest, dequantize, log=_stderr, permute_qk=True):
         w = weights.get(f"{base}.weight")
         target = hf_name(f"{base}.weight")
         if w is None or target is None:
-            for suffix in ("bias",):
-                if f"{base}.{suffix}" in weights and hf_name(f"{base}.{suffix}"):
-                    out[hf_name(f"{base}.{suffix}")] = weights[f"{base}.{suffix}"].astype(mx.float32)
-            if target is None and w is not None:
+            # A bias travels with its weight (below); anything else unknown is skipped.
+            if w is not None:
                 log(f"gguf: ignoring tensor {base}.weight")
             continue
         target = target[: -len(".weight")]

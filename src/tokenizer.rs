@@ -114,17 +114,16 @@ impl SpecialText {
     fn neutralize(&self, v: &mut Value) -> usize {
         match v {
             Value::String(s) => {
-                let n = self.finder.find_iter(s.as_str()).count();
+                let (mut out, mut last, mut n) = (String::new(), 0, 0);
+                for m in self.finder.find_iter(s.as_str()) {
+                    out.push_str(&s[last..m.start()]);
+                    out.push(PLACEHOLDER_START);
+                    out.push(char::from_u32(PLACEHOLDER_PLANE + m.pattern().as_u32()).expect("plane 15 is valid"));
+                    out.push(PLACEHOLDER_END);
+                    last = m.end();
+                    n += 1;
+                }
                 if n > 0 {
-                    let mut out = String::with_capacity(s.len());
-                    let mut last = 0;
-                    for m in self.finder.find_iter(s.as_str()) {
-                        out.push_str(&s[last..m.start()]);
-                        out.push(PLACEHOLDER_START);
-                        out.push(char::from_u32(PLACEHOLDER_PLANE + m.pattern().as_u32()).expect("plane 15 is valid"));
-                        out.push(PLACEHOLDER_END);
-                        last = m.end();
-                    }
                     out.push_str(&s[last..]);
                     *s = out;
                 }
