@@ -444,6 +444,23 @@ def _sampling_defaults(model, opts):
     return out
 
 
+def _injected_forward_fault(seqs):
+    """Test hook (fault injection): a forward pass with a sequence whose
+    `fault_forward` threshold is reached raises after it ran."""
+    for s in seqs:
+        if s.fault_forward is not None and s.generated >= s.fault_forward:
+            raise RuntimeError(f"injected fault in a forward pass (request {s.rid}, test hook)")
+
+
+def _cut_back(cache, n):
+    """Each layer's cache back to `n` positions (a failed pass may have
+    advanced some layers and not others)."""
+    for c in cache:
+        offset = getattr(c, "offset", None)
+        if isinstance(offset, int) and offset > n and c.is_trimmable():
+            c.trim(offset - n)
+
+
 def _tighten(path, mode):
     """chmod to `mode` unless already there (umask-independent permissions)."""
     if stat.S_IMODE(os.lstat(path).st_mode) != mode:
@@ -503,7 +520,7 @@ class _Seq:
     splitter). Once prefilled it joins the running decode batch."""
 
     __slots__ = (
-        "rid", "detok", "splitter", "fault_after", "generated", "max_tokens",
+        "rid", "detok", "splitter", "fault_after", "fault_forward", "generated", "max_tokens",
         "tokens", "todo", "cache", "sampler", "processors", "context",
         "arrived", "first_sent", "failed",
     )
@@ -520,6 +537,9 @@ class _Seq:
         self.detok = detok
         self.splitter = splitter
         self.fault_after = fault_after
+        # Test hook: every forward pass this sequence takes part in raises
+        # once it has generated this many tokens (after the pass ran).
+        self.fault_forward = None
         self.generated = 0
         self.arrived = time.perf_counter()
         # The first token went out when the prefill sampled it; the decode
@@ -591,6 +611,7 @@ class Engine:
         self.prefill_batch = max(1, int(opts.get("prefill_batch", 2)))
         self._head = self._find_head()
         self._kv_peak = 0  # most KV bytes (prefix cache + live) held at once
+        self._peak_batch = 0  # most sequences decoded in one step so far
         self._decoded_since_prefill = False
         self.waiting = []  # _Seq still prefilling, in arrival order
         self.by_rid = {}  # rid -> _Seq
@@ -805,6 +826,7 @@ class Engine:
             len(self.by_rid),
             int(self._active_cache_bytes()),
             int(self._kv_peak),
+            int(self._peak_batch),
         )
 
     # ---- prompts ---------------------------------------------------------
@@ -886,6 +908,8 @@ class Engine:
             fault_after=p.get("fault_after"),
         )
         fault = p.get("fault")
+        if p.get("fault_forward_after") is not None:
+            seq.fault_forward = int(p["fault_forward_after"])
         if fault == "raise-in-sampler":
             seq.sampler = _raising_sampler
         elif fault == "poison-sampling":
@@ -1130,9 +1154,22 @@ class Engine:
                     for c in cache:
                         c.prepare(lengths=lengths, right_padding=pad)
             logits = self._last_logits(x, cache, [n - 1 for n in lengths])
+            _injected_forward_fault(group)
             if k > 1 and max(pad) > 0:
                 for c in cache:
                     c.finalize()
+            mx.eval(logits)
+        except Exception as e:
+            if k > 1:
+                # The merged pass failed; each prompt's own cache is untouched:
+                # prefill them one by one, so only the one that fails gets the error.
+                mx.clear_cache()
+                for s in group:
+                    self._prefill_last([s], out)
+            else:
+                self._fail(group, e, out)
+            return
+        try:
             for s in group:
                 self.waiting.remove(s)
                 s.tokens.extend(s.todo)
@@ -1258,6 +1295,7 @@ class Engine:
                 ca.extend(cb)
             self.next_tokens = mx.concatenate([self.next_tokens, tokens])
         self.running.extend(seqs)
+        self._peak_batch = max(self._peak_batch, len(self.running))
         for s in seqs:
             s.cache = None
 
@@ -1287,11 +1325,14 @@ class Engine:
         inputs = self.next_tokens
         try:
             logits = self.model(inputs[:, None], cache=self.batch_cache)[:, -1, :]
+            _injected_forward_fault(seqs)
             sampled = self._sample(seqs, logits, inputs)
             # The next step's tokens compute while this step's are handed out.
             mx.async_eval(sampled)
             tokens = inputs.tolist()
         except Exception as e:
+            if len(seqs) > 1 and self._decode_apart(seqs, inputs, out):
+                return
             self._fail(seqs, e, out)
             self._reset_batch()
             return
@@ -1312,6 +1353,34 @@ class Engine:
             if not seqs[i].failed:  # a failed one was reported and dropped by _fail
                 self._finished(seqs[i], self._running_cache(i))
         self._keep(keep)
+
+    def _decode_apart(self, seqs, inputs, out):
+        """A batched decode step raised (an MLX error, out of memory, a bug
+        in one request's processors): every sequence runs the step again on
+        its own, its cache cut back to its own tokens (undoing whatever the
+        failed pass wrote), so only a sequence that fails alone gets the
+        error; the others rejoin one batch with the tokens they would have
+        had. Returns False when the step cannot be split (its input tokens
+        themselves cannot be computed)."""
+        mx.clear_cache()  # out of memory: give the failed pass's buffers back first
+        try:
+            inputs.tolist()
+            alone = [(s, self._running_cache(i), inputs[i : i + 1]) for i, s in enumerate(seqs)]
+            for s, cache, _ in alone:
+                _cut_back(cache, len(s.tokens))
+        except Exception:
+            return False
+        self._reset_batch()
+        rejoin = []
+        for s, cache, token in alone:
+            self.running, self.batch_cache, self.batched, self.next_tokens = [s], cache, False, token
+            self._decode(out)
+            if self.running:
+                rejoin.append((self.running[0], self.batch_cache, self.next_tokens))
+            self._reset_batch()
+        for s, cache, token in rejoin:
+            self._join([s], cache, token)
+        return True
 
     def _sample(self, seqs, logits, inputs):
         """Next tokens of `seqs` (one row of `logits` each), through their

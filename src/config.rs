@@ -187,8 +187,15 @@ impl Config {
     /// Defaults as if run with no flags and no environment (for tests and embedding).
     /// Defaults, on an ephemeral port, without a prefix cache on disk (tests
     /// must not see each other's warm prefixes).
+    ///
+    /// `PENSIEVE_*` variables in the environment are ignored (an exported
+    /// `PENSIEVE_API_KEY` must not change what a test sees), and the
+    /// free-memory floor is off unless a test sets one.
     pub fn default_for_tests() -> Config {
-        Config::parse_from(["pensieve", "--port", "0", "--no-prompt-cache-persist", "--model", BUILTIN_DEMO])
+        use clap::{CommandFactory, FromArgMatches};
+        let cmd = Config::command().mut_args(|a| a.env(None));
+        let args = ["pensieve", "--port", "0", "--no-prompt-cache-persist", "--model", BUILTIN_DEMO, "--min-free-memory", "0"];
+        Config::from_arg_matches(&cmd.get_matches_from(args)).expect("test defaults parse")
     }
 
     /// Refuses combinations that would open the server to every web page.

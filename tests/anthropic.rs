@@ -324,7 +324,7 @@ async fn greedy_output_is_the_same_alone_and_in_a_changing_batch() {
     let mut cfg = common::config();
     cfg.max_concurrent = 4;
     cfg.prompt_cache_bytes = 0; // every run prefills its whole prompt
-    alone_vs_batched(cfg).await;
+    assert!(alone_vs_batched(cfg).await >= 2, "sequences shared decode steps");
 }
 
 /// The same with prompts prefilled in 7-token chunks and a decode step
@@ -336,7 +336,7 @@ async fn greedy_output_is_the_same_with_chunked_prefill_between_decode_steps() {
     cfg.prompt_cache_bytes = 0;
     cfg.prefill_step = 7;
     cfg.max_decode_stall_ms = 0;
-    alone_vs_batched(cfg).await;
+    assert!(alone_vs_batched(cfg).await >= 2, "sequences shared decode steps");
 }
 
 /// A model whose attention cannot take batch masks (Gemma 2's soft-capping)
@@ -358,15 +358,16 @@ async fn a_model_that_cannot_batch_is_served_one_sequence_at_a_time() {
     let (_, h) = start(cfg.clone()).get("/health").await;
     assert_eq!(h["model"]["type"], "gemma2");
     assert_eq!(h["model"]["batching"], false, "{h}");
-    alone_vs_batched(cfg).await;
+    assert_eq!(alone_vs_batched(cfg).await, 1, "one sequence at a time, never a batch");
     std::fs::remove_dir_all(&dir).ok();
 }
 
-async fn alone_vs_batched(cfg: pensieve::Config) {
+/// Runs the comparison; returns the most sequences that shared a decode step.
+async fn alone_vs_batched(cfg: pensieve::Config) -> u64 {
     let s = start(cfg);
     let ask = |i: usize| {
         let words = "tell me about the weather in the city and the harbour today ".repeat(i * 3 + 1);
-        json!({"model": "m", "max_tokens": 24 + 8 * i as u64, "temperature": 0,
+        json!({"model": "m", "max_tokens": 64 + 16 * i as u64, "temperature": 0,
                "messages": [{"role": "user", "content": words}]})
     };
     let mut alone = vec![];
@@ -388,10 +389,11 @@ async fn alone_vs_batched(cfg: pensieve::Config) {
     let results = futures_util::future::join_all(futs).await;
     for (i, (st, m)) in results.into_iter().enumerate() {
         assert_eq!(st, 200, "{m}");
-        assert_eq!(m["usage"]["output_tokens"], 24 + 8 * i as u64);
+        assert_eq!(m["usage"]["output_tokens"], 64 + 16 * i as u64);
         assert_eq!(text_of(&m), alone[i], "request {i}: batched greedy text differs from alone");
     }
     s.wait_idle(5).await;
+    s.get("/health").await.1["slots"]["peak_batch"].as_u64().unwrap()
 }
 
 #[tokio::test]

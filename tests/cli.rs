@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::binary::{signal, spawn, wait_exit};
 
 fn pensieve(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pensieve")).args(args).output().unwrap()
+    common::binary::command_bare().args(args).output().unwrap()
 }
 
 fn free_port() -> u16 {
@@ -86,7 +86,7 @@ fn pensieve_claude_runs_the_real_cli_against_an_existing_server() {
     let port = port_of(&s);
     let mut args = vec!["claude", "--port", port.as_str(), "--"];
     args.extend(CLAUDE_ARGS);
-    let out = Command::new(env!("CARGO_BIN_EXE_pensieve")).args(&args).env_remove("ANTHROPIC_MODEL").output().unwrap();
+    let out = common::binary::command_bare().args(&args).env_remove("ANTHROPIC_MODEL").output().unwrap();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty(), "the turn produced an answer");
     // The server saw Claude Code ask for the served model by name.
@@ -110,13 +110,13 @@ fn pensieve_claude_starts_a_server_and_stops_it_afterwards() {
     let port = free_port().to_string();
     let mut args = vec!["claude", "--model", "builtin:demo", "--no-prompt-cache-persist", "--port", port.as_str(), "--"];
     args.extend(CLAUDE_ARGS);
-    let out = Command::new(env!("CARGO_BIN_EXE_pensieve")).args(&args).output().unwrap();
+    let out = common::binary::command_bare().args(&args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("starting a server"));
     assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err(), "the server it started is gone");
 
     // A model whose window cannot hold Claude Code's prompt: refused before launching.
-    let out = Command::new(env!("CARGO_BIN_EXE_pensieve"))
+    let out = common::binary::command_bare()
         .args(["claude", "--model", "builtin:smollm2", "--no-prompt-cache-persist", "--port", &port, "--", "-p", "hi"])
         .output()
         .unwrap();
@@ -140,7 +140,7 @@ fn pensieve_claude_sets_the_environment_and_passes_arguments_and_exit_code() {
     std::fs::write(dir.join("claude"), script).unwrap();
     std::fs::set_permissions(dir.join("claude"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
-    let out = Command::new(env!("CARGO_BIN_EXE_pensieve"))
+    let out = common::binary::command_bare()
         .args(["claude", "--port", &port, "--", "-p", "two words", "--max-turns", "3"])
         .env("PATH", path)
         .env("CLAUDE_CODE_MAX_CONTEXT_TOKENS", "1234")

@@ -280,3 +280,37 @@ fn a_stream_client_that_stops_reading_loses_its_slot() {
 fn a_stream_client_that_never_reads_loses_its_slot_with_default_buffers() {
     stops_reading_and_loses_its_slot(None);
 }
+
+/// A failure inside a batched forward pass fails only the request that
+/// causes it: the step is run again sequence by sequence, and the healthy
+/// requests in the same batch finish with exactly the tokens they get alone.
+#[tokio::test]
+async fn a_failure_inside_a_batched_step_fails_only_its_request() {
+    let mut cfg = config();
+    cfg.enable_fault_injection = true;
+    let s = start(cfg);
+    let ask = |text: &str| json!({"model": "m", "max_tokens": 40, "temperature": 0,
+                                  "messages": [{"role": "user", "content": text}]});
+    let (a, b, c) = (ask("tell me about the weather in Paris"), ask("hello there"), ask("what is a tool call"));
+    // Alone, one after another: the reference tokens.
+    let (_, ref_a) = s.post("/v1/messages", &a).await;
+    let (_, ref_b) = s.post("/v1/messages", &b).await;
+    // Together: the third request's forward passes raise from its 8th token on.
+    let faulty = async {
+        let r = client().post(s.url("/v1/messages")).header("x-pensieve-fault", "raise-in-forward-after=8").json(&c).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let ((_, got_a), (_, got_b), (st_c, got_c)) = tokio::join!(s.post("/v1/messages", &a), s.post("/v1/messages", &b), faulty);
+    assert_eq!(st_c, 500, "{got_c}");
+    assert!(got_c["error"]["message"].as_str().unwrap().contains("injected fault in a forward pass"), "{got_c}");
+    for (got, want) in [(&got_a, &ref_a), (&got_b, &ref_b)] {
+        assert_eq!(got["stop_reason"], "max_tokens", "{got}");
+        assert_eq!(got["content"], want["content"], "identical tokens to running alone");
+    }
+    let (st, h) = s.get("/health").await;
+    assert_eq!(st, 200);
+    assert!(h["slots"]["peak_batch"].as_u64().unwrap() >= 3, "the three really shared decode steps: {h}");
+    s.wait_idle(10).await;
+    let (st, _) = s.post("/v1/messages", &ask("still serving")).await;
+    assert_eq!(st, 200);
+}

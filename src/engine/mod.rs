@@ -131,6 +131,9 @@ pub enum Fault {
     /// This request's sampler raises while a compiled sampler is traced (the
     /// shape of the `top_k` bug): the request fails, nobody else may.
     RaiseInSampler,
+    /// Every forward pass this request takes part in raises once it has
+    /// generated this many tokens: a failure inside a batched step.
+    RaiseInForwardAfter(u32),
     /// Break MLX's global random state outside the sampling guard (what the
     /// `top_k` bug did), so the health probe must notice.
     PoisonSampling,
@@ -519,6 +522,8 @@ pub struct MemorySnapshot {
     pub live_kv_bytes: u64,
     /// The most KV bytes (prefix cache + live) held at once since start.
     pub kv_peak_bytes: u64,
+    /// The most sequences decoded in one step since start (proof of batching).
+    pub peak_batch: u64,
 }
 
 #[derive(Debug)]

@@ -363,6 +363,10 @@ impl Backend for PyBackend<'_> {
                 Some(super::Fault::RaiseAfter(n)) => Some(n),
                 _ => None,
             },
+            "fault_forward_after": match req.fault {
+                Some(super::Fault::RaiseInForwardAfter(n)) => Some(n),
+                _ => None,
+            },
             "fault": match req.fault {
                 Some(super::Fault::RaiseInSampler) => Some("raise-in-sampler"),
                 Some(super::Fault::PoisonSampling) => Some("poison-sampling"),
@@ -422,7 +426,7 @@ impl Backend for PyBackend<'_> {
 
     fn memory(&mut self) -> Option<MemorySnapshot> {
         let r = mlx_turn(self.py, || self.engine.call_method0("memory")).ok()?;
-        let (active, peak, cache, prompt_cache, running, live_kv, kv_peak): (u64, u64, u64, u64, u64, u64, u64) =
+        let (active, peak, cache, prompt_cache, running, live_kv, kv_peak, peak_batch): (u64, u64, u64, u64, u64, u64, u64, u64) =
             r.extract().ok()?;
         Some(MemorySnapshot {
             mlx_active_bytes: active,
@@ -432,6 +436,7 @@ impl Backend for PyBackend<'_> {
             running_sequences: running,
             live_kv_bytes: live_kv,
             kv_peak_bytes: kv_peak,
+            peak_batch,
         })
     }
 

@@ -76,7 +76,8 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             "live_kv_bytes": mem.live_kv_bytes,
             "kv_peak_bytes": mem.kv_peak_bytes,
         });
-        body["slots"] = json!({"capacity": adm.capacity(), "in_use": adm.in_use(), "queued": adm.queued()});
+        body["slots"] = json!({"capacity": adm.capacity(), "in_use": adm.in_use(), "queued": adm.queued(),
+                               "peak_batch": mem.peak_batch});
         body["generated_tokens"] = json!(engine.status().generated_tokens.load(std::sync::atomic::Ordering::Relaxed));
         body["tokens_per_second_1m"] = json!((engine.status().tokens_per_second_last_minute() * 10.0).round() / 10.0);
         body["uptime_seconds"] = json!(state.started.elapsed().as_secs());

@@ -373,10 +373,13 @@ fn fault_hook(config: &Config, req: &Request<Incoming>) -> Result<Option<crate::
         "poison-sampling" => return Ok(Some(crate::engine::Fault::PoisonSampling)),
         _ => {}
     }
+    if let Some(n) = v.strip_prefix("raise-in-forward-after=").and_then(|n| n.parse().ok()) {
+        return Ok(Some(crate::engine::Fault::RaiseInForwardAfter(n)));
+    }
     v.strip_prefix("raise-after=")
         .and_then(|n| n.parse().ok())
         .map(|n| Some(crate::engine::Fault::RaiseAfter(n)))
-        .ok_or_else(|| ApiError::InvalidRequest("x-pensieve-fault: expected raise-after=N, kill-engine, raise-in-sampler or poison-sampling".into()))
+        .ok_or_else(|| ApiError::InvalidRequest("x-pensieve-fault: expected raise-after=N, raise-in-forward-after=N, kill-engine, raise-in-sampler or poison-sampling".into()))
 }
 
 /// Reads a JSON body: checks the content-type, the size limit and the time

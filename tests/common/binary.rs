@@ -21,10 +21,22 @@ impl Drop for Server {
     }
 }
 
+/// The binary with no arguments, and none of the user's PENSIEVE_* settings
+/// (they must not change what a test sees).
+pub fn command_bare() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pensieve"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("PENSIEVE_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
 /// The binary on port 0 (with the random-weight model unless `args` name
 /// one), not yet started.
 pub fn command(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pensieve"));
+    let mut c = command_bare();
     if !args.contains(&"--model") {
         c.args(["--model", "builtin:random"]);
     }
