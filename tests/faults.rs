@@ -176,6 +176,11 @@ async fn a_dead_engine_fails_requests_fast_while_draining() {
 #[tokio::test]
 async fn metrics_expose_requests_tokens_and_slots() {
     let s = start(config());
+    // Counters are process-wide (several servers share a test process): compare before and after.
+    let count = |text: &str, name: &str| -> f64 {
+        text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let before = s.get_text("/metrics").await.1;
     let (st, _) = s.post("/v1/messages", &hello(4)).await;
     assert_eq!(st, 200);
     let mut body = hello(4);
@@ -206,6 +211,10 @@ async fn metrics_expose_requests_tokens_and_slots() {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
     assert!(text.contains(r#"route="messages",status="200""#), "{text}");
+    // The values move with what this test did (other tests may add more, never less).
+    let ok = r#"pensieve_requests_total{route="messages",status="200"}"#;
+    assert!(count(&text, ok) - count(&before, ok) >= 2.0, "two generations counted");
+    assert!(count(&text, "pensieve_output_tokens_total") - count(&before, "pensieve_output_tokens_total") >= 8.0);
     assert!(text.contains(r#"status="400""#), "{text}");
     let slots: f64 = text
         .lines()

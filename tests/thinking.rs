@@ -48,6 +48,14 @@ async fn thinking_stays_out_of_the_text_unless_asked_for() {
     let blocks = m["content"].as_array().unwrap();
     assert!(blocks.iter().all(|b| b["type"] != "thinking"), "{m}");
     assert_eq!(m["usage"]["output_tokens"], 12, "the thinking tokens were generated and counted: {m}");
+    // The same greedy generation with thinking shown: none of its thinking
+    // text may appear in the answer that hides it.
+    let (_, shown) = s.post("/v1/messages", &ask(json!({"type": "enabled"}))).await;
+    let thought = shown["content"][0]["thinking"].as_str().unwrap().to_string();
+    assert!(thought.chars().count() > 5, "{shown}");
+    let visible: String = blocks.iter().filter_map(|b| b["text"].as_str()).collect();
+    let probe: String = thought.chars().take(12).collect();
+    assert!(!visible.contains(&probe), "thinking leaked into the answer: {visible:?} contains {probe:?}");
 }
 
 #[tokio::test]
