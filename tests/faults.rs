@@ -323,3 +323,55 @@ async fn a_failure_inside_a_batched_step_fails_only_its_request() {
     let (st, _) = s.post("/v1/messages", &ask("still serving")).await;
     assert_eq!(st, 200);
 }
+
+/// One HTTP/1.1 response read from a raw connection: (status line + headers, body).
+fn read_response(tcp: &mut std::net::TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tcp.read_exact(&mut body).unwrap();
+    (head, String::from_utf8_lossy(&body).to_string())
+}
+
+#[test]
+fn connection_limits_keep_alive_and_expect_continue() {
+    let mut cfg = config();
+    cfg.max_connections = 1;
+    cfg.header_timeout = 1;
+    let s = start(cfg);
+    // Expect: 100-continue (curl sends it for larger bodies): 100, then the answer.
+    let body = hello(2).to_string();
+    let mut a = std::net::TcpStream::connect(addr(&s)).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(a, "POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nExpect: 100-continue\r\n\r\n", body.len()).unwrap();
+    let mut line = [0u8; 25];
+    a.read_exact(&mut line).unwrap();
+    assert!(String::from_utf8_lossy(&line).starts_with("HTTP/1.1 100 Continue"), "{}", String::from_utf8_lossy(&line));
+    a.write_all(body.as_bytes()).unwrap();
+    let (head, body) = read_response(&mut a);
+    assert!(head.contains(" 200 "), "{head}{body}");
+    // --max-connections 1: while `a` is open (idle, kept alive) a second
+    // connection is not served...
+    let mut b = std::net::TcpStream::connect(addr(&s)).unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+    b.write_all(b"GET /v1/models/claude-sonnet-4-5 HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut probe = [0u8; 1];
+    assert!(b.read(&mut probe).is_err(), "answered beyond --max-connections");
+    // ...until the idle keep-alive connection is closed by the server (header timeout, 1 s).
+    let t = Instant::now();
+    assert_eq!(a.read(&mut probe).unwrap(), 0, "the idle connection was closed");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (head, body) = read_response(&mut b);
+    assert!(head.contains(" 200 "), "{head}");
+    let m: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["id"], "claude-sonnet-4-5", "/v1/models/{{id}} echoes the name asked for: {m}");
+}
