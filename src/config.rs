@@ -194,7 +194,9 @@ impl Config {
     pub fn default_for_tests() -> Config {
         use clap::{CommandFactory, FromArgMatches};
         let cmd = Config::command().mut_args(|a| a.env(None));
-        let args = ["pensieve", "--port", "0", "--no-prompt-cache-persist", "--model", BUILTIN_DEMO, "--min-free-memory", "0"];
+        let cache = test_cache_dir();
+        let args = ["pensieve", "--port", "0", "--no-prompt-cache-persist", "--model", BUILTIN_DEMO, "--min-free-memory", "0",
+                    "--cache-dir", cache.to_str().expect("a UTF-8 temp dir")];
         Config::from_arg_matches(&cmd.get_matches_from(args)).expect("test defaults parse")
     }
 
@@ -265,6 +267,11 @@ fn unit_interval(s: &str) -> Result<f32, String> {
 
 fn unit_interval_2(s: &str) -> Result<f32, String> {
     in_range(s, 2.0)
+}
+
+/// Where tests keep built-in and converted models: never the user's cache.
+pub fn test_cache_dir() -> PathBuf {
+    std::env::temp_dir().join("pensieve-test-cache")
 }
 
 /// Parses "1073741824", "1GiB", "512MiB", "2G", "64k" into bytes.

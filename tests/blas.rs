@@ -13,7 +13,7 @@ fn openblas_logits_match_the_reference_blas() {
     let cfg = common::config();
     let tokens: Vec<u32> = (0..48).map(|i| (i * 37 % 700) as u32).collect();
     let before = blas::calls();
-    let out = pensieve::engine::logits_per_blas(&cfg.venv_dir(), None, &cfg.cache_root(), &tokens, &[Target::OpenBlas, Target::Reference])
+    let out = pensieve::engine::logits_per_blas(&cfg.venv_dir(), Some(pensieve::config::BUILTIN_DEMO), &cfg.cache_root(), &tokens, &[Target::OpenBlas, Target::Reference])
         .unwrap();
     let after = blas::calls();
     assert!(after.0 > before.0, "the OpenBLAS pass went through OpenBLAS: {before:?} -> {after:?}");
@@ -30,7 +30,7 @@ fn openblas_logits_match_the_reference_blas() {
     // One token: every matmul has one row, and the OpenBLAS route sends
     // those to sgemv (what each decode step of a single sequence does).
     let gemv_before = blas::gemv_calls();
-    let out = pensieve::engine::logits_per_blas(&cfg.venv_dir(), None, &cfg.cache_root(), &tokens[..1], &[Target::OpenBlas, Target::Reference])
+    let out = pensieve::engine::logits_per_blas(&cfg.venv_dir(), Some(pensieve::config::BUILTIN_DEMO), &cfg.cache_root(), &tokens[..1], &[Target::OpenBlas, Target::Reference])
         .unwrap();
     assert!(blas::gemv_calls() > gemv_before, "one-row products went through sgemv");
     let scale = out[1].iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -108,7 +108,8 @@ fn pensieve_claude_starts_a_server_and_stops_it_afterwards() {
         return;
     }
     let port = free_port().to_string();
-    let mut args = vec!["claude", "--model", "builtin:demo", "--no-prompt-cache-persist", "--port", port.as_str(), "--"];
+    let cache = pensieve::config::test_cache_dir().to_string_lossy().to_string();
+    let mut args = vec!["claude", "--model", "builtin:demo", "--no-prompt-cache-persist", "--cache-dir", cache.as_str(), "--port", port.as_str(), "--"];
     args.extend(CLAUDE_ARGS);
     let out = common::binary::command_bare().args(&args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -117,7 +118,7 @@ fn pensieve_claude_starts_a_server_and_stops_it_afterwards() {
 
     // A model whose window cannot hold Claude Code's prompt: refused before launching.
     let out = common::binary::command_bare()
-        .args(["claude", "--model", "builtin:smollm2", "--no-prompt-cache-persist", "--port", &port, "--", "-p", "hi"])
+        .args(["claude", "--model", "builtin:smollm2", "--no-prompt-cache-persist", "--cache-dir", &cache, "--port", &port, "--", "-p", "hi"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -40,6 +40,9 @@ pub fn command(args: &[&str]) -> Command {
     if !args.contains(&"--model") {
         c.args(["--model", "builtin:random"]);
     }
+    if !args.contains(&"--cache-dir") {
+        c.arg("--cache-dir").arg(pensieve::config::test_cache_dir());
+    }
     c.args(["--port", "0"]).args(args).env("RUST_LOG", "info");
     c
 }
