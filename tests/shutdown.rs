@@ -147,3 +147,37 @@ async fn a_second_signal_exits_at_once() {
     let rest = running.text().await.unwrap_or_default();
     assert!(!rest.contains("message_stop"));
 }
+
+/// Engine death on the real binary: /health turns 503, a new request gets
+/// 503 at once, and after draining the process exits non-zero (so a
+/// supervisor restarts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_death_answers_503_then_exits_non_zero() {
+    let mut s = spawn(&["--enable-fault-injection", "--shutdown-timeout", "5"]);
+    // A kept-alive connection, so the answers during the drain can be read.
+    let mut kept = TcpStream::connect(&s.addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (st, _, _) = exchange(&mut kept, &get("/health"));
+    assert_eq!(st, 200);
+    let kill = reqwest::Client::new()
+        .post(format!("http://{}/v1/messages", s.addr))
+        .header("x-pensieve-fault", "kill-engine")
+        .json(&message(5, false))
+        .send()
+        .await;
+    if let Ok(r) = kill {
+        assert!(r.status().is_server_error(), "{}", r.status());
+    }
+    let (st, _, body) = exchange(&mut kept, &get("/health"));
+    assert_eq!(st, 503, "{body}");
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_ne!(health["engine"], "ready", "{health}");
+    let mut fresh = TcpStream::connect(&s.addr).unwrap();
+    fresh.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = Instant::now();
+    let (st, _, body) = exchange(&mut fresh, &post("/v1/messages", &message(5, false)));
+    assert_eq!(st, 503, "{body}");
+    assert!(t.elapsed() < Duration::from_secs(2), "refused at once");
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut s, 30)).await.unwrap();
+    assert_eq!(status.code(), Some(1), "non-zero for a supervisor: {status:?}");
+}
