@@ -298,7 +298,7 @@ async fn a_failure_inside_a_batched_step_fails_only_its_request() {
     let mut cfg = config();
     cfg.enable_fault_injection = true;
     let s = start(cfg);
-    let ask = |text: &str| json!({"model": "m", "max_tokens": 40, "temperature": 0,
+    let ask = |text: &str| json!({"model": "m", "max_tokens": 300, "temperature": 0,
                                   "messages": [{"role": "user", "content": text}]});
     let (a, b, c) = (ask("tell me about the weather in Paris"), ask("hello there"), ask("what is a tool call"));
     // Alone, one after another: the reference tokens.
@@ -306,6 +306,8 @@ async fn a_failure_inside_a_batched_step_fails_only_its_request() {
     let (_, ref_b) = s.post("/v1/messages", &b).await;
     // Together: the third request's forward passes raise from its 8th token on.
     let faulty = async {
+        // Joins once the two healthy ones are decoding together.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let r = client().post(s.url("/v1/messages")).header("x-pensieve-fault", "raise-in-forward-after=8").json(&c).send().await.unwrap();
         (r.status().as_u16(), r.json::<Value>().await.unwrap())
     };
