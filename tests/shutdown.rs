@@ -168,8 +168,16 @@ async fn engine_death_answers_503_then_exits_non_zero() {
     if let Ok(r) = kill {
         assert!(r.status().is_server_error(), "{}", r.status());
     }
-    let (st, _, body) = exchange(&mut kept, &get("/health"));
-    assert_eq!(st, 503, "{body}");
+    // The engine thread's state turns over a moment after the request fails.
+    let t = Instant::now();
+    let body = loop {
+        let (st, _, body) = exchange(&mut kept, &get("/health"));
+        if st == 503 {
+            break body;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "health still {st}: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let health: Value = serde_json::from_str(&body).unwrap();
     assert_ne!(health["engine"], "ready", "{health}");
     let mut fresh = TcpStream::connect(&s.addr).unwrap();
