@@ -11,8 +11,10 @@ finished and later starts load it directly.
 Weights: MLX reads Q4_0, Q4_1 and Q8_0 itself as its own quantized format
 (group size 32) and F16/BF16/F32 as arrays. Other types (the K-quants most
 Ollama downloads use, IQ types) are dequantized in numpy by the `gguf`
-package. On the Linux CPU backend everything becomes float32 (MLX's quantized
-CPU matmuls are far slower than float32 through OpenBLAS); elsewhere MLX's
+package. The tensors MLX reads stay packed on disk (a conversion costs about
+the GGUF file's size); on the Linux CPU backend they become float32 in memory
+at load (MLX's quantized CPU matmuls are far slower than float32 through
+OpenBLAS) and the other types are stored as float32; elsewhere MLX's
 quantized format is kept (a type MLX cannot read is re-quantized at the
 nearest bit width).
 """
@@ -28,7 +30,7 @@ import uuid
 import mlx.core as mx
 
 # Bump when the output of a conversion changes: old folders are then ignored.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
@@ -212,13 +214,20 @@ def unpermute_qk(w, n_head):
 
 def convert(path, dest, dequantize, log=_stderr, permute_qk=True):
     """Writes the MLX model folder for GGUF file `path` into `dest`.
+
+    Tensors MLX reads as its own quantized format (Q4_0, Q4_1, Q8_0) are
+    written packed as they came, whatever the backend: the folder costs about
+    what the GGUF file does on disk. With `dequantize` (the CPU backend) the
+    folder is marked so that `load` turns them into float32 in memory; the
+    other types are written as float32. Without it (Metal, CUDA) the rest are
+    quantized too, at the file's bit width (the nearest MLX has).
     `permute_qk=False` keeps llama.cpp's Q/K row order (wrong for mlx-lm:
     only for measuring what a mis-conversion does)."""
     t0 = time.perf_counter()
     weights, meta, file_bits = read(path)
     arch, config = _config(meta, weights)
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
-    out, bits_seen = {}, set()
+    out, bits_seen, packed = {}, set(), 0
     names = sorted({k.rsplit(".", 1)[0] for k in weights})
     step = max(1, len(names) // 10)
     for i, base in enumerate(names):
@@ -232,40 +241,37 @@ def convert(path, dest, dequantize, log=_stderr, permute_qk=True):
                 log(f"gguf: ignoring tensor {base}.weight")
             continue
         target = target[: -len(".weight")]
+        qk = arch == "llama" and permute_qk and base.endswith((".attn_q", ".attn_k"))
+        fix = (lambda a: unpermute_qk(a, n_head if base.endswith(".attn_q") else n_kv)) if qk else (lambda a: a)
         scales = weights.get(f"{base}.scales")
         if scales is not None:
+            # Packed rows: the Q/K permutation moves whole rows of the packed
+            # weight, its scales and its biases alike.
             biases = weights[f"{base}.biases"]
-            in_features = scales.shape[-1] * 32
-            bits = w.shape[-1] * 32 // in_features
-            bits_seen.add(bits)
-            w = mx.dequantize(w, scales, biases, group_size=32, bits=bits).astype(mx.float32)
+            bits_seen.add(w.shape[-1] * 32 // (scales.shape[-1] * 32))
+            out[f"{target}.weight"], out[f"{target}.scales"], out[f"{target}.biases"] = fix(w), fix(scales), fix(biases)
+            packed += 1
         else:
             if f"{base}.weight" in file_bits:
                 bits_seen.add(file_bits[f"{base}.weight"])
-            w = w.astype(mx.float32)
-        if arch == "llama" and permute_qk and base.endswith((".attn_q", ".attn_k")):
-            w = unpermute_qk(w, n_head if base.endswith(".attn_q") else n_kv)
+            out[f"{target}.weight"] = fix(w.astype(mx.float32))
         if f"{base}.bias" in weights:
             out[f"{target}.bias"] = weights[f"{base}.bias"].astype(mx.float32)
-        out[f"{target}.weight"] = w
-        mx.eval(w)
+        mx.eval([out[k] for k in out if k.startswith(f"{target}.")])
     if config["tie_word_embeddings"]:
-        out.pop("lm_head.weight", None)
+        for k in ("weight", "scales", "biases"):
+            out.pop(f"lm_head.{k}", None)
+    # The bit width for anything (re-)quantized: the file's, the nearest MLX has.
+    bits = min(bits_seen or {8}, key=lambda b: abs(b - 4))
+    bits = min((2, 3, 4, 5, 6, 8), key=lambda b: abs(b - bits))
     if not dequantize:
-        # Keep MLX's quantized format for the matmul weights (Metal, CUDA):
-        # the bit width the file used (the nearest MLX has for others).
-        bits = min(bits_seen or {8}, key=lambda b: abs(b - 4))
-        bits = min((2, 3, 4, 5, 6, 8), key=lambda b: abs(b - bits))
-        quantized = {}
-        for k, v in out.items():
-            if k.endswith(".weight") and v.ndim == 2 and v.shape[-1] % 32 == 0 and "norm" not in k:
-                q, s, b = mx.quantize(v, group_size=32, bits=bits)
-                quantized[k] = q
-                quantized[k[: -len(".weight")] + ".scales"] = s
-                quantized[k[: -len(".weight")] + ".biases"] = b
-            else:
-                quantized[k] = v
-        out = quantized
+        for k in [k for k in out if k.endswith(".weight")]:
+            v, stem = out[k], k[: -len(".weight")]
+            if f"{stem}.scales" not in out and v.ndim == 2 and v.shape[-1] % 32 == 0 and "norm" not in k:
+                out[k], out[f"{stem}.scales"], out[f"{stem}.biases"] = mx.quantize(v, group_size=32, bits=bits)
+                packed += 1
+    if packed:
+        # mlx-lm reads each packed tensor's own bit width from its shapes.
         config["quantization"] = {"group_size": 32, "bits": bits}
     os.makedirs(dest, exist_ok=True)
     mx.save_safetensors(os.path.join(dest, "model.safetensors"), out, metadata={"format": "mlx"})
@@ -278,9 +284,55 @@ def convert(path, dest, dequantize, log=_stderr, permute_qk=True):
     if gen:
         with open(os.path.join(dest, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=1)
-    with open(os.path.join(dest, "pensieve-gguf.json"), "w") as f:
+    with open(os.path.join(dest, MARKER), "w") as f:
         json.dump({"source": os.path.realpath(path), "seconds": time.perf_counter() - t0,
-                   "dequantized": bool(dequantize), "types_read_by": "gguf" if file_bits else "mlx"}, f)
+                   "dequantize_on_load": bool(dequantize and packed), "dequantized": bool(dequantize),
+                   "types_read_by": "gguf" if file_bits else "mlx"}, f)
+
+
+MARKER = "pensieve-gguf.json"
+
+
+def load(folder, **kw):
+    """mlx_lm.load for any model folder; a GGUF conversion made for the CPU
+    backend gets its packed weights dequantized to float32 in memory."""
+    import mlx_lm
+
+    loaded = mlx_lm.load(folder, **kw)
+    dequantize_if_marked(loaded[0], folder)
+    return loaded
+
+
+def dequantize_if_marked(model, folder):
+    """Float32 weights for a model loaded from a conversion marked
+    `dequantize_on_load`. Returns whether it did anything."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            marked = json.load(f).get("dequantize_on_load")
+    except (OSError, ValueError):
+        return False
+    if not marked:
+        return False
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    swaps = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(mx.float32)
+            if isinstance(m, nn.QuantizedLinear):
+                new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+                if "bias" in m:
+                    new.bias = m.bias.astype(mx.float32)
+            else:
+                new = nn.Embedding(w.shape[0], w.shape[1])
+            new.weight = w
+            swaps.append((name, new))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return True
 
 
 def _write_tokenizer(meta, arch, dest):

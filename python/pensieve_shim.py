@@ -37,6 +37,8 @@ from mlx_lm.models.cache import (
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+import pensieve_gguf  # registered by the Rust side (src/engine/py.rs), or python/ on sys.path
+
 DEMO_MODEL_VERSION = "demo-v1"
 
 
@@ -572,6 +574,9 @@ class Engine:
             self.model, self.tokenizer, self.config = mlx_lm.load(
                 model, return_config=True
             )
+            # A GGUF conversion for the CPU backend: packed on disk, float32 here.
+            if pensieve_gguf.dequantize_if_marked(self.model, model):
+                self.config.pop("quantization", None)
         except Exception as e:  # hub failures, bad configs, missing tokenizer
             raise ModelLoadError(f"could not load model {model}: {e}") from e
         self.load_seconds = time.perf_counter() - t0
@@ -1445,7 +1450,7 @@ _forward_models = {}
 def forward_logits(model_path, tokens):
     """Logits of one forward pass (float32, flattened): a numerical check."""
     if model_path not in _forward_models:
-        _forward_models[model_path] = mlx_lm.load(model_path)[0]
+        _forward_models[model_path] = pensieve_gguf.load(model_path)[0]
     out = _forward_models[model_path](mx.array([tokens]))
     return out.astype(mx.float32).reshape(-1).tolist()
 

@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, sys.argv[1])
 import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 import pensieve_gguf as pg  # noqa: E402
 import pensieve_shim as ps  # noqa: E402
@@ -59,12 +60,17 @@ def weights_match(gguf_file, folder, shape):
         name = pg.hf_name(t.name)
         if name not in converted:
             continue  # tied embeddings: no separate lm_head
-        worst = max(worst, float(np.abs(np.array(converted[name].astype(mx.float32)) - a).max()))
+        c = converted[name]
+        stem = name[: -len(".weight")]
+        if f"{stem}.scales" in converted:  # kept packed: MLX's reading of the file's quantized type
+            s, b = converted[f"{stem}.scales"], converted[f"{stem}.biases"]
+            c = mx.dequantize(c, s, b, group_size=32, bits=c.shape[-1] * 32 // (s.shape[-1] * 32))
+        worst = max(worst, float(np.abs(np.array(c.astype(mx.float32)) - a).max()))
     return worst
 
 
 def perplexity(folder):
-    m, t = mlx_lm.load(folder)
+    m, t = pg.load(folder)
     ids = t.encode(PARAGRAPH)
     logits = m(mx.array([ids[:-1]]))[0]
     lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -86,7 +92,10 @@ for shape in ("demo", "demo-qwen2", "demo-qwen3"):
         pg.write(src, gguf_file, qtype)
         out = os.path.join(WORK, f"{shape}-{qtype}")
         pg.convert(gguf_file, out, True)
-        m2, t2 = mlx_lm.load(out)
+        m2, t2 = pg.load(out)
+        # On the CPU backend every weight is float32 once loaded.
+        dtypes = {v.dtype for _, v in tree_flatten(m2.parameters())}
+        check(f"{shape} {qtype} float32 in memory", dtypes == {mx.float32}, dtypes)
         ids2 = t2.encode(t2.apply_chat_template([{"role": "user", "content": "hello world, weather in Paris today?"}],
                                                 add_generation_prompt=True, tokenize=False), add_special_tokens=False)
         check(f"{shape} {qtype} tokenizer and template", ids2 == ids, f"{ids2} != {ids}")
@@ -108,7 +117,7 @@ with open(os.path.join(kept, "config.json")) as f:
     check("kept quantized: config", json.load(f).get("quantization") == {"group_size": 32, "bits": 8},
           "F32 files re-quantize at 8 bits")
 mq, tq = mlx_lm.load(kept)
-md, td = mlx_lm.load(os.path.join(WORK, "demo-F32"))
+md, td = pg.load(os.path.join(WORK, "demo-F32"))
 ids = td.encode("hello world")
 rel = float(mx.abs(mq(mx.array([ids])) - md(mx.array([ids]))).max() / mx.abs(md(mx.array([ids]))).max())
 check("kept quantized: logits", rel < 0.05, rel)
@@ -128,9 +137,12 @@ except pg.GGUFError as e:
 t0 = time.perf_counter()
 pg.convert(SMOLLM2, os.path.join(WORK, "smollm2"), True)
 seconds = time.perf_counter() - t0
+# Q4_1 stays packed on disk: the conversion costs about what the file does.
+size, folder_size = os.path.getsize(SMOLLM2), os.path.getsize(os.path.join(WORK, "smollm2", "model.safetensors"))
+check("packed on disk", folder_size < 1.5 * size, f"{folder_size} bytes for a {size}-byte file")
 pg.convert(SMOLLM2, os.path.join(WORK, "smollm2-wrong-qk"), True, permute_qk=False)
 right, wrong = perplexity(os.path.join(WORK, "smollm2")), perplexity(os.path.join(WORK, "smollm2-wrong-qk"))
-print(f"SmolLM2 Q4_1 -> f32 in {seconds:.1f}s; perplexity {right:.2f} (Q/K layout left as llama.cpp's: {wrong:.2f})")
+print(f"SmolLM2 Q4_1 converted in {seconds:.1f}s ({folder_size / 2**20:.0f} MiB on disk, float32 in memory); perplexity {right:.2f} (Q/K layout left as llama.cpp's: {wrong:.2f})")
 check("SmolLM2 perplexity", right < 15.0, right)
 check("a mis-conversion cannot pass the bound", wrong > 15.0, wrong)
 
