@@ -580,11 +580,13 @@ class Engine:
         except Exception as e:  # hub failures, bad configs, missing tokenizer
             raise ModelLoadError(f"could not load model {model}: {e}") from e
         self.load_seconds = time.perf_counter() - t0
-        self.context_length = int(
+        self.model_context_length = int(
             self.config.get("max_position_embeddings")
             or self.config.get("text_config", {}).get("max_position_embeddings")
             or opts.get("default_context", 4096)
         )
+        # --context-length serves less than the model's window (never more).
+        self.context_length = min(self.model_context_length, int(opts.get("context_length") or self.model_context_length))
         self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.max_batch = int(opts.get("max_batch", 8))
         self.prefill_step = int(opts.get("prefill_step", 512))
@@ -750,6 +752,7 @@ class Engine:
                 "model": self.model_path,
                 "model_type": self.config.get("model_type"),
                 "context_length": self.context_length,
+                "model_context_length": self.model_context_length,
                 "vocab_size": self.config.get("vocab_size"),
                 "model_bytes": self.model_bytes,
                 "load_seconds": self.load_seconds,
@@ -1562,6 +1565,18 @@ MODEL_SHAPES = {
 def make_demo_model(dest, shape="demo"):
     """A built-in random-weight model (see make_model)."""
     return make_model(dest, shape)
+
+
+def generated_model_key(shape):
+    """The folder name of a generated model: everything that decides its
+    weights and tokenizer (its shape, this generator's version, the MLX,
+    mlx-lm and tokenizers versions that seed, initialise and train it), so
+    an upgrade never serves a folder another version made."""
+    import tokenizers
+
+    made_by = json.dumps([DEMO_MODEL_VERSION, MODEL_SHAPES[shape], mx.__version__, mlx_lm.__version__,
+                          tokenizers.__version__], sort_keys=True, default=str)
+    return f"{DEMO_MODEL_VERSION}-{shape}-{hashlib.sha256(made_by.encode()).hexdigest()[:12]}"
 
 
 def make_model(dest, shape="demo", dtype="float32"):

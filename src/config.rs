@@ -42,6 +42,12 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_MIN_FREE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
     pub min_free_memory: u64,
 
+    /// Serve at most this many tokens of context (prompt plus output), below
+    /// the model's own window: caps the KV cache one conversation can grow.
+    /// Default: the model's window.
+    #[arg(long, env = "PENSIEVE_CONTEXT_LENGTH", value_parser = clap::value_parser!(u32).range(16..))]
+    pub context_length: Option<u32>,
+
     /// Byte budget of the prefix (prompt) KV cache, LRU-evicted.
     #[arg(long, env = "PENSIEVE_PROMPT_CACHE_BYTES", default_value = "2GiB", value_parser = parse_bytes)]
     pub prompt_cache_bytes: u64,

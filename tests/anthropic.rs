@@ -142,16 +142,49 @@ async fn stop_sequences_cut_text_and_are_reported() {
 
 #[tokio::test]
 async fn huge_max_tokens_is_clamped_not_rejected() {
-    let s = start(common::config());
+    // A 256-token context (--context-length) so that clamping is quick to
+    // reach; the random-weight model never ends a reply by itself.
+    let mut cfg = common::config();
+    cfg.context_length = Some(256);
+    let s = start(cfg);
+    let (_, h) = s.get("/health").await;
+    assert_eq!(h["model"]["context_length"], 256, "{h}");
+    assert!(h["model"]["model_context_length"].as_u64().unwrap() > 256, "{h}");
+
+    // Claude Code's max_tokens (128000): clamped to what fits after the prompt.
+    let (st, m) = s.post("/v1/messages", &hello(128_000)).await;
+    assert_eq!(st, 200, "{m}");
+    let prompt = m["usage"]["input_tokens"].as_u64().unwrap();
+    assert_eq!(m["usage"]["output_tokens"].as_u64().unwrap(), 256 - prompt, "{m}");
+    assert_eq!(m["stop_reason"], "max_tokens");
+
+    // Streamed: the same clamp, told in message_delta.
     let mut body = hello(128_000);
     body["stream"] = json!(true);
-    let mut r = client().post(s.url("/v1/messages")).json(&body).send().await.unwrap();
+    let r = client().post(s.url("/v1/messages")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let evs = read_events(&mut r, 5).await;
-    assert_eq!(evs[0].0, "message_start");
-    assert!(evs.iter().any(|e| e.0 == "content_block_delta"));
-    drop(r);
-    s.wait_idle(10).await;
+    let evs = common::parse_sse(&r.text().await.unwrap());
+    let delta = &evs.iter().find(|e| e.0 == "message_delta").unwrap().1;
+    assert_eq!(delta["usage"]["output_tokens"].as_u64().unwrap(), 256 - prompt, "{delta}");
+    assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
+
+    // OpenAI: the same clamp, finish_reason "length".
+    let (st, c) = s.post("/v1/chat/completions", &json!({"model": "m", "max_tokens": 100_000, "temperature": 0,
+        "messages": [{"role": "user", "content": "hello there, what is the weather in Paris?"}]})).await;
+    assert_eq!(st, 200, "{c}");
+    let p = c["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(c["usage"]["completion_tokens"].as_u64().unwrap(), 256 - p, "{c}");
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+
+    // A max_tokens that fits is kept as sent.
+    let (_, m) = s.post("/v1/messages", &hello(7)).await;
+    assert_eq!(m["usage"]["output_tokens"], 7);
+    // A prompt that leaves no room is refused, in the words Claude Code parses.
+    let mut long = hello(10);
+    long["messages"][0]["content"] = json!("weather in Paris ".repeat(200));
+    let (st, e) = s.post("/v1/messages", &long).await;
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("tokens > 255 maximum"), "{e}");
 }
 
 #[tokio::test]
@@ -570,10 +603,26 @@ async fn the_prefix_cache_survives_a_restart() {
     let second = json!({"model": "m", "max_tokens": 8, "temperature": 0, "system": first["system"],
         "messages": [first["messages"][0], {"role": "assistant", "content": text_of(&m1)},
                      {"role": "user", "content": "and tomorrow?"}]});
-    // Another model must not pick up these entries.
-    let (other, stop_other, done_other) = common::start_controlled(persisting(pensieve::config::BUILTIN_RANDOM_THINK));
-    let (_, o) = other.post("/v1/messages", &first).await;
-    assert_eq!(o["usage"]["cache_read_input_tokens"], 0, "{o}");
+    // Another model must not pick up these entries, even one whose token
+    // ids are the same (a copy with the same tokenizer and template), nor
+    // the same path once its weights are replaced.
+    let copy = common::copy_of_random_model("prefix-cache-other-model");
+    let copy_str = copy.to_string_lossy().to_string();
+    for round in ["another model", "its weights replaced in place"] {
+        if round != "another model" {
+            let w = copy.join("model.safetensors");
+            let bytes = std::fs::read(&w).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::fs::write(&w, bytes).unwrap();
+        }
+        let (other, stop_other, done_other) = common::start_controlled(persisting(&copy_str));
+        let (_, o) = other.post("/v1/messages", &first).await;
+        assert_eq!(o["usage"]["input_tokens"].as_u64().unwrap(), prompt1, "{round}: the same ids: {o} vs {m1}");
+        assert_eq!(o["usage"]["cache_read_input_tokens"], 0, "{round}: {o}");
+        stop_other.send(()).unwrap();
+        tokio::task::spawn_blocking(move || done_other.recv_timeout(std::time::Duration::from_secs(30))).await.unwrap().unwrap();
+    }
+    std::fs::remove_dir_all(&copy).ok();
 
     let (restarted, stop_restarted, done_restarted) = common::start_controlled(persisting(pensieve::config::BUILTIN_RANDOM));
     let (_, m2) = restarted.post("/v1/messages", &second).await;
@@ -583,10 +632,85 @@ async fn the_prefix_cache_survives_a_restart() {
     let (_, m2_cold) = cold.post("/v1/messages", &second).await;
     assert_eq!(m2_cold["usage"]["cache_read_input_tokens"], 0);
     assert_eq!(text_of(&m2), text_of(&m2_cold));
-    for (stop, done) in [(stop_other, done_other), (stop_restarted, done_restarted)] {
-        stop.send(()).unwrap();
-        tokio::task::spawn_blocking(move || done.recv_timeout(std::time::Duration::from_secs(30))).await.unwrap().unwrap();
-    }
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2, "one folder per model");
+    stop_restarted.send(()).unwrap();
+    tokio::task::spawn_blocking(move || done_restarted.recv_timeout(std::time::Duration::from_secs(30))).await.unwrap().unwrap();
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3, "one folder per model (and per set of weights)");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The prefix cache holds what fits in --prompt-cache-bytes and lets the
+/// least recently used entry go first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_cache_evicts_the_least_recently_used_at_its_byte_budget() {
+    let conv = |topic: &str| {
+        json!({"model": "m", "max_tokens": 1, "temperature": 0,
+               "messages": [{"role": "user", "content": format!("{topic} weather report. ").repeat(20)}]})
+    };
+    let cache_bytes = |h: &Value| h["memory"]["prompt_cache_bytes"].as_u64().unwrap();
+    let read = |m: &Value| m["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+    // Each conversation's entry size, on a server with room for all.
+    let roomy = start(common::config());
+    let mut sizes = vec![];
+    for topic in ["alpha", "bravo", "charlie"] {
+        let before = cache_bytes(&roomy.get("/health").await.1);
+        roomy.post("/v1/messages", &conv(topic)).await;
+        sizes.push(cache_bytes(&roomy.get("/health").await.1) - before);
+    }
+    assert!(sizes.iter().all(|&b| b > 0), "{sizes:?}");
+    let (a, b, c) = (sizes[0], sizes[1], sizes[2]);
+
+    // Room for alpha and charlie, not for all three.
+    let mut cfg = common::config();
+    cfg.prompt_cache_bytes = a + c + b / 2;
+    let s = start(cfg);
+    // A hit serves the whole prompt but its last token; a miss only the
+    // template's opening that every conversation shares.
+    let hit = |m: &Value| read(m) + 1 >= m["usage"]["input_tokens"].as_u64().unwrap();
+    let miss = |m: &Value| read(m) < 10;
+    for topic in ["alpha", "bravo"] {
+        let (_, m) = s.post("/v1/messages", &conv(topic)).await;
+        assert!(miss(&m), "{topic} is new: {m}");
+    }
+    // alpha again: a hit, and now the most recently used.
+    let (_, m) = s.post("/v1/messages", &conv("alpha")).await;
+    assert!(hit(&m), "{m}");
+    // charlie needs room: bravo (least recently used) goes, alpha stays.
+    let (_, m) = s.post("/v1/messages", &conv("charlie")).await;
+    assert!(miss(&m), "{m}");
+    let (_, h) = s.get("/health").await;
+    assert_eq!(cache_bytes(&h), a + c, "alpha and charlie kept, within the budget: {h}");
+    let (_, m) = s.post("/v1/messages", &conv("alpha")).await;
+    assert!(hit(&m), "alpha was kept: {m}");
+    let (_, m) = s.post("/v1/messages", &conv("bravo")).await;
+    assert!(miss(&m), "bravo was evicted: {m}");
+}
+
+/// A prompt served from the prefix cache joins a running batch of prompts
+/// of other lengths and still produces exactly what it produces cold and alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_prompt_joining_a_batch_of_other_lengths_gives_the_same_tokens() {
+    let s = start(common::config());
+    let probe = json!({"model": "m", "max_tokens": 48, "temperature": 0,
+        "messages": [{"role": "user", "content": "what is the weather in Paris tomorrow? ".repeat(6)}]});
+    let (_, cold) = s.post("/v1/messages", &probe).await;
+    assert_eq!(cold["usage"]["cache_read_input_tokens"], 0);
+    // Two long streams of other prompt lengths, read to the end as they
+    // come, decoding when the probe arrives.
+    let mut streams = vec![];
+    for n in [1, 11] {
+        let body = json!({"model": "m", "max_tokens": 1500, "temperature": 0, "stream": true,
+            "messages": [{"role": "user", "content": "rain in Oslo ".repeat(n)}]});
+        let mut r = client().post(s.url("/v1/messages")).json(&body).send().await.unwrap();
+        read_events(&mut r, 4).await; // decoding
+        streams.push(tokio::spawn(async move { while r.chunk().await.unwrap().is_some() {} }));
+    }
+    let (_, warm) = s.post("/v1/messages", &probe).await;
+    let (_, h) = s.get("/health").await;
+    assert!(warm["usage"]["cache_read_input_tokens"].as_u64().unwrap() > 0, "{warm}");
+    assert_eq!(text_of(&warm), text_of(&cold));
+    assert_eq!(h["slots"]["in_use"], 2, "both streams still ran when the probe ended: {h}");
+    assert!(h["slots"]["peak_batch"].as_u64().unwrap() >= 3, "the probe decoded beside both streams: {h}");
+    for t in streams {
+        t.await.unwrap();
+    }
 }

@@ -8,16 +8,7 @@ use serde_json::{json, Value};
 
 /// A copy of the random-weight model whose generation config asks for greedy decoding.
 fn greedy_model() -> std::path::PathBuf {
-    common::shared(); // makes the random-weight model on first use
-    let src = pensieve::Config::default_for_tests().cache_root().join("demo-v1");
-    let dst = std::env::temp_dir().join(format!("pensieve-greedy-model-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(&src).unwrap().flatten() {
-        if e.path().is_file() {
-            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-        }
-    }
+    let dst = common::copy_of_random_model("greedy-model");
     std::fs::write(dst.join("generation_config.json"), r#"{"temperature": 0.0, "top_p": 0.95}"#).unwrap();
     dst
 }
@@ -94,4 +85,24 @@ async fn a_seed_fixes_the_draws_alone_and_in_a_batch() {
     assert_eq!(a, first, "the seeded draw does not depend on the batch");
     let (_, h) = s.get("/health").await;
     assert!(h["slots"]["peak_batch"].as_u64().unwrap() >= 3, "the seeded request shared decode steps: {h}");
+}
+
+/// top_k and top_p against the model's exact next-token probabilities
+/// (tests/clients/sampling_stats.py: 200 seeded draws per setting).
+#[test]
+fn top_k_and_top_p_shape_the_distribution_as_they_should() {
+    let mut cfg = pensieve::Config::default_for_tests();
+    cfg.model = Some(pensieve::config::BUILTIN_DEMO.into());
+    cfg.api_key = Some("stats-key".into()); // /health then names the model folder
+    let s = common::start(cfg);
+    let out = std::process::Command::new(common::venv_python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/sampling_stats.py"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+        .args([&s.base, "stats-key"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    println!("{stdout}");
 }

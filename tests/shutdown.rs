@@ -189,3 +189,47 @@ async fn engine_death_answers_503_then_exits_non_zero() {
     let status = tokio::task::spawn_blocking(move || wait_exit(&mut s, 30)).await.unwrap();
     assert_eq!(status.code(), Some(1), "non-zero for a supervisor: {status:?}");
 }
+
+/// SIGINT while a stream runs: the stream still ends with message_stop, the
+/// process exits 0 having saved the prefix cache, and the next start (same
+/// folder) serves the conversation's follow-up from it. SIGTERM then stops
+/// that one the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_cache_is_saved_at_a_signal_and_restored_by_the_next_start() {
+    let dir = std::env::temp_dir().join(format!("pensieve-signal-prompt-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = ["--prompt-cache-dir", dir.to_str().unwrap(), "--shutdown-timeout", "60"];
+    let first = json!({"model": "m", "max_tokens": 6, "temperature": 0,
+        "system": "You are a weather assistant. ".repeat(20),
+        "messages": [{"role": "user", "content": "what is the weather in Lisbon this week? ".repeat(4)}]});
+    let ask = |addr: String, body: Value| async move {
+        let r = reqwest::Client::new().post(format!("http://{addr}/v1/messages")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()
+    };
+
+    let (mut s, _) = common::binary::spawn_with(&args, None);
+    let m1 = ask(s.addr.clone(), first.clone()).await;
+    let prompt = m1["usage"]["input_tokens"].as_u64().unwrap();
+    let running = open_stream(&s.addr, 300).await;
+    signal(&s, libc::SIGINT);
+    let rest = running.text().await.unwrap();
+    assert!(rest.contains("event: message_stop"), "{}", &rest[rest.len().saturating_sub(300)..]);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut s, 60)).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "saved under {}", dir.display());
+
+    let (mut s, before) = common::binary::spawn_with(&args, None);
+    assert!(before.iter().any(|l| l.contains("restored")), "{before:#?}");
+    let text = m1["content"][0]["text"].as_str().unwrap();
+    let second = json!({"model": "m", "max_tokens": 6, "temperature": 0, "system": first["system"],
+        "messages": [first["messages"][0], {"role": "assistant", "content": text},
+                     {"role": "user", "content": "and next week?"}]});
+    let m2 = ask(s.addr.clone(), second).await;
+    let cached = m2["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+    assert!(cached >= prompt - 1, "the follow-up starts from the saved prefix: {cached} of {prompt}: {m2}");
+    signal(&s, libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut s, 60)).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -434,7 +434,11 @@ pub enum EngineState {
 pub struct ModelInfo {
     pub model: String,
     pub model_type: Option<String>,
+    /// The context served (the model's window, or less with --context-length).
     pub context_length: u64,
+    /// The model's own window.
+    #[serde(default)]
+    pub model_context_length: u64,
     pub vocab_size: Option<u64>,
     pub model_bytes: u64,
     pub load_seconds: f64,
@@ -631,6 +635,7 @@ pub(crate) struct EngineOptions {
     pub prefill_step: u32,
     pub prefill_batch: u32,
     pub prompt_cache_bytes: u64,
+    pub context_length: Option<u32>,
     pub mlx_cache_limit: u64,
     pub max_decode_stall_ms: u64,
     pub prompt_cache_dir: Option<std::path::PathBuf>,
@@ -703,6 +708,7 @@ impl EngineHandle {
             mlx_cache_limit: config.mlx_cache_limit,
             max_decode_stall_ms: config.max_decode_stall_ms,
             prompt_cache_bytes: config.prompt_cache_bytes,
+            context_length: config.context_length,
             prompt_cache_dir: config.prompt_cache_persist_dir(),
             special_tokens_in_content: config.special_tokens_in_content,
             sampling_flags: serde_json::json!({

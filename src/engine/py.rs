@@ -205,9 +205,8 @@ fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path
             Ok(dest.to_string_lossy().to_string())
         }
         Some(name @ (BUILTIN_RANDOM | BUILTIN_RANDOM_THINK)) => {
-            let version = shim.getattr("DEMO_MODEL_VERSION")?.extract::<String>()?;
-            let (dir, shape) = if name == BUILTIN_RANDOM { (version, "demo") } else { (format!("{version}-think"), "demo-think") };
-            let dest = cache_root.join(dir);
+            let shape = if name == BUILTIN_RANDOM { "demo" } else { "demo-think" };
+            let dest = cache_root.join(shim.call_method1("generated_model_key", (shape,))?.extract::<String>()?);
             std::fs::create_dir_all(cache_root).map_err(os_err)?;
             tracing::info!("serving {name} from {} (random weights: its output is noise)", dest.display());
             shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(), shape))?.extract()
@@ -244,6 +243,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         "mlx_cache_limit": opts.mlx_cache_limit,
         "max_decode_stall": opts.max_decode_stall_ms as f64 / 1000.0,
         "prompt_cache_bytes": opts.prompt_cache_bytes,
+        "context_length": opts.context_length,
         "prompt_cache_dir": opts.prompt_cache_dir.as_ref().map(|d| d.to_string_lossy().to_string()),
         "special_tokens_in_content": opts.special_tokens_in_content,
         "sampling_flags": opts.sampling_flags,

@@ -157,6 +157,14 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
                 let n_tokens = items.iter().filter(|i| i.error.is_none() && i.counts).count() as u64;
                 status.generated_tokens.fetch_add(n_tokens, Ordering::Relaxed);
                 let failed = items.iter().any(|i| i.error.is_some());
+                if items.iter().any(|i| i.finish.is_some() || i.error.is_some()) {
+                    // A finished request's prompt just entered the prefix
+                    // cache: read memory before its client hears it is done,
+                    // so /health never lags behind a response.
+                    if let Some(m) = backend.memory() {
+                        *status.memory.lock().unwrap() = m;
+                    }
+                }
                 for item in items {
                     dispatch(item, &mut active);
                 }

@@ -52,6 +52,7 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             "id": state.model_id,
             "type": info.and_then(|i| i.model_type.clone()),
             "context_length": info.map(|i| i.context_length),
+            "model_context_length": info.map(|i| i.model_context_length),
             "weights_bytes": info.map(|i| i.model_bytes),
             "device": info.map(|i| i.device.clone()),
             "mlx_version": info.map(|i| i.mlx_version.clone()),

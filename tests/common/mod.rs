@@ -13,14 +13,26 @@ use serde_json::Value;
 pub struct TestServer {
     pub base: String,
     pub config: Config,
+    /// Set by `start`: dropping the server stops it (see Drop).
+    owned: Option<(tokio::sync::oneshot::Sender<()>, std::sync::Mutex<std::sync::mpsc::Receiver<pensieve::server::RunOutcome>>)>,
 }
 
-/// Starts a server with `config` on its own runtime thread; it lives as long
-/// as the test process.
+/// A server started with `start` stops when its test lets go of it: its
+/// listener closes, its engine (and the model's memory) goes.
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some((stop, done)) = self.owned.take() {
+            let _ = stop.send(());
+            let _ = done.into_inner().unwrap_or_else(|e| e.into_inner()).recv_timeout(std::time::Duration::from_secs(30));
+        }
+    }
+}
+
+/// Starts a server with `config` on its own runtime thread; it stops when
+/// the returned value is dropped (at the end of the test that holds it).
 pub fn start(config: Config) -> TestServer {
-    let (server, stop, _) = start_controlled(config);
-    // Never shut down: the server lives as long as the test process.
-    std::mem::forget(stop);
+    let (mut server, stop, done) = start_controlled(config);
+    server.owned = Some((stop, std::sync::Mutex::new(done)));
     server
 }
 
@@ -55,7 +67,7 @@ pub fn start_controlled(
         });
     });
     let addr = addr_rx.recv().unwrap().expect("server starts");
-    (TestServer { base: format!("http://{addr}"), config }, stop_tx, done_rx)
+    (TestServer { base: format!("http://{addr}"), config, owned: None }, stop_tx, done_rx)
 }
 
 /// Defaults with the random-weight demo model: it never says EOS, so tests
@@ -70,6 +82,40 @@ pub fn config() -> Config {
 pub fn shared() -> &'static TestServer {
     static S: OnceLock<TestServer> = OnceLock::new();
     S.get_or_init(|| start(config()))
+}
+
+/// The random-weight model's folder in the test cache (made on first use by
+/// the shared server; named by what made it, see generated_model_key).
+pub fn random_model_dir() -> std::path::PathBuf {
+    shared();
+    let root = Config::default_for_tests().cache_root();
+    std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            // demo-v1-demo-<12 hex digits> (not demo-v1-demo-think-…)
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            name.strip_prefix("demo-v1-demo-").is_some_and(|h| h.len() == 12 && h.chars().all(|c| c.is_ascii_hexdigit()))
+                && p.join(".complete").exists()
+        })
+        .expect("the random-weight model")
+}
+
+/// A copy of the random-weight model's folder under the temp dir (`name`
+/// tells copies apart): another model to the server, with the same
+/// tokenizer and template, so the same prompt gives the same token ids.
+pub fn copy_of_random_model(name: &str) -> std::path::PathBuf {
+    let src = random_model_dir();
+    let dst = std::env::temp_dir().join(format!("pensieve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    dst
 }
 
 pub fn client() -> reqwest::Client {
