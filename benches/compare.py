@@ -2,12 +2,22 @@
 
 Run through benches/compare.sh (it builds pensieve, makes the bench model and the BLAS preload
 library). Systems measured:
-  inproc-ref   mlx_lm.stream_generate in-process, the wheel's reference BLAS
-  inproc-blas  the same with OpenBLAS preloaded (the BLAS pensieve uses)
-  mlxserver    mlx_lm.server as installed
-  mlxserver+blas  mlx_lm.server with OpenBLAS preloaded
-  pensieve     this project (its own OpenBLAS routing)
+  inproc-ref      mlx_lm.stream_generate in-process, the wheel's reference BLAS
+  inproc-sgemm    the same with OpenBLAS's sgemm preloaded (every product through sgemm)
+  inproc-blas     the same with the kernels pensieve uses: OpenBLAS sgemm, and sgemv for
+                  one-row / one-column products (benches/blas_preload.c, as src/blas.rs routes)
+  mlxserver       mlx_lm.server as installed
+  mlxserver+sgemm mlx_lm.server with OpenBLAS's sgemm only
+  mlxserver+blas  mlx_lm.server with the kernels pensieve uses ("same BLAS")
+  pensieve        this project (its own OpenBLAS routing)
 Servers get streaming clients at each concurrency; every request asks for --tokens new tokens.
+Each figure is the median of its runs (waves per concurrency, follow-up conversations, in-process
+runs). Ratios are given against the same-kernel baselines (the targets) and against sgemm-only
+ones; the script exits 1 when a target is missed.
+
+Also (each prints its own table): --sweep-prefill-batch 1,2,4,8 runs pensieve's c=8 waves at each
+--prefill-batch; --passes times one decode pass (one token through the whole model) in-process
+with every product through sgemm vs one-row products through sgemv.
 """
 
 import argparse
@@ -140,15 +150,22 @@ def wave(port, dialect, conc, max_tokens, prompt_words, seed):
     }
 
 
-def followup(port, dialect, words, max_tokens):
-    """Cold TTFT of a long first turn vs the TTFT of its follow-up turn."""
-    msgs = [{"role": "user", "content": prompt_text(777, words)}]
-    r1 = {}
-    stream_one(port, dialect, msgs, max_tokens, r1)
-    msgs = msgs + [{"role": "assistant", "content": r1["text"]}, {"role": "user", "content": "and then what?"}]
-    r2 = {}
-    stream_one(port, dialect, msgs, max_tokens, r2)
-    return {"cold_ttft": r1["ttft"], "followup_ttft": r2["ttft"], "ratio": r2["ttft"] / r1["ttft"]}
+def followup(port, dialect, words, max_tokens, samples=3):
+    """Cold TTFT of a long first turn vs the TTFT of its follow-up turn, over `samples`
+    distinct conversations (medians)."""
+    cold, warm = [], []
+    for i in range(samples):
+        msgs = [{"role": "user", "content": prompt_text(777 + i, words)}]
+        r1 = {}
+        stream_one(port, dialect, msgs, max_tokens, r1)
+        msgs = msgs + [{"role": "assistant", "content": r1["text"]}, {"role": "user", "content": "and then what?"}]
+        r2 = {}
+        stream_one(port, dialect, msgs, max_tokens, r2)
+        cold.append(r1["ttft"])
+        warm.append(r2["ttft"])
+    ratios = [w / c for w, c in zip(warm, cold)]
+    return {"cold_ttft": statistics.median(cold), "followup_ttft": statistics.median(warm),
+            "ratio": statistics.median(ratios), "ratios": [round(r, 4) for r in ratios]}
 
 
 def probe_latency(port, conc, paths, n=200):
@@ -214,11 +231,11 @@ def wait_ready(port, path, proc, timeout=300):
     raise RuntimeError("server did not become ready")
 
 
-def run_server(name, cmd, env, port, dialect, health, args, extra):
+def run_server(name, cmd, env, port, dialect, health_path, args, extra):
     print(f"== {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{args.out}.{name}.log", "w"))
     try:
-        wait_ready(port, health, proc)
+        wait_ready(port, health_path, proc)
         warm = {}
         stream_one(port, dialect, [{"role": "user", "content": "warm up"}], 8, warm)
         time.sleep(1)
@@ -241,7 +258,7 @@ def run_server(name, cmd, env, port, dialect, health, args, extra):
                 time.sleep(1.5)  # the engine refreshes its memory snapshot about once a second
                 w["kv_peak_bytes"] = health(port)["memory"].get("kv_peak_bytes")
         if "followup" in extra:
-            res["followup"] = followup(port, dialect, args.followup_words, args.tokens)
+            res["followup"] = followup(port, dialect, args.followup_words, args.tokens, args.followups)
             print(f"   follow-up: {res['followup']}", file=sys.stderr, flush=True)
         if "probe" in extra:
             res["probe"] = probe_latency(port, 8, extra["probe"])
@@ -278,6 +295,59 @@ def inproc(model, tokens, prompt_words, runs=3):
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
+def one_pass(model, prompt_tokens=100, runs=30):
+    """Runs in a child process: the median time of one decode pass (one token through the
+    whole model, after a `prompt_tokens` prefill)."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    m, _ = mlx_lm.load(model)
+    cache = make_prompt_cache(m)
+    mx.eval(m(mx.array([[5] * prompt_tokens]), cache=cache))
+    times = []
+    for i in range(runs + 3):
+        t = time.perf_counter()
+        mx.eval(m(mx.array([[7]]), cache=cache))
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+        for c in cache:
+            c.trim(1)
+    print(json.dumps({"pass_ms": statistics.median(times) * 1000}))
+
+
+def passes(args, base_env, blas_env):
+    py = sys.executable
+    out = {}
+    for name, env in (("reference BLAS", base_env), ("OpenBLAS sgemm only", dict(blas_env, BLAS_PRELOAD_GEMV="0")),
+                      ("OpenBLAS, one-row products through sgemv", blas_env)):
+        r = subprocess.run([py, __file__, "--pass", args.model], env=env, capture_output=True, text=True, check=True)
+        out[name] = json.loads(r.stdout.strip().splitlines()[-1])["pass_ms"]
+    print(f"\none decode pass (1 token, 100 cached), {args.model}, median of 30:\n")
+    print("| BLAS | ms per pass |\n|---|---|")
+    for k, v in out.items():
+        print(f"| {k} | {v:.1f} |")
+    return out
+
+
+def sweep(args, base_env, port):
+    """pensieve's c=8 waves at each --prefill-batch."""
+    out = []
+    for pb in args.sweep_prefill_batch:
+        pcmd = [args.pensieve, "--model", args.model, "--port", str(port), "--max-concurrent", "8",
+                "--no-prompt-cache-persist", "--prefill-batch", str(pb)] + args.pensieve_args.split()
+        sargs = argparse.Namespace(**{**vars(args), "conc": [8]})
+        r = run_server(f"pensieve-pb{pb}", pcmd, dict(base_env, RUST_LOG="warn"), port, "anthropic", "/health", sargs, {})
+        w = r["waves"][0]
+        out.append({"prefill_batch": pb, "agg_tps": w["agg_tps"], "ttft_p50": w["ttft_p50"], "waves": w["waves"]})
+    print(f"\n--prefill-batch sweep, c=8 x {args.tokens} tokens, ~{args.prompt_words}-word prompts "
+          f"(median of {args.waves} waves):\n")
+    print("| --prefill-batch | aggregate tok/s | TTFT p50 ms |\n|---|---|---|")
+    for x in out:
+        print(f"| {x['prefill_batch']} | {x['agg_tps']:.1f} | {x['ttft_p50'] * 1000:.0f} |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -289,8 +359,13 @@ def main():
     ap.add_argument("--conc", default="1,4,8")
     ap.add_argument("--skip", default="", help="comma list of systems to skip")
     ap.add_argument("--waves", type=int, default=3, help="waves per concurrency (median reported); slow systems get 1")
+    ap.add_argument("--followups", type=int, default=3, help="follow-up conversations (median reported)")
+    ap.add_argument("--sweep-prefill-batch", default="", help="e.g. 1,2,4,8: only this sweep (pensieve, c=8)")
+    ap.add_argument("--passes", action="store_true", help="only the one-pass timings")
     ap.add_argument("--pensieve-args", default="", help="extra flags for pensieve")
     ap.add_argument("--out", default="target/compare.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the systems already measured in --out (same model and settings) and run the rest")
     args = ap.parse_args()
     args.conc = [int(c) for c in args.conc.split(",")]
     skip = set(filter(None, args.skip.split(",")))
@@ -298,8 +373,29 @@ def main():
     base_env = dict(os.environ)
     blas_env = dict(base_env, LD_PRELOAD=args.preload)
     results = {"model": args.model, "tokens": args.tokens, "prompt_words": args.prompt_words}
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        if all(old.get(k) == results[k] for k in results):
+            results = old
+            skip |= {k for k in old if k not in ("model", "tokens", "prompt_words")}
+            print(f"== resuming: {sorted(skip)} already measured", file=sys.stderr, flush=True)
 
-    for name, env in (("inproc-ref", base_env), ("inproc-blas", blas_env)):
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    port = 18000 + os.getpid() % 1000
+    if args.passes:
+        passes(args, base_env, blas_env)
+        return 0
+    if args.sweep_prefill_batch:
+        args.sweep_prefill_batch = [int(x) for x in args.sweep_prefill_batch.split(",")]
+        sweep(args, base_env, port)
+        return 0
+    sgemm_env = dict(blas_env, BLAS_PRELOAD_GEMV="0")
+
+    for name, env in (("inproc-ref", base_env), ("inproc-sgemm", sgemm_env), ("inproc-blas", blas_env)):
         if name in skip:
             continue
         print(f"== {name}", file=sys.stderr, flush=True)
@@ -307,26 +403,37 @@ def main():
                              env=env, capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"   {results[name]}", file=sys.stderr, flush=True)
+        save()
 
-    port = 18000 + os.getpid() % 1000
     mlx_cmd = [py, "-m", "mlx_lm", "server", "--model", args.model, "--port", str(port), "--log-level", "WARNING"]
     if "mlxserver" not in skip:
         # The reference-BLAS server is ~10x slower: one wave per concurrency.
         slow = argparse.Namespace(**{**vars(args), "waves": 1})
         results["mlxserver"] = run_server("mlxserver", mlx_cmd, base_env, port, "openai", "/health", slow, {})
+        save()
+    if "mlxserver+sgemm" not in skip:
+        # Only for the with/without-sgemv ratio: one wave per concurrency.
+        slow = argparse.Namespace(**{**vars(args), "waves": 1})
+        results["mlxserver+sgemm"] = run_server("mlxserver+sgemm", mlx_cmd, sgemm_env, port, "openai", "/health", slow, {})
+        save()
     if "mlxserver+blas" not in skip:
         results["mlxserver+blas"] = run_server("mlxserver+blas", mlx_cmd, blas_env, port,
                                                "openai", "/health", args, {"followup": True})
+        save()
     # No prefix cache from disk: the cold turns must be cold.
     pcmd = [args.pensieve, "--model", args.model, "--port", str(port), "--max-concurrent", "8",
             "--no-prompt-cache-persist"] + args.pensieve_args.split()
-    results["pensieve"] = run_server(
-        "pensieve", pcmd, dict(base_env, RUST_LOG="warn"), port, "anthropic", "/health", args,
-        {"followup": True, "probe": [("GET", "/health"), ("POST", "/v1/messages/count_tokens")], "health": True},
-    )
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    report(results)
+    if "pensieve" not in skip:
+        results["pensieve"] = run_server(
+            "pensieve", pcmd, dict(base_env, RUST_LOG="warn"), port, "anthropic", "/health", args,
+            {"followup": True, "probe": [("GET", "/health"), ("POST", "/v1/messages/count_tokens")], "health": True},
+        )
+    save()
+    missed = report(results)
+    if missed:
+        print(f"\nMISSED {len(missed)} target(s): " + "; ".join(missed))
+        return 1
+    return 0
 
 
 def report(r):
@@ -339,45 +446,62 @@ def report(r):
     print(f"\nmodel {r['model']}, {r['tokens']} new tokens per request, ~{r['prompt_words']}-word prompts\n")
     print("| system | c | aggregate tok/s | per-stream decode tok/s | TTFT p50 ms | TTFT p95 ms | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
-    for s in ("mlxserver", "mlxserver+blas", "pensieve"):
+    for s in ("mlxserver", "mlxserver+sgemm", "mlxserver+blas", "pensieve"):
         for x in r.get(s, {}).get("waves", []):
             print(f"| {s} | {x['conc']} | {x['agg_tps']:.1f} | {x['stream_decode_tps_mean']:.1f} | "
                   f"{x['ttft_p50']*1000:.0f} | {x['ttft_p95']*1000:.0f} | {x['peak_rss']/2**20:.0f} |")
-    for s in ("inproc-ref", "inproc-blas"):
+    for s in ("inproc-ref", "inproc-sgemm", "inproc-blas"):
         if s in r:
             print(f"| {s} (mlx_lm.stream_generate) | 1 | - | {r[s]['decode_tps']:.1f} | - | - | {r[s]['peak_rss']/2**20:.0f} |")
-    print("\nratios (target in brackets):")
+    print("\nratios (target in brackets; 'same kernels': the baseline with pensieve's BLAS routing)")
+    missed = []
+
+    def ratio(label, value, target, ok, extra=""):
+        hit = ok(value)
+        print(f"- {label}: {value:.3f}{extra} [{target}]{'' if hit else '  MISSED'}")
+        if not hit:
+            missed.append(f"{label} {value:.3f} (target {target})")
+
     p1, p8 = w("pensieve", 1), w("pensieve", 8)
-    b8, m8 = w("mlxserver+blas", 8), w("mlxserver", 8)
+    b8, s8, m8 = w("mlxserver+blas", 8), w("mlxserver+sgemm", 8), w("mlxserver", 8)
     if p1 and "inproc-blas" in r:
-        print(f"- single-stream decode vs in-process mlx_lm, same BLAS: "
-              f"{p1['stream_decode_tps_mean'] / r['inproc-blas']['decode_tps']:.2f} [>= 0.97]")
+        ratio("single-stream decode vs in-process mlx_lm, same kernels",
+              p1["stream_decode_tps_mean"] / r["inproc-blas"]["decode_tps"], ">= 0.97", lambda v: v >= 0.97)
+        if "inproc-sgemm" in r:
+            print(f"  (vs in-process mlx_lm with sgemm only: {p1['stream_decode_tps_mean'] / r['inproc-sgemm']['decode_tps']:.2f})")
     if p8 and b8:
-        print(f"- aggregate c=8 vs mlx_lm.server same BLAS: {p8['agg_tps'] / b8['agg_tps']:.2f} [>= 1.0]")
-        print(f"- TTFT p50 c=8 vs mlx_lm.server same BLAS: {p8['ttft_p50'] / b8['ttft_p50']:.2f} [<= 0.7]")
+        ratio("aggregate c=8 vs mlx_lm.server, same kernels", p8["agg_tps"] / b8["agg_tps"], ">= 1.0", lambda v: v >= 1.0)
+        if s8:
+            print(f"  (vs mlx_lm.server with sgemm only: {p8['agg_tps'] / s8['agg_tps']:.2f})")
+        ratio("TTFT p50 c=8 vs mlx_lm.server, same kernels", p8["ttft_p50"] / b8["ttft_p50"], "<= 0.7", lambda v: v <= 0.7)
+        if s8:
+            print(f"  (vs mlx_lm.server with sgemm only: {p8['ttft_p50'] / s8['ttft_p50']:.2f})")
     if p8 and m8:
-        print(f"- aggregate c=8 vs mlx_lm.server as installed: {p8['agg_tps'] / m8['agg_tps']:.2f} [>= 5]")
+        ratio("aggregate c=8 vs mlx_lm.server as installed", p8["agg_tps"] / m8["agg_tps"], ">= 5", lambda v: v >= 5)
     p = r.get("pensieve", {})
     if p8 and p8.get("kv_peak_bytes") is not None:
         kv = p8["kv_peak_bytes"]
         budget = p["idle_rss"] + kv
-        print(f"- peak RSS c=8 {p8['peak_rss']/2**20:.0f} MiB vs idle {p['idle_rss']/2**20:.0f} MiB + KV "
-              f"{kv/2**20:.0f} MiB (most held at once: prefix cache + live sequences): "
-              f"{p8['peak_rss'] / budget:.2f} x [<= 1.10]")
+        ratio("peak RSS c=8 / (idle RSS + KV held at once)", p8["peak_rss"] / budget, "<= 1.10", lambda v: v <= 1.10,
+              f" ({p8['peak_rss']/2**20:.0f} MiB vs idle {p['idle_rss']/2**20:.0f} + KV {kv/2**20:.0f} MiB)")
     if "followup" in p:
-        print(f"- follow-up TTFT / cold TTFT (prefix cache): {p['followup']['ratio']:.3f} "
-              f"({p['followup']['followup_ttft']*1000:.0f} ms vs {p['followup']['cold_ttft']*1000:.0f} ms) [<= 0.2]")
+        f = p["followup"]
+        ratio("follow-up TTFT / cold TTFT (prefix cache)", f["ratio"], "<= 0.2", lambda v: v <= 0.2,
+              f" ({f['followup_ttft']*1000:.0f} ms vs {f['cold_ttft']*1000:.0f} ms, median of {len(f.get('ratios', [1]))}: {f.get('ratios')})")
     if "followup" in r.get("mlxserver+blas", {}):
         f = r["mlxserver+blas"]["followup"]
-        print(f"  (mlx_lm.server same BLAS: {f['ratio']:.3f}, {f['followup_ttft']*1000:.0f} ms vs {f['cold_ttft']*1000:.0f} ms)")
+        print(f"  (mlx_lm.server same kernels: {f['ratio']:.3f}, {f['followup_ttft']*1000:.0f} ms vs {f['cold_ttft']*1000:.0f} ms)")
     for path, v in p.get("probe", {}).items():
-        print(f"- {path} while 8 generate: p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms [p99 <= 5]")
+        ratio(f"{path} p99 ms while 8 generate", v["p99_ms"], "<= 5", lambda x: x <= 5.0, f" (p50 {v['p50_ms']:.2f})")
+    return missed
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--inproc":
         inproc(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--pass":
+        one_pass(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "--report":
-        report(json.load(open(sys.argv[2])))
+        sys.exit(1 if report(json.load(open(sys.argv[2]))) else 0)
     else:
-        main()
+        sys.exit(main())

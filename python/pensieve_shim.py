@@ -127,6 +127,20 @@ class _RandomStateGuard:
         return False
 
 
+def _sampler_raising_after(sampler, n):
+    """Test hook (fault injection): `sampler`, raising once it has drawn `n`
+    tokens (in a batched step: after every sequence's processors ran)."""
+    drawn = [0]
+
+    def sample(logprobs):
+        drawn[0] += 1
+        if drawn[0] > n:
+            raise RuntimeError(f"injected sampler fault after {n} tokens (test hook)")
+        return sampler(logprobs)
+
+    return sample
+
+
 def _raising_sampler(logprobs):
     """Test hook (fault injection): a sampler that raises while a compiled,
     random-state-capturing function is being traced (the top_k bug's shape)."""
@@ -322,15 +336,18 @@ def _think_end(tk):
 
 
 class _ForceTokens:
-    """Logits processor: the first generated tokens must be `tokens`."""
+    """Logits processor: the first generated tokens must be `tokens`. Which
+    one is due follows from the context's length (the prompt's `start`
+    tokens, then one per generated token), never from a call count, so a
+    step that is run again after a failure forces the same token."""
 
-    def __init__(self, tokens):
+    def __init__(self, tokens, start):
         self.tokens = tokens
-        self.step = 0
+        self.start = start
 
-    def __call__(self, _context, logits):
-        i, self.step = self.step, self.step + 1
-        if i >= len(self.tokens):
+    def __call__(self, context, logits):
+        i = len(context) - self.start
+        if not 0 <= i < len(self.tokens):
             return logits
         return _only_token(logits, self.tokens[i])
 
@@ -902,7 +919,7 @@ class Engine:
             forced = self._forced_call_tokens(p["tools"], force.get("name"))
             if forced is None:
                 raise InvalidPrompt("tool_choice: could not derive this model's tool-call opening from its template")
-            processors.append(_ForceTokens(forced))
+            processors.append(_ForceTokens(forced, len(tokens)))
         seq = _Seq(
             rid,
             tokens=list(tokens[:cached]),
@@ -918,6 +935,8 @@ class Engine:
         fault = p.get("fault")
         if p.get("fault_forward_after") is not None:
             seq.fault_forward = int(p["fault_forward_after"])
+        if p.get("fault_sampler_after") is not None:
+            seq.sampler = _sampler_raising_after(seq.sampler, int(p["fault_sampler_after"]))
         if fault == "raise-in-sampler":
             seq.sampler = _raising_sampler
         elif fault == "poison-sampling":
@@ -1184,13 +1203,36 @@ class Engine:
                 s.todo = []
                 if s.processors:
                     s.context = TokenBuffer(s.tokens)
-            sampled = self._sample(group, logits, None)
-            firsts = sampled.tolist()
         except Exception as e:
             self._fail(group, e, out)
             return
+        failed = set()
+        try:
+            sampled = self._sample(group, logits, None)
+            firsts = sampled.tolist()
+        except Exception as e:
+            if k == 1:
+                self._fail(group, e, out)
+                return
+            # One request's sampling (its processors, its sampler) failed the
+            # group's: sample each on its own, so only the one that fails gets
+            # the error. A failed row gets a placeholder and is dropped below.
+            rows = []
+            for i, s in enumerate(group):
+                try:
+                    row = self._sample([s], logits[i : i + 1], None)
+                    row.tolist()
+                except Exception as e1:
+                    self._fail([s], e1, out)
+                    failed.add(i)
+                    row = mx.zeros((1,), dtype=mx.uint32)
+                rows.append(row.astype(mx.uint32))
+            sampled = mx.concatenate(rows, axis=0)
+            firsts = sampled.tolist()
         keep = []
         for i, s in enumerate(group):
+            if i in failed:
+                continue
             if not self._emit(s, firsts[i], out):
                 s.first_sent = True
                 keep.append(i)
@@ -1378,6 +1420,11 @@ class Engine:
                 _cut_back(cache, len(s.tokens))
         except Exception:
             return False
+        for s in seqs:
+            if s.context is not None:
+                # The failed step may have appended its input token to the
+                # context already; the step's rerun appends it again.
+                s.context._size = len(s.tokens)
         self._reset_batch()
         rejoin = []
         for s, cache, token in alone:

@@ -29,8 +29,10 @@ type SgemvFn = unsafe extern "C" fn(
     c_float, *mut c_float, c_int,
 );
 
+/// CBLAS's `CblasRowMajor`, `CblasNoTrans` and `CblasTrans`.
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
 
 /// Where calls go now.
 static ACTIVE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
@@ -60,7 +62,8 @@ pub unsafe extern "C" fn cblas_sgemm(
     let mut f = ACTIVE.load(Ordering::Acquire);
     if f.is_null() {
         // Not initialised (MLX used outside the engine): behave like the wheel.
-        f = libc::dlsym(libc::RTLD_NEXT, c"cblas_sgemm".as_ptr());
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name only looks a symbol up.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"cblas_sgemm".as_ptr()) };
         assert!(!f.is_null(), "pensieve: no cblas_sgemm to forward to");
         ACTIVE.store(f, Ordering::Release);
     }
@@ -72,12 +75,26 @@ pub unsafe extern "C" fn cblas_sgemm(
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let gemv = OPENBLAS_GEMV.load(Ordering::Relaxed);
-    if through_openblas && !gemv.is_null() && as_gemv(std::mem::transmute::<*mut c_void, SgemvFn>(gemv), order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) {
-        CALLS_GEMV.fetch_add(1, Ordering::Relaxed);
-        return;
+    if through_openblas && !gemv.is_null() {
+        // SAFETY: OPENBLAS_GEMV only ever holds OpenBLAS's `sgemv` (found by
+        // name in `init`), whose C signature is SgemvFn; the operands are the
+        // caller's valid CBLAS arguments.
+        let done = unsafe {
+            let gemv = std::mem::transmute::<*mut c_void, SgemvFn>(gemv);
+            as_gemv(gemv, order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        };
+        if done {
+            CALLS_GEMV.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
     }
-    let f: SgemmFn = std::mem::transmute(f);
-    f(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    // SAFETY: ACTIVE only ever holds a `cblas_sgemm` (OpenBLAS's, the
+    // reference BLAS's, or the next one in the link order), whose signature
+    // is SgemmFn; the arguments are the caller's, passed on unchanged.
+    unsafe {
+        let f: SgemmFn = std::mem::transmute(f);
+        f(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    }
 }
 
 /// A product with one row (or one column) is a matrix-vector product: every
@@ -85,6 +102,10 @@ pub unsafe extern "C" fn cblas_sgemm(
 /// whole weight matrix for it on each call; its sgemv streams the weights
 /// once — 2x the memory throughput on a model's worth of weights here.
 /// Returns false (nothing done) for the shapes it does not take.
+///
+/// # Safety
+/// `gemv` is a CBLAS `sgemv`; the other arguments are valid CBLAS `sgemm`
+/// arguments (operands of the sizes and strides they state).
 #[allow(clippy::too_many_arguments)]
 unsafe fn as_gemv(
     gemv: SgemvFn, order: c_int, ta: c_int, tb: c_int, m: c_int, n: c_int, k: c_int,
@@ -99,7 +120,9 @@ unsafe fn as_gemv(
     let clear = |len: c_int, stride: c_int| {
         if beta == 0.0 {
             for i in 0..len as isize {
-                *c.offset(i * stride as isize) = 0.0;
+                // SAFETY: c holds `len` elements `stride` apart (the caller's
+                // output of one row or one column).
+                unsafe { *c.offset(i * stride as isize) = 0.0 };
             }
         }
     };
@@ -107,10 +130,13 @@ unsafe fn as_gemv(
         // c[1×n] = alpha · op(A)[1×k] · op(B)[k×n] + beta · c
         let inc_a = if ta == NO_TRANS { 1 } else { lda };
         clear(n, 1);
-        if tb == NO_TRANS {
-            gemv(ROW_MAJOR, 112, k, n, alpha, b, ldb, a, inc_a, beta, c, 1); // B is k×n: y = Bᵀ·a
-        } else {
-            gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1); // B is n×k: y = B·a
+        // SAFETY: the same operands as the sgemm call, read as a matrix and a vector.
+        unsafe {
+            if tb == NO_TRANS {
+                gemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc_a, beta, c, 1); // B is k×n: y = Bᵀ·a
+            } else {
+                gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1); // B is n×k: y = B·a
+            }
         }
         return true;
     }
@@ -118,24 +144,34 @@ unsafe fn as_gemv(
         // c[m×1] (stride ldc) = alpha · op(A)[m×k] · op(B)[k×1] + beta · c
         let inc_b = if tb == NO_TRANS { ldb } else { 1 };
         clear(m, ldc);
-        if ta == NO_TRANS {
-            gemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc);
-        } else {
-            gemv(ROW_MAJOR, 112, k, m, alpha, a, lda, b, inc_b, beta, c, ldc);
+        // SAFETY: the same operands as the sgemm call, read as a matrix and a vector.
+        unsafe {
+            if ta == NO_TRANS {
+                gemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, inc_b, beta, c, ldc);
+            } else {
+                gemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc);
+            }
         }
         return true;
     }
     false
 }
 
+/// `symbol` from the shared library at `path` (loaded, never unloaded).
+///
+/// # Safety
+/// Loading a library runs its initialisers: `path` must be a library that is
+/// safe to load into this process (the BLAS libraries named in this module).
 unsafe fn open(path: &str, symbol: &str) -> Option<*mut c_void> {
     let cpath = CString::new(path).ok()?;
-    let handle = libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+    // SAFETY: a NUL-terminated path; the caller vouches for the library.
+    let handle = unsafe { libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     if handle.is_null() {
         return None;
     }
     let csym = CString::new(symbol).ok()?;
-    let f = libc::dlsym(handle, csym.as_ptr());
+    // SAFETY: a live handle from dlopen and a NUL-terminated name.
+    let f = unsafe { libc::dlsym(handle, csym.as_ptr()) };
     (!f.is_null()).then_some(f)
 }
 
@@ -145,6 +181,7 @@ pub fn init(choice: BlasChoice, site_packages: &Path) -> String {
     // Keep our definition in the link even if nothing else names it.
     std::hint::black_box(cblas_sgemm as *const c_void);
     static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain extern "C" function that takes no arguments.
     AT_EXIT.call_once(|| unsafe {
         libc::atexit(quiesce_at_exit);
     });
@@ -162,8 +199,10 @@ pub fn init(choice: BlasChoice, site_packages: &Path) -> String {
     ];
     let mut openblas_name = None;
     for (path, prefix, name) in candidates {
+        // SAFETY: OpenBLAS, from the venv's wheel or the system.
         if let Some(f) = unsafe { open(&path, &format!("{prefix}sgemm")) } {
             OPENBLAS.store(f, Ordering::Release);
+            // SAFETY: the same library, already loaded.
             if let Some(g) = unsafe { open(&path, &format!("{prefix}sgemv")) } {
                 OPENBLAS_GEMV.store(g, Ordering::Release);
             }
@@ -203,6 +242,7 @@ fn find_reference(site_packages: &Path) -> Option<*mut c_void> {
         .flatten()
         .map(|e| e.path())
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libblas")))?;
+    // SAFETY: the reference BLAS that MLX itself links against.
     unsafe { open(&lib.to_string_lossy(), "cblas_sgemm") }
 }
 

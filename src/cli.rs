@@ -340,6 +340,7 @@ fn wait_ready(to: &Target, mut child: Option<&mut Child>) -> Option<Value> {
 fn stop(child: Option<Child>) {
     let Some(mut c) = child else { return };
     #[cfg(unix)]
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
     unsafe {
         libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
     }

@@ -16,7 +16,7 @@ pub enum ApiError {
     /// No such route or resource (404).
     NotFound(String),
     /// The route exists but not for this method (405).
-    MethodNotAllowed(String),
+    MethodNotAllowed { message: String, allow: &'static str },
     /// Body over --max-body-bytes (413).
     RequestTooLarge(String),
     /// The client was too slow sending its request (408).
@@ -45,7 +45,7 @@ impl ApiError {
             ApiError::Authentication(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -61,13 +61,36 @@ impl ApiError {
             | ApiError::Authentication(m)
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
-            | ApiError::MethodNotAllowed(m)
+            | ApiError::MethodNotAllowed { message: m, .. }
             | ApiError::RequestTooLarge(m)
             | ApiError::RequestTimeout(m)
             | ApiError::UnsupportedMediaType(m)
             | ApiError::Unavailable(m)
             | ApiError::Internal(m) => m,
             ApiError::Overloaded { message, .. } => message,
+        }
+    }
+
+    /// What a client may see of this error. An internal error's text (a
+    /// Python exception's message, paths, internals) goes to the log under
+    /// the request id; the client gets the id, the exception's class and a
+    /// short message.
+    pub fn for_client(&self, request_id: &str) -> ApiError {
+        match self {
+            ApiError::Internal(raw) => {
+                tracing::error!(request_id, error = %raw, "internal error");
+                // "generation failed: RuntimeError: …" -> RuntimeError
+                let class = raw.split(": ").find(|c| {
+                    c.len() <= 64
+                        && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '.')
+                        && (c.ends_with("Error") || c.ends_with("Exception"))
+                });
+                ApiError::Internal(match class {
+                    Some(c) => format!("internal error ({c}) while serving request {request_id}; the server log has the details"),
+                    None => format!("internal error while serving request {request_id}; the server log has the details"),
+                })
+            }
+            other => other.clone(),
         }
     }
 
@@ -86,7 +109,7 @@ impl ApiError {
             ApiError::Authentication(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",
-            ApiError::MethodNotAllowed(_) => "invalid_request_error",
+            ApiError::MethodNotAllowed { .. } => "invalid_request_error",
             ApiError::RequestTooLarge(_) => "request_too_large",
             ApiError::RequestTimeout(_) | ApiError::UnsupportedMediaType(_) => "invalid_request_error",
             ApiError::Overloaded { .. } => "overloaded_error",
@@ -99,7 +122,7 @@ impl ApiError {
     pub fn openai_type(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest(_)
-            | ApiError::MethodNotAllowed(_)
+            | ApiError::MethodNotAllowed { .. }
             | ApiError::RequestTooLarge(_)
             | ApiError::RequestTimeout(_)
             | ApiError::UnsupportedMediaType(_) => {
@@ -186,7 +209,7 @@ mod tests {
             ApiError::Authentication("x".into()),
             ApiError::Forbidden("x".into()),
             ApiError::NotFound("x".into()),
-            ApiError::MethodNotAllowed("x".into()),
+            ApiError::MethodNotAllowed { message: "x".into(), allow: "GET" },
             ApiError::RequestTooLarge("x".into()),
             ApiError::RequestTimeout("x".into()),
             ApiError::UnsupportedMediaType("x".into()),

@@ -95,18 +95,3 @@ pub fn generation_done(outcome: &'static str, prompt: u32, cached: u32, output: 
     }
     histogram!("pensieve_generation_duration_seconds").record(seconds);
 }
-
-/// The route label for a path (bounded cardinality: unknown paths are "other").
-pub fn route_label(path: &str) -> &'static str {
-    match path.trim_end_matches('/') {
-        "/v1/messages" => "messages",
-        "/v1/messages/count_tokens" => "count_tokens",
-        "/v1/chat/completions" => "chat_completions",
-        "/v1/completions" => "completions",
-        "/v1/models" => "models",
-        "/health" => "health",
-        "/metrics" => "metrics",
-        p if p.starts_with("/v1/models/") => "models",
-        _ => "other",
-    }
-}

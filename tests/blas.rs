@@ -58,6 +58,7 @@ fn openblas_logits_match_the_reference_blas() {
                 let init: Vec<f32> = (0..m * ldc).map(|_| if beta == 0.0 { f32::NAN } else { rnd() }).collect();
                 let mut c = init.clone();
                 let before = blas::gemv_calls();
+                // SAFETY: a, b and c hold the rows and strides the call states.
                 unsafe {
                     blas::cblas_sgemm(101, ta, tb, m as i32, n as i32, k as i32, 1.5, a.as_ptr(), lda as i32,
                         b.as_ptr(), ldb as i32, beta, c.as_mut_ptr(), ldc as i32);

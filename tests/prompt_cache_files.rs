@@ -72,6 +72,7 @@ async fn saved_conversations_are_private_and_restores_are_checked() {
     with_tokens(&entry, &model_dir.join("000002.safetensors"), &json!(tokens[..tokens.len() - 3]));
     with_tokens(&entry, &model_dir.join("000003.safetensors"), &json!(["not", "ids"]));
     let fifo = std::ffi::CString::new(model_dir.join("000004.safetensors").to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
     std::os::unix::fs::symlink(&entry, model_dir.join("000005.safetensors")).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();

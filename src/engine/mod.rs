@@ -8,6 +8,8 @@
 //! the sequence from the batch, and the permit returns to the pool.
 
 mod admission;
+#[cfg(test)]
+mod fake;
 mod py;
 mod worker;
 
@@ -134,6 +136,9 @@ pub enum Fault {
     /// Every forward pass this request takes part in raises once it has
     /// generated this many tokens: a failure inside a batched step.
     RaiseInForwardAfter(u32),
+    /// This request's sampler raises once it has drawn this many tokens:
+    /// inside a batched step, after the step's logits processors ran.
+    RaiseInSamplerAfter(u32),
     /// Break MLX's global random state outside the sampling guard (what the
     /// `top_k` bug did), so the health probe must notice.
     PoisonSampling,
@@ -649,6 +654,7 @@ static LIVE_ENGINES: Mutex<Vec<(std::sync::mpsc::Sender<Command>, Arc<EngineStat
 
 fn register_for_exit(tx: std::sync::mpsc::Sender<Command>, status: Arc<EngineStatus>) {
     static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain extern "C" function that takes no arguments.
     ONCE.call_once(|| unsafe {
         libc::atexit(stop_engines_at_exit);
     });
@@ -846,11 +852,13 @@ impl EngineHandle {
         self.apply_tool_choice(&mut request)?;
         self.place_system_messages(&mut request.prompt);
         self.ensure_alive()?;
+        // Admission first: a request bound for 529 (queue full, memory low)
+        // costs no rendering or tokenizing.
+        let permit = self.admission.acquire().await?;
         let tokens = match &self.tokenizer {
             Some(tok) => Some(Self::tokenize_in_rust(tok, request.prompt.clone()).await?),
             None => None,
         };
-        let permit = self.admission.acquire().await?;
         let started = std::time::Instant::now();
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

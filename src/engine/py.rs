@@ -367,6 +367,10 @@ impl Backend for PyBackend<'_> {
                 Some(super::Fault::RaiseInForwardAfter(n)) => Some(n),
                 _ => None,
             },
+            "fault_sampler_after": match req.fault {
+                Some(super::Fault::RaiseInSamplerAfter(n)) => Some(n),
+                _ => None,
+            },
             "fault": match req.fault {
                 Some(super::Fault::RaiseInSampler) => Some("raise-in-sampler"),
                 Some(super::Fault::PoisonSampling) => Some("poison-sampling"),

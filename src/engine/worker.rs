@@ -85,10 +85,10 @@ pub(crate) fn engine_thread(
 /// CPU weight of a normal thread under contention, all of it when alone).
 fn lower_priority() {
     #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority on this thread; no memory is involved.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        let nice = std::env::var("PENSIEVE_ENGINE_NICE").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
     }
 }
 

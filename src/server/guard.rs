@@ -149,6 +149,7 @@ fn normalize_host(h: &str) -> String {
 
 fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
     if rc != 0 {
         return None;

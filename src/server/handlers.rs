@@ -295,7 +295,7 @@ async fn drive_stream<R: StreamRenderer>(
                         return;
                     }
                     Some(GenEvent::Error(e)) => {
-                        let _ = send(renderer.error(&e)).await;
+                        let _ = send(renderer.error(&e.for_client(&generation.label.id))).await;
                         return;
                     }
                     None => return,

@@ -2,6 +2,7 @@
 
 pub mod guard;
 mod handlers;
+pub mod routes;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,6 +25,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::error::{ApiError, Dialect};
+use routes::Route;
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -198,6 +200,8 @@ fn spawn_connection(state: &Arc<AppState>, accepted: Option<(tokio::net::TcpStre
 /// Sets SO_SNDBUF (which also turns off the kernel's send-buffer auto-tuning).
 fn bound_send_buffer(stream: &tokio::net::TcpStream) {
     #[cfg(unix)]
+    // SAFETY: setsockopt on the stream's own open socket, with a pointer to a
+    // c_int that outlives the call and its exact size.
     unsafe {
         use std::os::fd::AsRawFd;
         let size = SEND_BUFFER_BYTES as libc::c_int;
@@ -252,7 +256,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         resp.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp.headers_mut().insert("request-id", HeaderValue::from_str(&request_id).unwrap());
-    let route = crate::metrics::route_label(&path);
+    let route = Route::label_for(&path);
     if state.config.metrics {
         crate::metrics::request(route, resp.status().as_u16(), started.elapsed().as_secs_f64());
     }
@@ -271,60 +275,54 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
 }
 
 fn dialect_for(path: &str) -> Dialect {
-    if path.starts_with("/v1/chat") || path.starts_with("/v1/completions") {
-        Dialect::OpenAi
-    } else {
-        Dialect::Anthropic
-    }
+    Route::dialect_for(path)
 }
 
 async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let method = req.method().clone();
-    if state.draining() && path != "/health" {
+    let resolved = Route::resolve(&path).filter(|(r, _)| *r != Route::Metrics || state.config.metrics);
+    if state.draining() && resolved.map(|(r, _)| r) != Some(Route::Health) {
         return Err(ApiError::Unavailable("the server is shutting down; retry in a moment".into()));
     }
-    if path != "/health" && path != "/metrics" {
+    if resolved.is_none_or(|(r, _)| r.needs_key()) {
         check_auth(&state.config, &req)?;
     }
-    let allowed: &[Method] = match path.as_str() {
-        "/health" | "/v1/models" => &[Method::GET],
-        "/metrics" if state.config.metrics => &[Method::GET],
-        "/v1/messages" | "/v1/messages/count_tokens" | "/v1/chat/completions" | "/v1/completions" => &[Method::POST],
-        p if p.starts_with("/v1/models/") => &[Method::GET],
-        _ => return Err(ApiError::NotFound(format!("no route for {method} {}", req.uri().path()))),
+    let Some((route, model_id)) = resolved else {
+        return Err(ApiError::NotFound(format!("no route for {method} {}", req.uri().path())));
     };
-    if !allowed.contains(&method) {
-        return Err(ApiError::MethodNotAllowed(format!(
-            "{method} is not allowed on {path}; use {}",
-            allowed.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
-        )));
+    if !route.methods().contains(&method) {
+        return Err(ApiError::MethodNotAllowed {
+            message: format!("{method} is not allowed on {path}; use {}", route.allow()),
+            allow: route.allow(),
+        });
     }
-    let label = |route: &'static str| crate::engine::RequestLabel { id: request_id.to_string(), route, model: String::new() };
-    match path.as_str() {
-        "/health" => {
+    let ctx = |fault| handlers::Ctx {
+        label: crate::engine::RequestLabel { id: request_id.to_string(), route: route.label(), model: String::new() },
+        fault,
+    };
+    match route {
+        Route::Health => {
             // Details (paths, memory) only for whoever holds the key, if one is set.
             let detail = state.config.api_key.is_none() || check_auth(&state.config, &req).is_ok();
             Ok(handlers::health(state, detail))
         }
-        "/metrics" => Ok(handlers::metrics(state)),
-        "/v1/models" => Ok(handlers::list_models(state)),
-        p if p.starts_with("/v1/models/") => handlers::get_model(state, &p["/v1/models/".len()..]),
-        "/v1/messages/count_tokens" => {
+        Route::Metrics => Ok(handlers::metrics(state)),
+        Route::Models => Ok(handlers::list_models(state)),
+        Route::Model => handlers::get_model(state, model_id.unwrap_or_default()),
+        Route::CountTokens => {
             let body = read_body(req, &state.config).await?;
             handlers::count_tokens(state, &body).await
         }
-        "/v1/messages" | "/v1/chat/completions" | "/v1/completions" => {
+        Route::Messages | Route::ChatCompletions | Route::Completions => {
             let fault = fault_hook(&state.config, &req)?;
             let body = read_body(req, &state.config).await?;
-            let ctx = handlers::Ctx { label: label(crate::metrics::route_label(&path)), fault };
-            match path.as_str() {
-                "/v1/messages" => handlers::messages(state, &body, ctx).await,
-                "/v1/chat/completions" => handlers::chat_completions(state, &body, ctx).await,
-                _ => handlers::completions(state, &body, ctx).await,
+            match route {
+                Route::Messages => handlers::messages(state, &body, ctx(fault)).await,
+                Route::ChatCompletions => handlers::chat_completions(state, &body, ctx(fault)).await,
+                _ => handlers::completions(state, &body, ctx(fault)).await,
             }
         }
-        _ => unreachable!("routes above are exhaustive"),
     }
 }
 
@@ -376,10 +374,13 @@ fn fault_hook(config: &Config, req: &Request<Incoming>) -> Result<Option<crate::
     if let Some(n) = v.strip_prefix("raise-in-forward-after=").and_then(|n| n.parse().ok()) {
         return Ok(Some(crate::engine::Fault::RaiseInForwardAfter(n)));
     }
+    if let Some(n) = v.strip_prefix("raise-in-sampler-after=").and_then(|n| n.parse().ok()) {
+        return Ok(Some(crate::engine::Fault::RaiseInSamplerAfter(n)));
+    }
     v.strip_prefix("raise-after=")
         .and_then(|n| n.parse().ok())
         .map(|n| Some(crate::engine::Fault::RaiseAfter(n)))
-        .ok_or_else(|| ApiError::InvalidRequest("x-pensieve-fault: expected raise-after=N, raise-in-forward-after=N, kill-engine, raise-in-sampler or poison-sampling".into()))
+        .ok_or_else(|| ApiError::InvalidRequest("x-pensieve-fault: expected raise-after=N, raise-in-forward-after=N, raise-in-sampler-after=N, kill-engine, raise-in-sampler or poison-sampling".into()))
 }
 
 /// Reads a JSON body: checks the content-type, the size limit and the time
@@ -430,16 +431,14 @@ pub fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
 }
 
 pub fn error_response(e: &ApiError, dialect: Dialect, request_id: &str) -> Response<Body> {
+    let e = &e.for_client(request_id);
     let mut r = json_response(e.status(), &e.body(dialect, Some(request_id)));
     if let Some(secs) = e.retry_after() {
         r.headers_mut().insert("retry-after", HeaderValue::from(secs));
     }
-    if matches!(e, ApiError::MethodNotAllowed(_)) {
+    if let ApiError::MethodNotAllowed { allow, .. } = e {
         // RFC 9110: a 405 names the allowed methods.
-        let allow = e.message().rsplit("use ").next().unwrap_or("").to_string();
-        if let Ok(v) = HeaderValue::from_str(&allow) {
-            r.headers_mut().insert(hyper::header::ALLOW, v);
-        }
+        r.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
     }
     r
 }
@@ -490,6 +489,7 @@ async fn signals(first: tokio::sync::oneshot::Sender<()>) {
         let sig = next().await;
         tracing::warn!("second signal ({sig}): exiting now, without waiting for running requests");
         // _exit: no atexit handlers or library destructors under a running engine.
+        // SAFETY: _exit(2) ends the process; nothing runs after it.
         unsafe { libc::_exit(128 + sig) };
     }
     #[cfg(not(unix))]

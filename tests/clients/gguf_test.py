@@ -137,6 +137,12 @@ except pg.GGUFError as e:
 t0 = time.perf_counter()
 pg.convert(SMOLLM2, os.path.join(WORK, "smollm2"), True)
 seconds = time.perf_counter() - t0
+# Loading unpacks to float32 exactly as MLX's own dequantize does.
+for bits in (4, 8):
+    w = mx.random.normal((96, 128))
+    q, s, b = mx.quantize(w, group_size=32, bits=bits)
+    diff = float(mx.abs(pg.unpack(q, s, b, 32, bits) - mx.dequantize(q, s, b, group_size=32, bits=bits)).max())
+    check(f"unpack {bits}-bit equals mx.dequantize", diff == 0.0, diff)
 # Q4_1 stays packed on disk: the conversion costs about what the file does.
 size, folder_size = os.path.getsize(SMOLLM2), os.path.getsize(os.path.join(WORK, "smollm2", "model.safetensors"))
 check("packed on disk", folder_size < 1.5 * size, f"{folder_size} bytes for a {size}-byte file")

@@ -52,6 +52,7 @@ pub fn command(args: &[&str]) -> Command {
 pub fn spawn_with(args: &[&str], umask: Option<libc::mode_t>) -> (Server, Vec<String>) {
     let mut cmd = command(args);
     if let Some(m) = umask {
+        // SAFETY: umask(2) is async-signal-safe, as pre_exec requires.
         unsafe {
             cmd.pre_exec(move || {
                 libc::umask(m);
@@ -101,6 +102,7 @@ pub fn spawn(args: &[&str]) -> Server {
 }
 
 pub fn signal(s: &Server, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
     unsafe { libc::kill(s.child.id() as libc::pid_t, sig) };
 }
 

@@ -118,6 +118,17 @@ pub fn copy_of_random_model(name: &str) -> std::path::PathBuf {
     dst
 }
 
+/// A 500 from a Python exception: the client sees the exception's class and
+/// its request id, never the exception's own text (that goes to the log).
+pub fn assert_internal_error(v: &Value, class: &str, raw_text: &str) {
+    let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message: {v}"));
+    assert!(msg.contains(&format!("internal error ({class})")), "{v}");
+    assert!(!msg.contains(raw_text), "the exception's text stays in the log: {v}");
+    if let Some(id) = v["request_id"].as_str() {
+        assert!(msg.contains(id), "names its request id: {v}");
+    }
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build().unwrap()
 }

@@ -1,0 +1,134 @@
+//! The route table: every route's path, methods, dialect and metric label in
+//! one place (routing, 405's `Allow`, the error shape and the metrics label
+//! all read it).
+
+use hyper::Method;
+
+use crate::error::Dialect;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Metrics,
+    Models,
+    /// `/v1/models/{id}`
+    Model,
+    Messages,
+    CountTokens,
+    ChatCompletions,
+    Completions,
+}
+
+impl Route {
+    pub const ALL: [Route; 8] = [
+        Route::Health,
+        Route::Metrics,
+        Route::Models,
+        Route::Model,
+        Route::Messages,
+        Route::CountTokens,
+        Route::ChatCompletions,
+        Route::Completions,
+    ];
+
+    /// The path (for `Model`, the prefix before the id).
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Health => "/health",
+            Route::Metrics => "/metrics",
+            Route::Models => "/v1/models",
+            Route::Model => "/v1/models/",
+            Route::Messages => "/v1/messages",
+            Route::CountTokens => "/v1/messages/count_tokens",
+            Route::ChatCompletions => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+        }
+    }
+
+    pub fn methods(self) -> &'static [Method] {
+        match self {
+            Route::Health | Route::Metrics | Route::Models | Route::Model => &[Method::GET],
+            Route::Messages | Route::CountTokens | Route::ChatCompletions | Route::Completions => &[Method::POST],
+        }
+    }
+
+    /// The value of a 405's `Allow` header.
+    pub fn allow(self) -> &'static str {
+        match self.methods() {
+            [m] if *m == Method::GET => "GET",
+            _ => "POST",
+        }
+    }
+
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Route::ChatCompletions | Route::Completions => Dialect::OpenAi,
+            _ => Dialect::Anthropic,
+        }
+    }
+
+    /// The `route` label of metrics and log lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::Metrics => "metrics",
+            Route::Models | Route::Model => "models",
+            Route::Messages => "messages",
+            Route::CountTokens => "count_tokens",
+            Route::ChatCompletions => "chat_completions",
+            Route::Completions => "completions",
+        }
+    }
+
+    /// Whether the API key (when one is set) is required.
+    pub fn needs_key(self) -> bool {
+        !matches!(self, Route::Health | Route::Metrics)
+    }
+
+    /// The route a path names (a trailing slash is ignored), with the
+    /// model id for `/v1/models/{id}`.
+    pub fn resolve(path: &str) -> Option<(Route, Option<&str>)> {
+        let path = path.trim_end_matches('/');
+        if let Some(id) = path.strip_prefix(Route::Model.path()).filter(|id| !id.is_empty()) {
+            return Some((Route::Model, Some(id)));
+        }
+        Route::ALL.into_iter().find(|r| *r != Route::Model && r.path() == path).map(|r| (r, None))
+    }
+
+    /// The error shape for a path, routed or not (an unknown path under an
+    /// OpenAI prefix still gets OpenAI's shape).
+    pub fn dialect_for(path: &str) -> Dialect {
+        match Route::resolve(path) {
+            Some((r, _)) => r.dialect(),
+            None if path.starts_with("/v1/chat") || path.starts_with("/v1/completions") => Dialect::OpenAi,
+            None => Dialect::Anthropic,
+        }
+    }
+
+    /// The metrics label for a path ("other" for unknown paths: bounded cardinality).
+    pub fn label_for(path: &str) -> &'static str {
+        Route::resolve(path).map(|(r, _)| r.label()).unwrap_or("other")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_resolves_from_its_own_path() {
+        for r in Route::ALL {
+            let path = if r == Route::Model { "/v1/models/some-model".to_string() } else { r.path().to_string() };
+            assert_eq!(Route::resolve(&path).map(|x| x.0), Some(r), "{path}");
+            assert_eq!(Route::resolve(&format!("{path}/")).map(|x| x.0), Some(r), "{path}/");
+        }
+        assert_eq!(Route::resolve("/v1/models/a/b"), Some((Route::Model, Some("a/b"))));
+        assert_eq!(Route::resolve("/v1/models/"), Some((Route::Models, None)));
+        assert_eq!(Route::resolve("/v1/nothing"), None);
+        assert_eq!(Route::label_for("/v1/nothing"), "other");
+        assert_eq!(Route::dialect_for("/v1/chat/nothing"), Dialect::OpenAi);
+        assert_eq!(Route::dialect_for("/v1/messages"), Dialect::Anthropic);
+        assert_eq!(Route::Messages.allow(), "POST");
+        assert_eq!(Route::Health.allow(), "GET");
+    }
+}
