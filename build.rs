@@ -42,9 +42,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=cblas_sgemm");
     }
 
-    let venv = std::env::var_os("PENSIEVE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join(".venv"));
+    let venv = std::env::var_os("PENSIEVE_VENV").map(PathBuf::from).unwrap_or_else(|| manifest.join(".venv"));
     println!("cargo:rustc-env=PENSIEVE_VENV={}", venv.display());
     let stamp = venv.join(".pensieve-requirements.sha256");
     println!("cargo:rerun-if-changed={}", stamp.display());

@@ -18,15 +18,35 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use crate::config::BlasChoice;
 
 type SgemmFn = unsafe extern "C" fn(
-    c_int, c_int, c_int, c_int, c_int, c_int,
-    c_float, *const c_float, c_int, *const c_float, c_int,
-    c_float, *mut c_float, c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_float,
+    *const c_float,
+    c_int,
+    *const c_float,
+    c_int,
+    c_float,
+    *mut c_float,
+    c_int,
 );
 
 type SgemvFn = unsafe extern "C" fn(
-    c_int, c_int, c_int, c_int,
-    c_float, *const c_float, c_int, *const c_float, c_int,
-    c_float, *mut c_float, c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_float,
+    *const c_float,
+    c_int,
+    *const c_float,
+    c_int,
+    c_float,
+    *mut c_float,
+    c_int,
 );
 
 /// CBLAS's `CblasRowMajor`, `CblasNoTrans` and `CblasTrans`.
@@ -55,9 +75,20 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Called by MLX with valid CBLAS arguments.
 #[no_mangle]
 pub unsafe extern "C" fn cblas_sgemm(
-    order: c_int, ta: c_int, tb: c_int, m: c_int, n: c_int, k: c_int,
-    alpha: c_float, a: *const c_float, lda: c_int, b: *const c_float, ldb: c_int,
-    beta: c_float, c: *mut c_float, ldc: c_int,
+    order: c_int,
+    ta: c_int,
+    tb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: c_float,
+    a: *const c_float,
+    lda: c_int,
+    b: *const c_float,
+    ldb: c_int,
+    beta: c_float,
+    c: *mut c_float,
+    ldc: c_int,
 ) {
     let mut f = ACTIVE.load(Ordering::Acquire);
     if f.is_null() {
@@ -108,9 +139,21 @@ pub unsafe extern "C" fn cblas_sgemm(
 /// arguments (operands of the sizes and strides they state).
 #[allow(clippy::too_many_arguments)]
 unsafe fn as_gemv(
-    gemv: SgemvFn, order: c_int, ta: c_int, tb: c_int, m: c_int, n: c_int, k: c_int,
-    alpha: c_float, a: *const c_float, lda: c_int, b: *const c_float, ldb: c_int,
-    beta: c_float, c: *mut c_float, ldc: c_int,
+    gemv: SgemvFn,
+    order: c_int,
+    ta: c_int,
+    tb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: c_float,
+    a: *const c_float,
+    lda: c_int,
+    b: *const c_float,
+    ldb: c_int,
+    beta: c_float,
+    c: *mut c_float,
+    ldc: c_int,
 ) -> bool {
     if order != ROW_MAJOR || k <= 0 || m <= 0 || n <= 0 {
         return false;
@@ -133,9 +176,11 @@ unsafe fn as_gemv(
         // SAFETY: the same operands as the sgemm call, read as a matrix and a vector.
         unsafe {
             if tb == NO_TRANS {
-                gemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc_a, beta, c, 1); // B is k×n: y = Bᵀ·a
+                gemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc_a, beta, c, 1);
+            // B is k×n: y = Bᵀ·a
             } else {
-                gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1); // B is n×k: y = B·a
+                gemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc_a, beta, c, 1);
+                // B is n×k: y = B·a
             }
         }
         return true;

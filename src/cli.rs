@@ -12,8 +12,12 @@ use serde_json::Value;
 use crate::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "pensieve", version, about = "A local LLM server: MLX in-process, Anthropic and OpenAI APIs",
-          args_conflicts_with_subcommands = true)]
+#[command(
+    name = "pensieve",
+    version,
+    about = "A local LLM server: MLX in-process, Anthropic and OpenAI APIs",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Cmd>,
@@ -172,8 +176,14 @@ pub fn client_env(client: Client, to: &Target, health: Option<&Value>) -> Vec<(S
                     out.push(("CLAUDE_CODE_MAX_CONTEXT_TOKENS", ctx.to_string()));
                 }
                 if let Some(id) = h["model"]["id"].as_str() {
-                    for k in ["ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFAULT_SONNET_MODEL",
-                              "ANTHROPIC_DEFAULT_HAIKU_MODEL", "ANTHROPIC_SMALL_FAST_MODEL", "CLAUDE_CODE_SUBAGENT_MODEL"] {
+                    for k in [
+                        "ANTHROPIC_MODEL",
+                        "ANTHROPIC_DEFAULT_OPUS_MODEL",
+                        "ANTHROPIC_DEFAULT_SONNET_MODEL",
+                        "ANTHROPIC_DEFAULT_HAIKU_MODEL",
+                        "ANTHROPIC_SMALL_FAST_MODEL",
+                        "CLAUDE_CODE_SUBAGENT_MODEL",
+                    ] {
                         out.push((k, id.to_string()));
                     }
                 }
@@ -225,29 +235,53 @@ fn status(a: StatusArgs) -> ExitCode {
     };
     let mib = |v: &Value| v.as_u64().map(|b| format!("{} MiB", b >> 20)).unwrap_or_else(|| "?".into());
     let m = &h["model"];
-    println!("pensieve at {}: {} (engine {})", a.to.base_url(), h["status"].as_str().unwrap_or("?"), h["engine"].as_str().unwrap_or("?"));
-    println!("  model        {} ({} tokens of context, {} on {})", m["id"].as_str().unwrap_or("?"),
-             m["context_length"], m["type"].as_str().unwrap_or("?"), m["device"].as_str().unwrap_or("?"));
+    println!(
+        "pensieve at {}: {} (engine {})",
+        a.to.base_url(),
+        h["status"].as_str().unwrap_or("?"),
+        h["engine"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  model        {} ({} tokens of context, {} on {})",
+        m["id"].as_str().unwrap_or("?"),
+        m["context_length"],
+        m["type"].as_str().unwrap_or("?"),
+        m["device"].as_str().unwrap_or("?")
+    );
     if h.get("memory").is_some() {
         let mem = &h["memory"];
-        println!("  memory       process {}, MLX active {}, prefix cache {}, live KV {}, system available {}",
-                 mib(&mem["process_rss_bytes"]), mib(&mem["mlx_active_bytes"]), mib(&mem["prompt_cache_bytes"]),
-                 mib(&mem["live_kv_bytes"]), mib(&mem["system_available_bytes"]));
+        println!(
+            "  memory       process {}, MLX active {}, prefix cache {}, live KV {}, system available {}",
+            mib(&mem["process_rss_bytes"]),
+            mib(&mem["mlx_active_bytes"]),
+            mib(&mem["prompt_cache_bytes"]),
+            mib(&mem["live_kv_bytes"]),
+            mib(&mem["system_available_bytes"])
+        );
         let s = &h["slots"];
         println!("  slots        {} of {} in use, {} queued", s["in_use"], s["capacity"], s["queued"]);
-        println!("  throughput   {} tokens/s over the last minute, {} tokens generated since start",
-                 h["tokens_per_second_1m"], h["generated_tokens"]);
+        println!(
+            "  throughput   {} tokens/s over the last minute, {} tokens generated since start",
+            h["tokens_per_second_1m"], h["generated_tokens"]
+        );
         let (input, cached) = (metric("pensieve_input_tokens_total"), metric("pensieve_cached_tokens_total"));
         if input + cached > 0.0 {
-            println!("  prefix cache {:.1} % of prompt tokens served from cache ({} hits)",
-                     100.0 * cached / (input + cached).max(1.0), metric("pensieve_prompt_cache_hits_total"));
+            println!(
+                "  prefix cache {:.1} % of prompt tokens served from cache ({} hits)",
+                100.0 * cached / (input + cached).max(1.0),
+                metric("pensieve_prompt_cache_hits_total")
+            );
         }
         let up = h["uptime_seconds"].as_u64().unwrap_or(0);
         println!("  uptime       {}h {:02}m {:02}s", up / 3600, up / 60 % 60, up % 60);
     } else {
         println!("  (details need the key: --api-key or PENSIEVE_API_KEY)");
     }
-    if st == 200 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if st == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// The serve flags this invocation was given: everything between `claude`
@@ -261,7 +295,9 @@ fn serve_args() -> Vec<String> {
 fn claude(a: ClaudeArgs) -> ExitCode {
     let to = Target::of(&a.config);
     let Some(claude_bin) = which("claude") else {
-        eprintln!("pensieve claude: the `claude` CLI is not on PATH. Install Claude Code: npm install -g @anthropic-ai/claude-code");
+        eprintln!(
+            "pensieve claude: the `claude` CLI is not on PATH. Install Claude Code: npm install -g @anthropic-ai/claude-code"
+        );
         return ExitCode::from(127);
     };
     let mut started: Option<Child> = None;

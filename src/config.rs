@@ -201,15 +201,28 @@ impl Config {
         use clap::{CommandFactory, FromArgMatches};
         let cmd = Config::command().mut_args(|a| a.env(None));
         let cache = test_cache_dir();
-        let args = ["pensieve", "--port", "0", "--no-prompt-cache-persist", "--model", BUILTIN_DEMO, "--min-free-memory", "0",
-                    "--cache-dir", cache.to_str().expect("a UTF-8 temp dir")];
+        let args = [
+            "pensieve",
+            "--port",
+            "0",
+            "--no-prompt-cache-persist",
+            "--model",
+            BUILTIN_DEMO,
+            "--min-free-memory",
+            "0",
+            "--cache-dir",
+            cache.to_str().expect("a UTF-8 temp dir"),
+        ];
         Config::from_arg_matches(&cmd.get_matches_from(args)).expect("test defaults parse")
     }
 
     /// Refuses combinations that would open the server to every web page.
     pub fn validate(&self) -> Result<(), String> {
         if self.cors_origin.iter().any(|o| o.trim() == "*") && self.api_key.is_none() {
-            return Err("--cors-origin '*' lets every web page the user visits drive this server: set --api-key too, or list the origins".into());
+            return Err(
+                "--cors-origin '*' lets every web page the user visits drive this server: set --api-key too, or list the origins"
+                    .into(),
+            );
         }
         Ok(())
     }

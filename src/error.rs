@@ -125,9 +125,7 @@ impl ApiError {
             | ApiError::MethodNotAllowed { .. }
             | ApiError::RequestTooLarge(_)
             | ApiError::RequestTimeout(_)
-            | ApiError::UnsupportedMediaType(_) => {
-                "invalid_request_error"
-            }
+            | ApiError::UnsupportedMediaType(_) => "invalid_request_error",
             ApiError::Authentication(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
             ApiError::NotFound(_) => "not_found_error",

@@ -32,7 +32,11 @@ pub fn install() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("pensieve_requests_total", "HTTP requests by route and status");
-    describe_histogram!("pensieve_request_duration_seconds", Unit::Seconds, "time to the response head (non-streaming: the whole response)");
+    describe_histogram!(
+        "pensieve_request_duration_seconds",
+        Unit::Seconds,
+        "time to the response head (non-streaming: the whole response)"
+    );
     describe_histogram!("pensieve_generation_duration_seconds", Unit::Seconds, "admission to last token, per generation");
     describe_histogram!("pensieve_ttft_seconds", Unit::Seconds, "admission to first output token");
     describe_counter!("pensieve_input_tokens_total", "prompt tokens of finished generations (cached included)");

@@ -363,8 +363,20 @@ fn strftime_now(fmt: String) -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let month = MONTHS[(m - 1) as usize];
     let mut out = String::new();
     let mut chars = fmt.chars();
@@ -485,7 +497,10 @@ mod tests {
     fn tojson_matches_python_json_dumps() {
         // Expected strings are what CPython's json.dumps(..., ensure_ascii=False) prints.
         let v = json!({"name": "f", "args": {"a": [1, 2.5, true, null], "b": "é\n"}, "e": {}, "l": []});
-        assert_eq!(py_json(v.clone(), None), r#"{"name": "f", "args": {"a": [1, 2.5, true, null], "b": "é\n"}, "e": {}, "l": []}"#);
+        assert_eq!(
+            py_json(v.clone(), None),
+            r#"{"name": "f", "args": {"a": [1, 2.5, true, null], "b": "é\n"}, "e": {}, "l": []}"#
+        );
         assert_eq!(
             py_json(v, Some(2)),
             "{\n  \"name\": \"f\",\n  \"args\": {\n    \"a\": [\n      1,\n      2.5,\n      true,\n      null\n    ],\n    \"b\": \"é\\n\"\n  },\n  \"e\": {},\n  \"l\": []\n}"

@@ -109,7 +109,8 @@ async fn count_tokens_uses_the_real_tokenizer() {
     assert_eq!(st, 200);
     let (_, b) = s.post("/v1/messages/count_tokens", &long).await;
     let (_, c) = s.post("/v1/messages/count_tokens", &sys).await;
-    let (a, b, c) = (a["input_tokens"].as_u64().unwrap(), b["input_tokens"].as_u64().unwrap(), c["input_tokens"].as_u64().unwrap());
+    let (a, b, c) =
+        (a["input_tokens"].as_u64().unwrap(), b["input_tokens"].as_u64().unwrap(), c["input_tokens"].as_u64().unwrap());
     assert!(a > 0 && b > a + 100 && c > a, "{a} {b} {c}");
 }
 
@@ -169,8 +170,13 @@ async fn huge_max_tokens_is_clamped_not_rejected() {
     assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
 
     // OpenAI: the same clamp, finish_reason "length".
-    let (st, c) = s.post("/v1/chat/completions", &json!({"model": "m", "max_tokens": 100_000, "temperature": 0,
-        "messages": [{"role": "user", "content": "hello there, what is the weather in Paris?"}]})).await;
+    let (st, c) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "m", "max_tokens": 100_000, "temperature": 0,
+        "messages": [{"role": "user", "content": "hello there, what is the weather in Paris?"}]}),
+        )
+        .await;
     assert_eq!(st, 200, "{c}");
     let p = c["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(c["usage"]["completion_tokens"].as_u64().unwrap(), 256 - p, "{c}");
@@ -222,11 +228,35 @@ async fn errors_use_the_anthropic_shape_and_the_server_keeps_serving() {
         ("POST", "/v1/messages", Some("".into()), 400, "invalid_request_error"),
         ("POST", "/v1/messages", Some(r#"{"model":"m","max_tokens":5,"messages":[]}"#.into()), 400, "invalid_request_error"),
         ("POST", "/v1/messages", Some(r#"{"model":"m","max_tokens":5}"#.into()), 400, "invalid_request_error"),
-        ("POST", "/v1/messages", Some(r#"{"model":"m","max_tokens":"5","messages":[{"role":"user","content":"x"}]}"#.into()), 400, "invalid_request_error"),
-        ("POST", "/v1/messages", Some(r#"{"model":"m","max_tokens":5,"messages":[{"role":"robot","content":"x"}]}"#.into()), 400, "invalid_request_error"),
-        ("POST", "/v1/messages", Some(r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":null}]}"#.into()), 400, "invalid_request_error"),
+        (
+            "POST",
+            "/v1/messages",
+            Some(r#"{"model":"m","max_tokens":"5","messages":[{"role":"user","content":"x"}]}"#.into()),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            "POST",
+            "/v1/messages",
+            Some(r#"{"model":"m","max_tokens":5,"messages":[{"role":"robot","content":"x"}]}"#.into()),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            "POST",
+            "/v1/messages",
+            Some(r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":null}]}"#.into()),
+            400,
+            "invalid_request_error",
+        ),
         ("POST", "/v1/messages", Some(r#"[1,2,3]"#.into()), 400, "invalid_request_error"),
-        ("POST", "/v1/messages", Some(r#"{"model":"m","max_tokens":5,"stop_sequences":[""],"messages":[{"role":"user","content":"x"}]}"#.into()), 400, "invalid_request_error"),
+        (
+            "POST",
+            "/v1/messages",
+            Some(r#"{"model":"m","max_tokens":5,"stop_sequences":[""],"messages":[{"role":"user","content":"x"}]}"#.into()),
+            400,
+            "invalid_request_error",
+        ),
         ("POST", "/v1/messages/count_tokens", Some(r#"{"model":"m","messages":"hi"}"#.into()), 400, "invalid_request_error"),
         ("GET", "/v1/nope", None, 404, "not_found_error"),
         ("GET", "/v1/messages", None, 405, "invalid_request_error"),

@@ -13,8 +13,14 @@ fn openblas_logits_match_the_reference_blas() {
     let cfg = common::config();
     let tokens: Vec<u32> = (0..48).map(|i| (i * 37 % 700) as u32).collect();
     let before = blas::calls();
-    let out = pensieve::engine::logits_per_blas(&cfg.venv_dir(), Some(pensieve::config::BUILTIN_DEMO), &cfg.cache_root(), &tokens, &[Target::OpenBlas, Target::Reference])
-        .unwrap();
+    let out = pensieve::engine::logits_per_blas(
+        &cfg.venv_dir(),
+        Some(pensieve::config::BUILTIN_DEMO),
+        &cfg.cache_root(),
+        &tokens,
+        &[Target::OpenBlas, Target::Reference],
+    )
+    .unwrap();
     let after = blas::calls();
     assert!(after.0 > before.0, "the OpenBLAS pass went through OpenBLAS: {before:?} -> {after:?}");
     assert!(after.1 > before.1, "the reference pass went through the reference BLAS: {before:?} -> {after:?}");
@@ -30,8 +36,14 @@ fn openblas_logits_match_the_reference_blas() {
     // One token: every matmul has one row, and the OpenBLAS route sends
     // those to sgemv (what each decode step of a single sequence does).
     let gemv_before = blas::gemv_calls();
-    let out = pensieve::engine::logits_per_blas(&cfg.venv_dir(), Some(pensieve::config::BUILTIN_DEMO), &cfg.cache_root(), &tokens[..1], &[Target::OpenBlas, Target::Reference])
-        .unwrap();
+    let out = pensieve::engine::logits_per_blas(
+        &cfg.venv_dir(),
+        Some(pensieve::config::BUILTIN_DEMO),
+        &cfg.cache_root(),
+        &tokens[..1],
+        &[Target::OpenBlas, Target::Reference],
+    )
+    .unwrap();
     assert!(blas::gemv_calls() > gemv_before, "one-row products went through sgemv");
     let scale = out[1].iter().fold(0f32, |m, x| m.max(x.abs()));
     let max_diff = out[0].iter().zip(&out[1]).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
@@ -60,8 +72,22 @@ fn openblas_logits_match_the_reference_blas() {
                 let before = blas::gemv_calls();
                 // SAFETY: a, b and c hold the rows and strides the call states.
                 unsafe {
-                    blas::cblas_sgemm(101, ta, tb, m as i32, n as i32, k as i32, 1.5, a.as_ptr(), lda as i32,
-                        b.as_ptr(), ldb as i32, beta, c.as_mut_ptr(), ldc as i32);
+                    blas::cblas_sgemm(
+                        101,
+                        ta,
+                        tb,
+                        m as i32,
+                        n as i32,
+                        k as i32,
+                        1.5,
+                        a.as_ptr(),
+                        lda as i32,
+                        b.as_ptr(),
+                        ldb as i32,
+                        beta,
+                        c.as_mut_ptr(),
+                        ldc as i32,
+                    );
                 }
                 assert_eq!(blas::gemv_calls(), before + 1, "({m},{n},{k}) {ta}/{tb} went through sgemv");
                 for i in 0..m {

@@ -57,7 +57,9 @@ fn env_output_sourced_by_a_shell_reaches_the_server_through_the_sdk() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "message 4");
     let out = pensieve(&["env", "claude", "--port", &port]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for want in ["CLAUDE_CODE_AUTO_COMPACT_WINDOW=32768", "ANTHROPIC_MODEL=pensieve-demo", "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off"] {
+    for want in
+        ["CLAUDE_CODE_AUTO_COMPACT_WINDOW=32768", "ANTHROPIC_MODEL=pensieve-demo", "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off"]
+    {
         assert!(text.contains(want), "{want} missing from:\n{text}");
     }
     signal(&s, libc::SIGTERM);
@@ -65,9 +67,7 @@ fn env_output_sourced_by_a_shell_reaches_the_server_through_the_sdk() {
 }
 
 fn claude_installed() -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("claude").is_file()))
-        .unwrap_or(false);
+    let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("claude").is_file())).unwrap_or(false);
     if !found {
         eprintln!("SKIPPED: the claude CLI is not installed (npm install -g @anthropic-ai/claude-code); .ci/run installs it");
     }
@@ -109,7 +109,17 @@ fn pensieve_claude_starts_a_server_and_stops_it_afterwards() {
     }
     let port = free_port().to_string();
     let cache = pensieve::config::test_cache_dir().to_string_lossy().to_string();
-    let mut args = vec!["claude", "--model", "builtin:demo", "--no-prompt-cache-persist", "--cache-dir", cache.as_str(), "--port", port.as_str(), "--"];
+    let mut args = vec![
+        "claude",
+        "--model",
+        "builtin:demo",
+        "--no-prompt-cache-persist",
+        "--cache-dir",
+        cache.as_str(),
+        "--port",
+        port.as_str(),
+        "--",
+    ];
     args.extend(CLAUDE_ARGS);
     let out = common::binary::command_bare().args(&args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -118,7 +128,19 @@ fn pensieve_claude_starts_a_server_and_stops_it_afterwards() {
 
     // A model whose window cannot hold Claude Code's prompt: refused before launching.
     let out = common::binary::command_bare()
-        .args(["claude", "--model", "builtin:smollm2", "--no-prompt-cache-persist", "--cache-dir", &cache, "--port", &port, "--", "-p", "hi"])
+        .args([
+            "claude",
+            "--model",
+            "builtin:smollm2",
+            "--no-prompt-cache-persist",
+            "--cache-dir",
+            &cache,
+            "--port",
+            &port,
+            "--",
+            "-p",
+            "hi",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -53,7 +53,13 @@ fn request_text_never_becomes_a_control_token() {
     let prompt = |content: &str| Prompt {
         messages: vec![
             ChatMessage::new("user", "What does the page say?"),
-            ChatMessage { role: "tool".into(), content: content.into(), tool_calls: vec![], tool_call_id: Some("t1".into()), name: Some("fetch".into()) },
+            ChatMessage {
+                role: "tool".into(),
+                content: content.into(),
+                tool_calls: vec![],
+                tool_call_id: Some("t1".into()),
+                name: Some("fetch".into()),
+            },
         ],
         ..Default::default()
     };

@@ -40,7 +40,13 @@ async fn oversize_bad_type_and_bad_bytes_are_4xx() {
         .unwrap();
     assert_eq!(r.status(), 413);
 
-    let r = client().post(s.url("/v1/messages")).header("content-type", "text/plain").body(hello(2).to_string()).send().await.unwrap();
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .header("content-type", "text/plain")
+        .body(hello(2).to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 415);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -261,8 +267,12 @@ fn stops_reading_and_loses_its_slot(rcvbuf: Option<libc::c_int>) {
     let body = json!({"model": "m", "max_tokens": 30000, "stream": true, "temperature": 0,
                       "messages": [{"role": "user", "content": "hello ".repeat(50)}]})
     .to_string();
-    write!(tcp, "POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
-        .unwrap();
+    write!(
+        tcp,
+        "POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let t = Instant::now();
@@ -299,8 +309,10 @@ async fn a_failure_inside_a_batched_step_fails_only_its_request() {
     let mut cfg = config();
     cfg.enable_fault_injection = true;
     let s = start(cfg);
-    let ask = |text: &str| json!({"model": "m", "max_tokens": 300, "temperature": 0,
-                                  "messages": [{"role": "user", "content": text}]});
+    let ask = |text: &str| {
+        json!({"model": "m", "max_tokens": 300, "temperature": 0,
+                                  "messages": [{"role": "user", "content": text}]})
+    };
     let (a, b, c) = (ask("tell me about the weather in Paris"), ask("hello there"), ask("what is a tool call"));
     // Alone, one after another: the reference tokens.
     let (_, ref_a) = s.post("/v1/messages", &a).await;
@@ -309,7 +321,13 @@ async fn a_failure_inside_a_batched_step_fails_only_its_request() {
     let faulty = async {
         // Joins once the two healthy ones are decoding together.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let r = client().post(s.url("/v1/messages")).header("x-pensieve-fault", "raise-in-forward-after=8").json(&c).send().await.unwrap();
+        let r = client()
+            .post(s.url("/v1/messages"))
+            .header("x-pensieve-fault", "raise-in-forward-after=8")
+            .json(&c)
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.json::<Value>().await.unwrap())
     };
     let ((_, got_a), (_, got_b), (st_c, got_c)) = tokio::join!(s.post("/v1/messages", &a), s.post("/v1/messages", &b), faulty);
@@ -399,8 +417,13 @@ async fn a_sampler_failing_in_a_batch_leaves_a_forced_neighbour_intact() {
         let faulty = async {
             let body = json!({"model": "m", "max_tokens": 200, "temperature": 0,
                 "messages": [{"role": "user", "content": "tell me about the weather in Paris today"}]});
-            let r = client().post(s.url("/v1/messages")).header("x-pensieve-fault", format!("raise-in-sampler-after={after}"))
-                .json(&body).send().await.unwrap();
+            let r = client()
+                .post(s.url("/v1/messages"))
+                .header("x-pensieve-fault", format!("raise-in-sampler-after={after}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         };
         let ((st, got), (st_f, err)) = tokio::join!(s.post("/v1/messages", &forced), faulty);

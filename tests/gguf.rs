@@ -102,8 +102,7 @@ async fn ollama_models_are_served_from_their_manifest() {
         .unwrap();
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["content"][0]["text"], "The capital of France is Paris.", "{v}");
-    let models: serde_json::Value =
-        reqwest::get(format!("http://{}/v1/models", s.addr)).await.unwrap().json().await.unwrap();
+    let models: serde_json::Value = reqwest::get(format!("http://{}/v1/models", s.addr)).await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["id"], "smollm2:135m");
     common::binary::signal(&s, libc::SIGTERM);
     tokio::task::spawn_blocking(move || common::binary::wait_exit(&mut s, 30)).await.unwrap();

@@ -27,8 +27,11 @@ async fn chat_completion_shape_and_usage() {
     assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + 9);
     // The same conversation through the Anthropic dialect renders the same prompt.
     let (_, count) = s
-        .post("/v1/messages/count_tokens", &json!({"model": "m", "system": "be brief",
-            "messages": [{"role": "user", "content": "hello there, what is the weather in Paris?"}]}))
+        .post(
+            "/v1/messages/count_tokens",
+            &json!({"model": "m", "system": "be brief",
+            "messages": [{"role": "user", "content": "hello there, what is the weather in Paris?"}]}),
+        )
         .await;
     assert_eq!(u["prompt_tokens"], count["input_tokens"]);
 }
@@ -48,11 +51,9 @@ async fn chat_stream_chunks_usage_and_done() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let ids: std::collections::HashSet<&str> = chunks.iter().map(|c| c["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 1, "one id across chunks");
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"].get(0)?.get("delta")?.get("content")?.as_str())
-        .collect();
-    let finish: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0)?.get("delta")?.get("content")?.as_str()).collect();
+    let finish: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
     assert_eq!(finish, vec![&json!("length")]);
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
@@ -74,7 +75,8 @@ async fn stop_strings_and_completions() {
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
     assert_eq!(r["choices"][0]["message"]["content"].as_str().unwrap(), &text[..text.find(&stop).unwrap()]);
 
-    let (st, c) = s.post("/v1/completions", &json!({"model": "m", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0})).await;
+    let (st, c) =
+        s.post("/v1/completions", &json!({"model": "m", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0})).await;
     assert_eq!(st, 200, "{c}");
     assert_eq!(c["object"], "text_completion");
     assert!(c["id"].as_str().unwrap().starts_with("cmpl-"));

@@ -92,8 +92,13 @@ fn message(t: &Turn) -> ChatMessage {
             });
             m
         }
-        Turn::Result(s) => ChatMessage { role: "tool".into(), content: s.clone(), tool_calls: vec![],
-                                         tool_call_id: Some("call_1".into()), name: Some("get_weather".into()) },
+        Turn::Result(s) => ChatMessage {
+            role: "tool".into(),
+            content: s.clone(),
+            tool_calls: vec![],
+            tool_call_id: Some("call_1".into()),
+            name: Some("get_weather".into()),
+        },
         Turn::LateSystem(s) => ChatMessage::new("system", if s.trim().is_empty() { "note" } else { s.as_str() }),
     }
 }

@@ -89,7 +89,10 @@ async fn saved_conversations_are_private_and_restores_are_checked() {
         ("000004", "not a regular file"),
         ("000005", "not a regular file"),
     ] {
-        let line = log.lines().find(|l| l.contains(&format!("{file}.safetensors"))).unwrap_or_else(|| panic!("no warning for {file}:\n{log}"));
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("{file}.safetensors")))
+            .unwrap_or_else(|| panic!("no warning for {file}:\n{log}"));
         assert!(line.contains(why), "{line}");
     }
     assert!(log.contains("restored 1 entries"), "{log}");

@@ -17,17 +17,39 @@ fn arb_json() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(|n| json!(n)),
         any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
         "\\PC{0,12}".prop_map(Value::String),
-        prop_oneof![Just("user"), Just("assistant"), Just("system"), Just("tool"), Just("text"), Just("tool_use"),
-                    Just("tool_result"), Just("image"), Just("function"), Just("auto"), Just("any"), Just("none")]
-            .prop_map(|s| Value::String(s.into())),
+        prop_oneof![
+            Just("user"),
+            Just("assistant"),
+            Just("system"),
+            Just("tool"),
+            Just("text"),
+            Just("tool_use"),
+            Just("tool_result"),
+            Just("image"),
+            Just("function"),
+            Just("auto"),
+            Just("any"),
+            Just("none")
+        ]
+        .prop_map(|s| Value::String(s.into())),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
             prop::collection::vec(
-                (prop_oneof![Just("type".to_string()), Just("role".to_string()), Just("content".to_string()),
-                             Just("text".to_string()), Just("name".to_string()), Just("input".to_string()),
-                             Just("id".to_string()), "[a-z_]{1,8}"], inner),
+                (
+                    prop_oneof![
+                        Just("type".to_string()),
+                        Just("role".to_string()),
+                        Just("content".to_string()),
+                        Just("text".to_string()),
+                        Just("name".to_string()),
+                        Just("input".to_string()),
+                        Just("id".to_string()),
+                        "[a-z_]{1,8}"
+                    ],
+                    inner
+                ),
                 0..5
             )
             .prop_map(|kv| Value::Object(kv.into_iter().collect())),

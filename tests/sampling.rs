@@ -63,8 +63,10 @@ async fn the_models_defaults_then_flags_then_the_request_decide() {
 async fn a_seed_fixes_the_draws_alone_and_in_a_batch() {
     let server = common::start(common::config());
     let s = &server;
-    let seeded = |seed: u64| json!({"model": "m", "max_tokens": 32, "temperature": 1.0, "seed": seed,
-                                    "messages": [{"role": "user", "content": "tell me a story"}]});
+    let seeded = |seed: u64| {
+        json!({"model": "m", "max_tokens": 32, "temperature": 1.0, "seed": seed,
+                                    "messages": [{"role": "user", "content": "tell me a story"}]})
+    };
     let chat = |body: Value| async move {
         let (st, v) = s.post("/v1/chat/completions", &body).await;
         assert_eq!(st, 200, "{v}");
@@ -74,8 +76,10 @@ async fn a_seed_fixes_the_draws_alone_and_in_a_batch() {
     assert_eq!(chat(seeded(7)).await, first, "same seed, same tokens");
     assert_ne!(chat(seeded(8)).await, first, "another seed, other tokens");
     // Three at once: they share decode steps; the seeded one draws the same.
-    let other = |i: u64| json!({"model": "m", "max_tokens": 400, "temperature": 1.0, "seed": 100 + i,
-                                "messages": [{"role": "user", "content": "something else entirely"}]});
+    let other = |i: u64| {
+        json!({"model": "m", "max_tokens": 400, "temperature": 1.0, "seed": 100 + i,
+                                "messages": [{"role": "user", "content": "something else entirely"}]})
+    };
     let later = async {
         // Joins the two long generations once they run.
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;

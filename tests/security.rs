@@ -27,8 +27,11 @@ async fn top_k_at_or_above_the_vocabulary_is_no_restriction_in_both_dialects() {
         assert_eq!(st, 200, "top_k {top_k}: {v}");
         assert_eq!(v["usage"]["output_tokens"], 8);
         let (st, v) = s
-            .post("/v1/chat/completions", &json!({"max_tokens": 4, "top_k": top_k, "temperature": 0.7,
-                                                   "messages": [{"role": "user", "content": "hi"}]}))
+            .post(
+                "/v1/chat/completions",
+                &json!({"max_tokens": 4, "top_k": top_k, "temperature": 0.7,
+                                                   "messages": [{"role": "user", "content": "hi"}]}),
+            )
             .await;
         assert_eq!(st, 200, "top_k {top_k}: {v}");
     }
@@ -131,8 +134,10 @@ fn web_pages_cannot_drive_or_read_the_server() {
         raw(s, &post_raw("/v1/messages", &format!("Host: 127.0.0.1\r\nOrigin: https://evil.example\r\n{json_ct}"), &tiny()));
     assert_eq!(st, 403, "{body}");
     assert!(!head.contains("access-control-allow-origin"), "{head}");
-    let (st, _, body) =
-        raw(s, &post_raw("/v1/chat/completions", "Host: 127.0.0.1\r\nOrigin: null\r\ncontent-type: application/json\r\n", &tiny()));
+    let (st, _, body) = raw(
+        s,
+        &post_raw("/v1/chat/completions", "Host: 127.0.0.1\r\nOrigin: null\r\ncontent-type: application/json\r\n", &tiny()),
+    );
     assert_eq!(st, 403);
     assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]["message"].is_string(), "OpenAI shape: {body}");
     // Bodies a page can send without a preflight: no content-type, text/plain, forms.

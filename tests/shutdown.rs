@@ -49,12 +49,8 @@ fn message(max_tokens: u64, stream: bool) -> Value {
 
 /// Opens a stream and reads until its first text delta arrived.
 async fn open_stream(addr: &str, max_tokens: u64) -> reqwest::Response {
-    let mut r = reqwest::Client::new()
-        .post(format!("http://{addr}/v1/messages"))
-        .json(&message(max_tokens, true))
-        .send()
-        .await
-        .unwrap();
+    let mut r =
+        reqwest::Client::new().post(format!("http://{addr}/v1/messages")).json(&message(max_tokens, true)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let mut seen = String::new();
     while !seen.contains("content_block_delta") {
@@ -99,7 +95,8 @@ async fn sigterm_drains_refuses_new_work_everywhere_and_lets_streams_finish() {
     assert_eq!(st, 503);
     assert!(head.contains("connection: close"), "{head}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], "draining");
-    let (st, head, body) = exchange(&mut kept2, &post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}]})));
+    let (st, head, body) =
+        exchange(&mut kept2, &post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}]})));
     assert_eq!(st, 503);
     assert!(head.contains("connection: close"), "{head}");
     let v: Value = serde_json::from_str(&body).unwrap();

@@ -43,8 +43,13 @@ async fn thinking_is_a_block_and_the_budget_ends_it() {
 #[tokio::test]
 async fn thinking_stays_out_of_the_text_unless_asked_for() {
     let s = think_server();
-    let (_, m) = s.post("/v1/messages", &json!({"model": "m", "max_tokens": 12, "temperature": 0,
-        "messages": [{"role": "user", "content": "hello"}]})).await;
+    let (_, m) = s
+        .post(
+            "/v1/messages",
+            &json!({"model": "m", "max_tokens": 12, "temperature": 0,
+        "messages": [{"role": "user", "content": "hello"}]}),
+        )
+        .await;
     let blocks = m["content"].as_array().unwrap();
     assert!(blocks.iter().all(|b| b["type"] != "thinking"), "{m}");
     assert_eq!(m["usage"]["output_tokens"], 12, "the thinking tokens were generated and counted: {m}");
@@ -80,8 +85,11 @@ async fn streamed_thinking_then_text() {
 async fn openai_reasoning_content() {
     let s = think_server();
     let (st, r) = s
-        .post("/v1/chat/completions", &json!({"model": "m", "max_tokens": 10, "temperature": 0,
-            "messages": [{"role": "user", "content": "hello"}]}))
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "m", "max_tokens": 10, "temperature": 0,
+            "messages": [{"role": "user", "content": "hello"}]}),
+        )
         .await;
     assert_eq!(st, 200, "{r}");
     assert!(!r["choices"][0]["message"]["reasoning_content"].as_str().unwrap().is_empty(), "{r}");
@@ -119,8 +127,13 @@ async fn limits_are_told_the_way_claude_code_reads_them() {
     assert_eq!(m["capabilities"]["thinking"]["supported"], true, "{m}");
     assert_eq!(m["capabilities"]["image_input"]["supported"], false);
     let long = "hello ".repeat(40_000);
-    let (st, e) = s.post("/v1/messages", &json!({"model": "m", "max_tokens": 5,
-        "messages": [{"role": "user", "content": long}]})).await;
+    let (st, e) = s
+        .post(
+            "/v1/messages",
+            &json!({"model": "m", "max_tokens": 5,
+        "messages": [{"role": "user", "content": long}]}),
+        )
+        .await;
     assert_eq!(st, 400, "{e}");
     assert_eq!(e["error"]["type"], "invalid_request_error");
     let msg = e["error"]["message"].as_str().unwrap();
@@ -130,7 +143,12 @@ async fn limits_are_told_the_way_claude_code_reads_them() {
     let m: u64 = m.strip_suffix(" maximum").unwrap().parse().unwrap();
     assert_eq!(m, 32767);
     assert!(n > m, "{msg}");
-    let (_, count) = s.post("/v1/messages/count_tokens", &json!({"model": "m",
-        "messages": [{"role": "user", "content": long}]})).await;
+    let (_, count) = s
+        .post(
+            "/v1/messages/count_tokens",
+            &json!({"model": "m",
+        "messages": [{"role": "user", "content": long}]}),
+        )
+        .await;
     assert_eq!(count["input_tokens"], n, "the same count as count_tokens");
 }

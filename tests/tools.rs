@@ -55,8 +55,11 @@ fn the_official_sdks_complete_a_tool_round_trip() {
 async fn the_demo_model_answers_in_its_domain() {
     let s = demo();
     let (st, m) = s
-        .post("/v1/messages", &json!({"model": "m", "max_tokens": 40, "temperature": 0,
-            "messages": [{"role": "user", "content": "hello"}]}))
+        .post(
+            "/v1/messages",
+            &json!({"model": "m", "max_tokens": 40, "temperature": 0,
+            "messages": [{"role": "user", "content": "hello"}]}),
+        )
         .await;
     assert_eq!(st, 200);
     assert_eq!(m["stop_reason"], "end_turn", "{m}");
@@ -137,5 +140,8 @@ async fn all_claude_code_tools_render() {
     let (_, without) = s.post("/v1/messages/count_tokens", &body).await;
     let added = with["input_tokens"].as_u64().unwrap() - without["input_tokens"].as_u64().unwrap();
     let schema_chars: usize = fixture["body"]["tools"].as_array().unwrap().iter().map(|t| t.to_string().len()).sum();
-    assert!(added as usize > schema_chars / 8, "the 12 tool definitions are in the prompt: +{added} tokens for {schema_chars} chars");
+    assert!(
+        added as usize > schema_chars / 8,
+        "the 12 tool definitions are in the prompt: +{added} tokens for {schema_chars} chars"
+    );
 }

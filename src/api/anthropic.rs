@@ -111,10 +111,7 @@ impl<'de> Deserialize<'de> for Content {
                 }
                 Ok(Content::Blocks(blocks))
             }
-            other => Err(D::Error::custom(format!(
-                "expected a string or an array of content blocks, got {}",
-                json_kind(&other)
-            ))),
+            other => Err(D::Error::custom(format!("expected a string or an array of content blocks, got {}", json_kind(&other)))),
         }
     }
 }
@@ -232,10 +229,7 @@ impl MessagesRequest {
                                 msg.tool_calls.push(ToolCall {
                                     id,
                                     kind: "function",
-                                    function: FunctionCall {
-                                        name,
-                                        arguments: if input.is_null() { json!({}) } else { input },
-                                    },
+                                    function: FunctionCall { name, arguments: if input.is_null() { json!({}) } else { input } },
                                 });
                             }
                             Block::Image {} | Block::Document {} => return Err(unsupported_media(i)),
@@ -284,9 +278,7 @@ impl MessagesRequest {
             }
         }
         if out.is_empty() {
-            return Err(ApiError::InvalidRequest(
-                "messages: at least one user or assistant message is required".into(),
-            ));
+            return Err(ApiError::InvalidRequest("messages: at least one user or assistant message is required".into()));
         }
         if !system_parts.is_empty() {
             out.insert(0, ChatMessage::new("system", system_parts.join("\n\n")));
@@ -653,24 +645,27 @@ mod tests {
                          {"role": "system", "content": "<total_tokens>4242 tokens left</total_tokens>"}]}))
         .unwrap();
         let p = r.to_prompt().unwrap();
-        assert_eq!(p.messages, vec![
-            ChatMessage::new("system", "You are Claude Code.\n\nearly rule"),
-            ChatMessage::new("user", "hello"),
-            ChatMessage::new("system", "late rule"),
-        ]);
+        assert_eq!(
+            p.messages,
+            vec![
+                ChatMessage::new("system", "You are Claude Code.\n\nearly rule"),
+                ChatMessage::new("user", "hello"),
+                ChatMessage::new("system", "late rule"),
+            ]
+        );
     }
 
     #[test]
     fn tool_use_and_results_become_template_messages() {
         let r = req(json!({"model": "m", "max_tokens": 5,
-            "tools": [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}],
-            "messages": [
-                {"role": "user", "content": "weather?"},
-                {"role": "assistant", "content": [{"type": "text", "text": "Let me check."},
-                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                    "content": [{"type": "text", "text": "sunny"}], "is_error": false}]}
-            ]}))
+        "tools": [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                "content": [{"type": "text", "text": "sunny"}], "is_error": false}]}
+        ]}))
         .unwrap();
         let p = r.to_prompt().unwrap();
         assert_eq!(p.messages.len(), 3);

@@ -53,7 +53,12 @@ pub trait StreamRenderer: Send + 'static {
 
 /// A tool definition in the function format chat templates expect; both
 /// dialects' tool lists convert through here. No schema means no parameters.
-pub fn function_tool(kind: &str, name: &str, description: Option<&str>, parameters: Option<&serde_json::Value>) -> serde_json::Value {
+pub fn function_tool(
+    kind: &str,
+    name: &str,
+    description: Option<&str>,
+    parameters: Option<&serde_json::Value>,
+) -> serde_json::Value {
     serde_json::json!({
         "type": kind,
         "function": {

@@ -94,7 +94,9 @@ impl<'de> Deserialize<'de> for PromptField {
         match Value::deserialize(d)? {
             Value::String(s) => Ok(PromptField(s)),
             Value::Array(a) if a.len() == 1 && a[0].is_string() => Ok(PromptField(a[0].as_str().unwrap().to_string())),
-            Value::Array(_) => Err(D::Error::custom("only one prompt per request is supported (a string or a list of one string)")),
+            Value::Array(_) => {
+                Err(D::Error::custom("only one prompt per request is supported (a string or a list of one string)"))
+            }
             _ => Err(D::Error::custom("expected a string")),
         }
     }
@@ -137,9 +139,10 @@ impl<'de> Deserialize<'de> for MsgContent {
                 for (i, p) in parts.iter().enumerate() {
                     match p.get("type").and_then(Value::as_str) {
                         Some("text") => {
-                            let t = p.get("text").and_then(Value::as_str).ok_or_else(|| {
-                                D::Error::custom(format!("part {i}: a text part needs a string `text`"))
-                            })?;
+                            let t = p
+                                .get("text")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| D::Error::custom(format!("part {i}: a text part needs a string `text`")))?;
                             text.push_str(t);
                         }
                         Some(other) => {
@@ -280,11 +283,18 @@ impl ChatRequest {
                     out.push(msg);
                 }
                 Role::Tool => {
-                    let id = m.tool_call_id.clone().ok_or_else(|| {
-                        ApiError::InvalidRequest(format!("messages[{i}].tool_call_id: required for role tool"))
-                    })?;
+                    let id = m
+                        .tool_call_id
+                        .clone()
+                        .ok_or_else(|| ApiError::InvalidRequest(format!("messages[{i}].tool_call_id: required for role tool")))?;
                     let name = m.name.clone().or_else(|| call_names.iter().rev().find(|(c, _)| *c == id).map(|(_, n)| n.clone()));
-                    out.push(ChatMessage { role: "tool".into(), content: text, tool_calls: vec![], tool_call_id: Some(id), name });
+                    out.push(ChatMessage {
+                        role: "tool".into(),
+                        content: text,
+                        tool_calls: vec![],
+                        tool_call_id: Some(id),
+                        name,
+                    });
                 }
             }
         }
@@ -323,7 +333,9 @@ impl ChatRequest {
             },
             Some(v) => match v["function"]["name"].as_str() {
                 Some(name) => Ok(Some(ForceTool::Named(name.to_string()))),
-                None => Err(ApiError::InvalidRequest("tool_choice: expected a string or {\"type\": \"function\", \"function\": {\"name\": ...}}".into())),
+                None => Err(ApiError::InvalidRequest(
+                    "tool_choice: expected a string or {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
+                )),
             },
         }
     }
@@ -332,7 +344,8 @@ impl ChatRequest {
         self.common.check()?;
         let requested = self.max_completion_tokens.or(self.max_tokens);
         let name = if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
-        let mut req = GenerateRequest::new(self.to_prompt()?, max_tokens(requested, name)?, self.common.sampling(), self.common.stops());
+        let mut req =
+            GenerateRequest::new(self.to_prompt()?, max_tokens(requested, name)?, self.common.sampling(), self.common.stops());
         // Reasoning has its own field here (`reasoning_content`), which
         // clients that do not know it ignore: always pass it through.
         req.thinking = true;

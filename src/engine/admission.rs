@@ -92,11 +92,7 @@ impl Admission {
                 retry_after_secs: 1,
             });
         }
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))
+        self.slots.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable("the server is shutting down".into()))
     }
 
     /// Stops admitting: waiting and future acquires fail.

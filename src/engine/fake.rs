@@ -161,7 +161,8 @@ async fn wait_for(log: &Arc<Mutex<Vec<String>>>, line: &str) {
 #[tokio::test]
 async fn tokens_reach_their_own_request_in_order_and_reasons_are_mapped() {
     let h = harness(4, 4);
-    let (a, b) = tokio::join!(h.engine.generate(request("a b c d e", 100, &[])), h.engine.generate(request("x y <eos> z", 100, &[])));
+    let (a, b) =
+        tokio::join!(h.engine.generate(request("a b c d e", 100, &[])), h.engine.generate(request("x y <eos> z", 100, &[])));
     let (mut a, mut b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.max_tokens, 5);
     let (ra, rb) = tokio::join!(a.collect(), b.collect());

@@ -172,7 +172,11 @@ impl GenerateRequest {
 /// Raw events from the engine thread, one `Token` per generated token.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum TokenEvent {
-    Started { prompt_tokens: u32, cached_tokens: u32, max_tokens: u32 },
+    Started {
+        prompt_tokens: u32,
+        cached_tokens: u32,
+        max_tokens: u32,
+    },
     /// One generated token and what its text completed (maybe nothing yet).
     Token(Vec<Piece>),
     /// Output that is not a new token (text the detokenizer held back).
@@ -187,7 +191,10 @@ pub enum Piece {
     Text(String),
     Thinking(String),
     /// A parsed tool call: name and arguments object.
-    ToolCall { name: String, arguments: Value },
+    ToolCall {
+        name: String,
+        arguments: Value,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -360,9 +367,7 @@ impl Generation {
                 Some(TokenEvent::Started { .. }) => {}
                 None => {
                     self.rx = None;
-                    self.pending.push_back(GenEvent::Error(ApiError::Unavailable(
-                        "the engine stopped while generating".into(),
-                    )));
+                    self.pending.push_back(GenEvent::Error(ApiError::Unavailable("the engine stopped while generating".into())));
                 }
             }
         }
@@ -624,8 +629,16 @@ impl EngineStatus {
 
 pub(crate) enum Command {
     /// `tokens`: the prompt already tokenized on the Rust side, if trusted.
-    Generate { id: u64, request: GenerateRequest, tokens: Option<Vec<u32>>, events: mpsc::UnboundedSender<TokenEvent> },
-    Tokenize { prompt: Prompt, reply: oneshot::Sender<Result<Vec<u32>, ApiError>> },
+    Generate {
+        id: u64,
+        request: GenerateRequest,
+        tokens: Option<Vec<u32>>,
+        events: mpsc::UnboundedSender<TokenEvent>,
+    },
+    Tokenize {
+        prompt: Prompt,
+        reply: oneshot::Sender<Result<Vec<u32>, ApiError>>,
+    },
     Shutdown,
 }
 
@@ -848,7 +861,11 @@ impl EngineHandle {
     }
 
     /// As `generate`, naming tool calls `{prefix}…` (`toolu_` / `call_`).
-    pub async fn generate_with_ids(&self, mut request: GenerateRequest, tool_id_prefix: &'static str) -> Result<Generation, ApiError> {
+    pub async fn generate_with_ids(
+        &self,
+        mut request: GenerateRequest,
+        tool_id_prefix: &'static str,
+    ) -> Result<Generation, ApiError> {
         self.apply_tool_choice(&mut request)?;
         self.place_system_messages(&mut request.prompt);
         self.ensure_alive()?;
@@ -946,7 +963,14 @@ mod tests {
 
     #[test]
     fn late_system_messages_stay_in_place_in_each_mode() {
-        let p = conv(&[("system", "sys"), ("user", "u1"), ("system", "env"), ("assistant", "a1"), ("system", "note"), ("user", "u2")]);
+        let p = conv(&[
+            ("system", "sys"),
+            ("user", "u1"),
+            ("system", "env"),
+            ("assistant", "a1"),
+            ("system", "note"),
+            ("user", "u2"),
+        ]);
         let mut q = p.clone();
         place_late_system_messages(&mut q, "system");
         assert_eq!(q, p);
@@ -954,23 +978,29 @@ mod tests {
         let mut q = p.clone();
         place_late_system_messages(&mut q, "user");
         let got: Vec<(&str, &str)> = q.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-        assert_eq!(got, [
-            ("system", "sys"),
-            ("user", "u1"),
-            ("user", "<system-reminder>\nenv\n</system-reminder>"),
-            ("assistant", "a1"),
-            ("user", "<system-reminder>\nnote\n</system-reminder>"),
-            ("user", "u2"),
-        ]);
+        assert_eq!(
+            got,
+            [
+                ("system", "sys"),
+                ("user", "u1"),
+                ("user", "<system-reminder>\nenv\n</system-reminder>"),
+                ("assistant", "a1"),
+                ("user", "<system-reminder>\nnote\n</system-reminder>"),
+                ("user", "u2"),
+            ]
+        );
 
         let mut q = p;
         place_late_system_messages(&mut q, "merge");
         let got: Vec<(&str, &str)> = q.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-        assert_eq!(got, [
-            ("system", "sys"),
-            ("user", "u1\n\n<system-reminder>\nenv\n</system-reminder>"),
-            ("assistant", "a1"),
-            ("user", "<system-reminder>\nnote\n</system-reminder>\n\nu2"),
-        ]);
+        assert_eq!(
+            got,
+            [
+                ("system", "sys"),
+                ("user", "u1\n\n<system-reminder>\nenv\n</system-reminder>"),
+                ("assistant", "a1"),
+                ("user", "<system-reminder>\nnote\n</system-reminder>\n\nu2"),
+            ]
+        );
     }
 }

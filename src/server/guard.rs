@@ -173,7 +173,17 @@ mod tests {
     #[test]
     fn loopback_names_and_ip_literals_are_this_server() {
         let p = policy(&[]);
-        for h in ["localhost", "localhost:7777", "LOCALHOST.:7777", "127.0.0.1:7777", "127.0.0.2", "[::1]:7777", "::1", "10.1.2.3:80", "app.localhost:7777"] {
+        for h in [
+            "localhost",
+            "localhost:7777",
+            "LOCALHOST.:7777",
+            "127.0.0.1:7777",
+            "127.0.0.2",
+            "[::1]:7777",
+            "::1",
+            "10.1.2.3:80",
+            "app.localhost:7777",
+        ] {
             assert!(p.host_allowed(h), "{h}");
         }
         for h in ["attacker.example", "attacker.example:7777", "localhost.attacker.example", "127.0.0.1.nip.io:7777"] {

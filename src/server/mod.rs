@@ -157,7 +157,10 @@ async fn accept(
 /// instead of after megabytes of an auto-tuned send buffer.
 const SEND_BUFFER_BYTES: usize = 64 * 1024;
 
-fn spawn_connection(state: &Arc<AppState>, accepted: Option<(tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::OwnedSemaphorePermit)>) {
+fn spawn_connection(
+    state: &Arc<AppState>,
+    accepted: Option<(tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::OwnedSemaphorePermit)>,
+) {
     let Some((stream, peer, permit)) = accepted else { return };
     let _ = stream.set_nodelay(true);
     bound_send_buffer(&stream);
@@ -464,7 +467,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     {
         RunOutcome::Shutdown => Ok(()),
-        RunOutcome::EngineDied => anyhow::bail!("the engine thread died (see the log above); exiting so a supervisor can restart pensieve"),
+        RunOutcome::EngineDied => {
+            anyhow::bail!("the engine thread died (see the log above); exiting so a supervisor can restart pensieve")
+        }
     }
 }
 
