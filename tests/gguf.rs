@@ -18,18 +18,11 @@ fn gguf_conversion_round_trips_and_the_real_model_has_low_perplexity() {
     let work = std::env::temp_dir().join(format!("pensieve-gguf-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
-    let out = std::process::Command::new(common::venv_python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/gguf_test.py"))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
-        .arg(smollm2_gguf())
-        .arg(&work)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result = std::panic::catch_unwind(|| common::run_checks("gguf_test.py", &[&smollm2_gguf(), &work.to_string_lossy()]));
     let _ = std::fs::remove_dir_all(&work);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
-    println!("{stdout}");
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }
 
 /// The default model answers like a real model, the same through both SDKs,

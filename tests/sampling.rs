@@ -99,14 +99,5 @@ fn top_k_and_top_p_shape_the_distribution_as_they_should() {
     cfg.model = Some(pensieve::config::BUILTIN_DEMO.into());
     cfg.api_key = Some("stats-key".into()); // /health then names the model folder
     let s = common::start(cfg);
-    let out = std::process::Command::new(common::venv_python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/sampling_stats.py"))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
-        .args([&s.base, "stats-key"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
-    println!("{stdout}");
+    common::run_checks("sampling_stats.py", &[&s.base, "stats-key"]);
 }

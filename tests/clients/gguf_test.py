@@ -17,6 +17,8 @@ import sys
 import time
 
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import check, done  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
@@ -31,16 +33,6 @@ PARAGRAPH = (
     "Locally nicknamed the Iron Lady, it was constructed from 1887 to 1889 as the centerpiece of the 1889 "
     "World's Fair, and to crown the centennial anniversary of the French Revolution."
 )
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
 
 
 def weights_match(gguf_file, folder, shape):
@@ -158,5 +150,4 @@ try:
 except pg.GGUFError as e:
     check("unknown architecture", "'mamba' is not supported" in str(e), str(e))
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+done()

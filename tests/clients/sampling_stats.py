@@ -12,12 +12,15 @@ the same model folder and the same prompt ids.
 Usage: sampling_stats.py PATH_TO_python/ BASE_URL API_KEY
 """
 import json
+import os
 import sys
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import check, done  # noqa: E402
 import mlx.core as mx  # noqa: E402
 
 import pensieve_shim as ps  # noqa: E402
@@ -25,16 +28,6 @@ import pensieve_shim as ps  # noqa: E402
 BASE, KEY = sys.argv[2], sys.argv[3]
 N, T = 200, 1.5
 CONTENT = "tell me a story"
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
 
 
 def call(path, body=None):
@@ -116,5 +109,4 @@ want["other"] = 1.0 - sum(want.values())
 check("unrestricted in proportion", tv(pooled, want) < 0.1, (tv(pooled, want), pooled, want))
 print(f"unrestricted: {dict(pooled)} (expected {({k: round(v * N) for k, v in want.items()})}), TV {tv(pooled, want):.3f}")
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+done()

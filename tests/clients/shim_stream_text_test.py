@@ -7,21 +7,14 @@ and the pieces must join to the exact text.
 Usage: shim_stream_text_test.py PATH_TO_python/ MODEL_FOLDER
 """
 import json
+import os
 import sys
 
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import check, done  # noqa: E402
 import pensieve_shim as ps  # noqa: E402
 
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
 
 
 eng = ps.Engine(sys.argv[2], json.dumps({}))
@@ -44,5 +37,4 @@ for text in ("Paris: 晴れ, 22°C ☀️ — café 🎉 naïve", "日本語の�
     check(f"{text!r}: streamed in several pieces", len(pieces) > 3, pieces)
     print(f"{text!r}: {len(ids)} tokens ({len(partial)} partial characters) -> {len(pieces)} pieces")
 
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+done()

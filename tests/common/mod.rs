@@ -129,6 +129,23 @@ pub fn assert_internal_error(v: &Value, class: &str, raw_text: &str) {
     }
 }
 
+/// Runs a check script of tests/clients/ with the project venv's Python
+/// (its first argument: the shim's python/ folder, then `args`); it must
+/// exit 0 and report "N passed, 0 failed". Returns its output.
+pub fn run_checks(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(venv_python())
+        .arg(format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR")))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    println!("{stdout}");
+    stdout
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build().unwrap()
 }
