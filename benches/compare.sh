@@ -9,7 +9,7 @@ shape=${1:-smollm-135m}; shift || true
 cargo build --release
 py=.venv/bin/python
 model=target/bench-models/$shape
-[ -f "$model/.complete" ] || $py python/pensieve_shim.py make-model "$shape" "$model"
+[ -f "$model/.complete" ] || $py python/make_model.py "$shape" "$model"
 scripts/python-openblas -c pass   # builds target/libblas_preload.so
 $py benches/compare.py --model "$model" --pensieve target/release/pensieve \
     --preload "$PWD/target/libblas_preload.so" --out "target/compare-$shape.json" "$@"

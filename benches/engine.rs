@@ -24,7 +24,7 @@ fn bench_model() -> String {
     if !std::path::Path::new(&dir).join(".complete").exists() {
         eprintln!("creating the {shape} bench model in {dir} (random weights, once)...");
         let ok = std::process::Command::new(format!("{}/bin/python", env!("PENSIEVE_VENV")))
-            .args([concat!(env!("CARGO_MANIFEST_DIR"), "/python/pensieve_shim.py"), "make-model", &shape, &dir])
+            .args([concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_model.py"), &shape, &dir])
             .status()
             .expect("run the venv python");
         assert!(ok.success(), "making the bench model failed");

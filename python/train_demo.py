@@ -176,7 +176,7 @@ def main(dest, steps=2400, batch=16):
     # that prompts outside the toy domain (Claude Code's 50 KB system prompt)
     # still take a reasonable number of tokens.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from pensieve_shim import _bench_corpus
+    from pensieve_shim.modelmaker import _bench_corpus
 
     tok = build_tokenizer(texts + _bench_corpus()[:20000], dest)
 

@@ -9,7 +9,7 @@
 //!                 EngineHandle::generate   admission (semaphore, queue, memory) ─▶ permit
 //!                   │ std mpsc Command
 //!                   ▼
-//!                 engine thread (owns Python) ─ py.rs ─ python/pensieve_shim.py ─ mlx_lm
+//!                 engine thread (owns Python) ─ py.rs ─ python/pensieve_shim/ ─ mlx_lm
 //!                   │ per-request tokio mpsc of TokenEvent (one per decoded token)
 //!                   ▼
 //!                 Generation (permit + stop matcher) ─▶ JSON or SSE back to the client

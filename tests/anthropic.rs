@@ -408,9 +408,9 @@ async fn greedy_output_is_the_same_with_chunked_prefill_between_decode_steps() {
 #[tokio::test]
 async fn a_model_that_cannot_batch_is_served_one_sequence_at_a_time() {
     let dir = std::env::temp_dir().join(format!("pensieve-demo-gemma2-{}", std::process::id()));
-    let shim = concat!(env!("CARGO_MANIFEST_DIR"), "/python/pensieve_shim.py");
+    let maker = concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_model.py");
     let made = std::process::Command::new(common::config().venv_dir().join("bin/python"))
-        .args([shim, "make-model", "demo-gemma2", dir.to_str().unwrap()])
+        .args([maker, "demo-gemma2", dir.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));

@@ -1,7 +1,7 @@
 //! The only file that touches pyo3.
 //!
 //! The engine thread attaches to the interpreter once, for its whole life,
-//! imports the embedded shim (python/pensieve_shim.py), loads the model and
+//! imports the embedded shim (the python/pensieve_shim/ package), loads the model and
 //! then serves the loop in `worker.rs` through [`PyBackend`]. The GIL is
 //! released whenever the loop waits for work. Python objects never leave this
 //! thread: they are `Bound<'py, _>` values tied to the attach scope.
@@ -39,8 +39,20 @@ fn mlx_turn<T>(py: Python<'_>, f: impl FnOnce() -> T) -> T {
     f()
 }
 
-const SHIM_SOURCE: &str = include_str!("../../python/pensieve_shim.py");
 const GGUF_SOURCE: &str = include_str!("../../python/pensieve_gguf.py");
+
+/// The `pensieve_shim` package (python/pensieve_shim/), its modules in the
+/// order they import each other; `__init__` last.
+const SHIM_PACKAGE: &[(&str, &str)] = &[
+    ("protocol", include_str!("../../python/pensieve_shim/protocol.py")),
+    ("sampling", include_str!("../../python/pensieve_shim/sampling.py")),
+    ("splitter", include_str!("../../python/pensieve_shim/splitter.py")),
+    ("chat", include_str!("../../python/pensieve_shim/chat.py")),
+    ("prefix_cache", include_str!("../../python/pensieve_shim/prefix_cache.py")),
+    ("modelmaker", include_str!("../../python/pensieve_shim/modelmaker.py")),
+    ("engine", include_str!("../../python/pensieve_shim/engine.py")),
+    ("__init__", include_str!("../../python/pensieve_shim/__init__.py")),
+];
 
 pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<EngineStatus>, ready: Sender<Result<(), String>>) {
     let (site_packages, blas) = match prepare(&opts.venv, opts.blas) {
@@ -151,8 +163,27 @@ fn load_shim<'py>(py: Python<'py>, site_packages: &Path) -> PyResult<Bound<'py, 
     let gguf = CString::new(GGUF_SOURCE).expect("no NUL bytes");
     let gguf = PyModule::from_code(py, &gguf, c"pensieve_gguf.py", c"pensieve_gguf")?;
     py.import("sys")?.getattr("modules")?.set_item("pensieve_gguf", gguf)?;
-    let code = CString::new(SHIM_SOURCE).expect("shim has no NUL bytes");
-    PyModule::from_code(py, &code, c"pensieve_shim.py", c"pensieve_shim")
+    // The package first (an empty module with a __path__, in sys.modules),
+    // then each module under its dotted name, so `from pensieve_shim.x
+    // import y` resolves to these embedded files as it does on disk.
+    let modules = py.import("sys")?.getattr("modules")?;
+    let package = PyModule::new(py, "pensieve_shim")?;
+    package.setattr("__path__", pyo3::types::PyList::empty(py))?;
+    package.setattr("__package__", "pensieve_shim")?;
+    modules.set_item("pensieve_shim", &package)?;
+    for (name, source) in SHIM_PACKAGE {
+        let code = CString::new(*source).expect("no NUL bytes");
+        let file = CString::new(format!("pensieve_shim/{name}.py")).expect("no NUL bytes");
+        if *name == "__init__" {
+            let globals = package.dict();
+            py.run(&code, Some(&globals), None)?;
+        } else {
+            let dotted = CString::new(format!("pensieve_shim.{name}")).expect("no NUL bytes");
+            let module = PyModule::from_code(py, &code, &file, &dotted)?;
+            package.setattr(*name, &module)?;
+        }
+    }
+    Ok(package)
 }
 
 /// The MLX folder for a GGUF file: converted once into `<cache>/gguf/`

@@ -24,7 +24,7 @@ for text in ("Paris: 晴れ, 22°C ☀️ — café 🎉 naïve", "日本語の�
     # The premise: some tokens hold only part of a character.
     partial = [i for i in ids if "\ufffd" in tok.decode([i])]
     check(f"{text!r}: characters split across tokens", partial, ids)
-    seq = ps._Seq(1, tokens=[], todo=[], cache=None, max_tokens=len(ids), sampler=None, processors=[],
+    seq = ps.Seq(1, tokens=[], todo=[], cache=None, max_tokens=len(ids), sampler=None, processors=[],
                   detok=tok.detokenizer, splitter=ps.Splitter(), fault_after=None)
     out = []
     finished = [eng._emit(seq, t, out) for t in ids]

@@ -1,31 +1,24 @@
-"""pensieve's MLX shim: every call into MLX / mlx-lm lives here.
-
-The Rust binary embeds this file (include_str!) and drives it from exactly one
-engine thread. Nothing here starts threads, sockets or servers: Rust owns the
-request path, this module owns the model, the tokenizer, the scheduler
-(continuous batching over mlx-lm's model and KV caches) and the prompt
-(prefix) cache.
+"""The engine: the model, its tokenizer and chat template, the scheduler
+(continuous batching over mlx-lm's model and KV caches) and the prefix cache,
+driven by the Rust side from exactly one engine thread. Nothing here starts
+threads, sockets or servers.
 
 Data crosses the boundary as plain Python values (ints, strs, tuples) or JSON
 strings, so the Rust side never holds Python objects outside its GIL scope.
 """
 
-import copy
 import hashlib
 import json
-import re
-import shutil
 import os
+import shutil
 import stat
 import time
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
-
 import mlx_lm
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import (
-    KVCache,
     LRUPromptCache,
     TokenBuffer,
     can_trim_prompt_cache,
@@ -35,14 +28,26 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 from mlx_lm.utils import maybe_set_recommended_wired_limit
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 import pensieve_gguf  # registered by the Rust side (src/engine/py.rs), or python/ on sys.path
+from pensieve_shim.chat import SpecialText
+from pensieve_shim.prefix_cache import check_entry, compact, cut_back, tighten, unsafe_folder
+from pensieve_shim.protocol import InvalidPrompt, ModelLoadError
+from pensieve_shim.sampling import (
+    ForceTokens,
+    RandomStateGuard,
+    ThinkingBudget,
+    check_sampling,
+    make_sampler,
+    poison_random_state,
+    raising_sampler,
+    sampler_raising_after,
+    sampling_defaults,
+    think_end,
+)
+from pensieve_shim.splitter import Splitter
 
-DEMO_MODEL_VERSION = "demo-v1"
-
-
-def _leave_signals_to_rust():
+def leave_signals_to_rust():
     """SIGINT belongs to the Rust side (graceful drain). Python's own handler,
     if installed, would raise KeyboardInterrupt inside a generation step on
     the engine thread (Python's "main" thread). Ignoring it here, before the
@@ -58,412 +63,14 @@ def _leave_signals_to_rust():
             pass
 
 
-_leave_signals_to_rust()
+leave_signals_to_rust()
 
 
-class ModelLoadError(Exception):
-    """Raised when --model does not name a loadable model."""
-
-
-class InvalidPrompt(Exception):
-    """The request cannot run as asked (e.g. the prompt leaves no room in the context): a client error."""
-
-
-def _greedy(logprobs):
-    return mx.argmax(logprobs, axis=-1)
-
-
-def make_sampler(temperature, top_p, top_k, seed, min_p=0.0):
-    """One request's sampler. Greedy requests share one object so that the
-    decode step can sample the whole batch in one call.
-
-    Every sampled request draws from its own key (its `seed`, or fresh
-    entropy), never from MLX's global random state: what one request does to
-    that state cannot change another's draws. A `top_k` at or above the
-    vocabulary keeps every token (it is no restriction), as does `top_p` 1."""
-    if temperature <= 0.0:
-        return _greedy
-    if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little")
-    state = {"key": mx.random.key(seed)}
-    inv_temp = 1.0 / temperature
-
-    def sample(logprobs):
-        if top_k and 0 < top_k < logprobs.shape[-1]:
-            logprobs = apply_top_k(logprobs, top_k)
-        if 0.0 < top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        if min_p and 0.0 < min_p <= 1.0:
-            logprobs = apply_min_p(logprobs, min_p)
-        state["key"], sub = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sample
-
-
-class _RandomStateGuard:
-    """Restores MLX's global random state if sampling raises.
-
-    mlx-lm's compiled samplers take the global state as an implicit input and
-    output; one that raises while it is being traced leaves a placeholder
-    array in the state, and every later draw from it fails ("eval an array
-    without a primitive") until restart. The state is one uint32 pair that
-    `mx.random.seed` can set exactly, so it is saved before each sampling call
-    and put back on any exception."""
-
-    def __enter__(self):
-        # The array itself, not its value: reading it here would wait for
-        # the pipelined previous step whenever a compiled sampler wrote it.
-        self.saved = mx.random.state[0]
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            try:
-                a, b = self.saved.tolist()
-                mx.random.seed((int(a) << 32) | int(b))
-            except Exception:
-                pass  # it was broken before this call: the health probe reports it
-        return False
-
-
-def _sampler_raising_after(sampler, n):
-    """Test hook (fault injection): `sampler`, raising once it has drawn `n`
-    tokens (in a batched step: after every sequence's processors ran)."""
-    drawn = [0]
-
-    def sample(logprobs):
-        drawn[0] += 1
-        if drawn[0] > n:
-            raise RuntimeError(f"injected sampler fault after {n} tokens (test hook)")
-        return sampler(logprobs)
-
-    return sample
-
-
-def _raising_sampler(logprobs):
-    """Test hook (fault injection): a sampler that raises while a compiled,
-    random-state-capturing function is being traced (the top_k bug's shape)."""
-    from functools import partial
-
-    @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
-    def broken(x):
-        mx.random.categorical(x)
-        raise RuntimeError("injected fault inside the sampler (test hook)")
-
-    return broken(logprobs)
-
-
-def check_sampling():
-    """What every sampled request needs, run on a tiny input: a draw from the
-    global random state and the top-k / top-p samplers. Returns None when it
-    works, else the error text (the engine then reports itself unhealthy)."""
-    try:
-        logprobs = mx.log(mx.softmax(mx.arange(8, dtype=mx.float32)[None, :], axis=-1))
-        mx.eval(
-            mx.random.categorical(logprobs),
-            make_sampler(1.0, 0.9, 4, None, 0.05)(logprobs),
-        )
-        return None
-    except Exception as e:
-        return f"{type(e).__name__}: {e}".splitlines()[0]
-
-
-def _poison_random_state():
-    """Test hook (fault injection): what a sampler that raised mid-trace did
-    to the global random state before the guard existed, done outside it."""
-    try:
-        _raising_sampler(mx.zeros((1, 4)))
-    except RuntimeError:
-        pass
-
-
-class Splitter:
-    """Splits one request's decoded text into ("text" | "thinking" | "tool", str)
-    pieces, using the model family's markers (from mlx-lm's tokenizer
-    wrapper) and its tool parser. Markers may arrive split across tokens, so
-    a tail that could still become a marker is held back.
-
-    A tool call body that does not parse is given back as plain text: output
-    that merely looks like a call never fails the request.
-    """
-
-    def __init__(self, tool_start=None, tool_end=None, parse_tool=None, tools=None,
-                 think_start=None, think_end=None, state="text", show_thinking=False):
-        self.tool_start, self.tool_end = tool_start or None, tool_end
-        self.parse_tool, self.tools = parse_tool, tools
-        self.think_start, self.think_end = think_start or None, think_end or None
-        self.state = state
-        self.show_thinking = show_thinking
-        self.buf = ""
-        self.tool_body = ""
-        self.calls = 0
-
-    def _markers(self):
-        if self.state == "text":
-            # A stray end-of-thinking marker in the answer is a control token,
-            # not text: it is dropped.
-            return [m for m in (self.tool_start if self.parse_tool else None, self.think_start, self.think_end) if m]
-        if self.state == "thinking":
-            return [self.think_end] if self.think_end else []
-        return [self.tool_end] if self.tool_end else []
-
-    def feed(self, text):
-        self.buf += text
-        out = []
-        while True:
-            markers = self._markers()
-            hits = [(self.buf.find(m), m) for m in markers if m in self.buf]
-            if not hits:
-                keep = self._partial(markers)
-                self._emit(out, self.buf[: len(self.buf) - keep])
-                self.buf = self.buf[len(self.buf) - keep:]
-                return out
-            pos, marker = min(hits)
-            self._emit(out, self.buf[:pos])
-            self.buf = self.buf[pos + len(marker):]
-            self._transition(out, marker)
-
-    def finish(self):
-        out = []
-        self._emit(out, self.buf)
-        self.buf = ""
-        if self.state == "tool":
-            # Cut off (max_tokens) or a format without an end marker.
-            self._close_tool(out, terminated=not self.tool_end)
-        return out
-
-    def _partial(self, markers):
-        best = 0
-        for m in markers:
-            for n in range(min(len(m) - 1, len(self.buf)), best, -1):
-                if m.startswith(self.buf[-n:]):
-                    best = n
-                    break
-        return best
-
-    def _emit(self, out, text):
-        if not text:
-            return
-        if self.state == "tool":
-            self.tool_body += text
-        elif self.state == "thinking":
-            if self.show_thinking:
-                out.append(("thinking", text))
-        else:
-            out.append(("text", text))
-
-    def _transition(self, out, marker):
-        if self.state == "text" and marker == self.tool_start:
-            self.state, self.tool_body = "tool", ""
-        elif self.state == "text" and marker == self.think_end:
-            pass
-        elif self.state == "text":
-            self.state = "thinking"
-        elif self.state == "thinking":
-            self.state = "text"
-        else:
-            self._close_tool(out, terminated=True)
-
-    def _close_tool(self, out, terminated):
-        body, self.tool_body, self.state = self.tool_body, "", "text"
-        calls = None
-        if terminated:
-            try:
-                parsed = self.parse_tool(body, self.tools)
-                calls = parsed if isinstance(parsed, list) else [parsed]
-                calls = [
-                    {"name": c["name"], "arguments": _as_object(c.get("arguments", {}))}
-                    for c in calls
-                ]
-                if not all(isinstance(c["name"], str) and isinstance(c["arguments"], dict) for c in calls):
-                    calls = None
-            except Exception:
-                calls = None
-        if calls is None:
-            out.append(("text", (self.tool_start or "") + body + (self.tool_end or "" if terminated else "")))
-            return
-        for c in calls:
-            self.calls += 1
-            out.append(("tool", json.dumps(c, ensure_ascii=False)))
-
-
-def _as_object(args):
-    if isinstance(args, str):
-        try:
-            return json.loads(args)
-        except ValueError:
-            return args
-    return args
-
-
-def _only_token(logits, token):
-    """Logits that allow exactly one token (the forcing processors' mask)."""
-    allowed = mx.arange(logits.shape[-1]) == token
-    return mx.where(allowed, mx.zeros_like(logits), mx.full(logits.shape, -float("inf"), dtype=logits.dtype))
-
-
-class _ThinkingBudget:
-    """Logits processor: once a thinking block has run `budget` tokens, force
-    the end-of-thinking token (single-token markers only)."""
-
-    def __init__(self, tokenizer, budget):
-        self.start = tokenizer.think_start_tokens
-        self.end_id = tokenizer.think_end_id if len(tokenizer.think_end_tokens or ()) == 1 else None
-        self.budget = max(1, int(budget))
-
-    def __call__(self, tokens, logits):
-        if self.end_id is None or not self.start:
-            return logits
-        toks = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
-        toks = toks[0] if toks and isinstance(toks[0], list) else toks
-        start = -1
-        for i in range(len(toks) - len(self.start), -1, -1):
-            if tuple(toks[i : i + len(self.start)]) == tuple(self.start):
-                start = i
-                break
-        if start == -1 or self.end_id in toks[start:]:
-            return logits
-        if len(toks) - start - len(self.start) < self.budget:
-            return logits
-        return _only_token(logits, self.end_id)
-
-
-def _think_end(tk):
-    # A property in some mlx-lm releases, a method in others.
-    end = tk.think_end
-    return end() if callable(end) else end
-
-
-class _ForceTokens:
-    """Logits processor: the first generated tokens must be `tokens`. Which
-    one is due follows from the context's length (the prompt's `start`
-    tokens, then one per generated token), never from a call count, so a
-    step that is run again after a failure forces the same token."""
-
-    def __init__(self, tokens, start):
-        self.tokens = tokens
-        self.start = start
-
-    def __call__(self, context, logits):
-        i = len(context) - self.start
-        if not 0 <= i < len(self.tokens):
-            return logits
-        return _only_token(logits, self.tokens[i])
-
-
-# How long a waiting prompt may be passed over by shorter ones before it is
 # prefilled next regardless (shortest-first would otherwise starve it).
 _STARVATION_S = 10.0
 
 
-class _SpecialText:
-    """The tokenizer's special (control) tokens as text, kept from becoming
-    control tokens when request text spells them: a user message, a tool
-    result or a fetched web page must not be able to forge a turn.
-
-    Before the template renders, each occurrence inside the request's
-    strings becomes a private-use placeholder; afterwards the text is put
-    back and its spans remembered; the whole string is tokenized once, and a
-    special token exactly on a remembered span is replaced by the tokens of
-    its text as plain text. src/tokenizer.rs does the same; the start-up
-    probes check that both agree."""
-
-    START, END, PLANE = "\ue000", "\ue001", 0xF0000
-
-    def __init__(self, backend):
-        added = backend.get_added_tokens_decoder()
-        self.texts = sorted({t.content for t in added.values() if t.special and t.content})
-        self.ids = {i for i, t in added.items() if t.special}
-        plain = copy.deepcopy(backend)
-        plain.encode_special_tokens = True
-        self.plain = [plain.encode(t, add_special_tokens=False).ids for t in self.texts]
-        index = {t: i for i, t in enumerate(self.texts)}
-        # Longest first: at each position the longest special wins.
-        alternatives = sorted(self.texts, key=len, reverse=True)
-        self._find = re.compile("|".join(re.escape(t) for t in alternatives))
-        self._placeholder = {t: f"{self.START}{chr(self.PLANE + i)}{self.END}" for t, i in index.items()}
-        self._marked = re.compile(f"{self.START}([\U000F0000-\U000FFFFD]){self.END}")
-
-    def neutralize(self, v):
-        """(v with special texts in its string values replaced, how many)."""
-        if isinstance(v, str):
-            n = 0
-
-            def swap(m):
-                nonlocal n
-                n += 1
-                return self._placeholder[m.group(0)]
-
-            out = self._find.sub(swap, v)
-            return out, n
-        if isinstance(v, list):
-            pairs = [self.neutralize(x) for x in v]
-            return [x for x, _ in pairs], sum(n for _, n in pairs)
-        if isinstance(v, dict):
-            pairs = {k: self.neutralize(x) for k, x in v.items()}
-            return {k: x for k, (x, _) in pairs.items()}, sum(n for _, n in pairs.values())
-        return v, 0
-
-    def tokenize(self, backend, rendered):
-        """Token ids of the rendered text with its placeholders put back as
-        plain text."""
-        out, spans, last = [], [], 0
-        length = 0
-        for m in self._marked.finditer(rendered):
-            i = ord(m.group(1)) - self.PLANE
-            if i >= len(self.texts):
-                continue
-            out.append(rendered[last : m.start()])
-            length += m.start() - last
-            spans.append((length, length + len(self.texts[i]), i))
-            out.append(self.texts[i])
-            length += len(self.texts[i])
-            last = m.end()
-        out.append(rendered[last:])
-        enc = backend.encode("".join(out), add_special_tokens=False)
-        ids, k = [], 0
-        for tok, (start, end) in zip(enc.ids, enc.offsets):
-            while k < len(spans) and spans[k][0] < start:
-                k += 1
-            if k < len(spans) and spans[k][0] == start and spans[k][1] == end and tok in self.ids:
-                ids.extend(self.plain[spans[k][2]])
-                k += 1
-            else:
-                ids.append(tok)
-        return ids
-
-
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
-
-
-def _sampling_defaults(model, opts):
-    """{key: {"value", "source"}} for requests that send no sampling values:
-    the model's own generation_config.json (greedy if it says do_sample:
-    false), a built-in's model-card recommendation, then the server's flags."""
-    out = {}
-    gen_path = os.path.join(model, "generation_config.json") if os.path.isdir(model) else None
-    if gen_path and os.path.exists(gen_path):
-        try:
-            with open(gen_path) as f:
-                gen = json.load(f)
-        except (OSError, ValueError):
-            gen = {}
-        for k in _SAMPLING_KEYS:
-            if isinstance(gen.get(k), (int, float)) and not isinstance(gen.get(k), bool):
-                out[k] = {"value": gen[k], "source": "generation_config.json"}
-        if gen.get("do_sample") is False:
-            out["temperature"] = {"value": 0.0, "source": "generation_config.json (do_sample: false)"}
-    for k, v in (opts.get("model_sampling") or {}).items():
-        if k in _SAMPLING_KEYS and k not in out and v is not None:
-            out[k] = {"value": v, "source": "model card"}
-    for k, v in (opts.get("sampling_flags") or {}).items():
-        if k in _SAMPLING_KEYS and v is not None:
-            out[k] = {"value": v, "source": "--" + k.replace("_", "-")}
-    return out
-
-
-def _injected_forward_fault(seqs):
+def injected_forward_fault(seqs):
     """Test hook (fault injection): a forward pass with a sequence whose
     `fault_forward` threshold is reached raises after it ran."""
     for s in seqs:
@@ -471,69 +78,7 @@ def _injected_forward_fault(seqs):
             raise RuntimeError(f"injected fault in a forward pass (request {s.rid}, test hook)")
 
 
-def _cut_back(cache, n):
-    """Each layer's cache back to `n` positions (a failed pass may have
-    advanced some layers and not others)."""
-    for c in cache:
-        offset = getattr(c, "offset", None)
-        if isinstance(offset, int) and offset > n and c.is_trimmable():
-            c.trim(offset - n)
-
-
-def _tighten(path, mode):
-    """chmod to `mode` unless already there (umask-independent permissions)."""
-    if stat.S_IMODE(os.lstat(path).st_mode) != mode:
-        os.chmod(path, mode)
-
-
-def _unsafe_folder(path, st):
-    """Why a prefix-cache folder must not be trusted, or None."""
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        return f"{path} is not a plain folder"
-    if st.st_uid != os.geteuid():
-        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-    if st.st_mode & 0o022:
-        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
-    return None
-
-
-def _check_entry(tokens, cache, vocab):
-    """A restored entry's token ids must be ids of this model, one per
-    position of its KV cache."""
-    if not isinstance(tokens, list) or not tokens:
-        raise ValueError("its token list is missing or empty")
-    if not all(type(t) is int and 0 <= t < vocab for t in tokens):
-        raise ValueError(f"its token ids are not all integers in [0, {vocab})")
-    for c in cache:
-        if isinstance(c, KVCache) and c.offset != len(tokens):
-            raise ValueError(f"it has {len(tokens)} token ids for {c.offset} cached positions")
-
-
-def _own_copy(x):
-    return x * 1 if isinstance(x, mx.array) else x
-
-
-def _compact(cache):
-    """Exact-size arrays of their own for a cache entering the prefix cache.
-    A cache extracted from a batch can be a view that keeps the whole batch's
-    buffer alive (while its `nbytes` counts only its own part: measured 400
-    MiB held for 179 MiB reported), and a running sequence's cache has spare
-    capacity; either would make the byte budget a fiction."""
-    for c in cache:
-        if isinstance(c, KVCache):
-            if c.keys is not None:
-                c.keys = c.keys[..., : c.offset, :] * 1
-                c.values = c.values[..., : c.offset, :] * 1
-        else:
-            try:
-                c.state = tree_map(_own_copy, c.state)
-            except (AttributeError, TypeError, ValueError):
-                pass
-    mx.eval([c.state for c in cache])
-    return cache
-
-
-class _Seq:
+class Seq:
     """One request inside the engine: its own KV cache while its prompt is
     prefilled, its sampling state, and its output state (detokenizer,
     splitter). Once prefilled it joins the running decode batch."""
@@ -619,13 +164,13 @@ class Engine:
             mx.set_cache_limit(int(cache_limit))
         self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
         self.persist_dir = opts.get("prompt_cache_dir")
-        self.sampling_defaults = _sampling_defaults(model, opts)
+        self.sampling_defaults = sampling_defaults(model, opts)
         # Request text that spells a control token stays text (unless the
         # operator allows it: --special-tokens-in-content).
         self._specials = None
         backend = getattr(self.tokenizer._tokenizer, "backend_tokenizer", None)
         if backend is not None and not opts.get("special_tokens_in_content"):
-            specials = _SpecialText(backend)
+            specials = SpecialText(backend)
             self._specials = specials if specials.texts else None
         # Metal: keep the weights wired (mlx-lm does the same for its generators).
         maybe_set_recommended_wired_limit()
@@ -637,8 +182,8 @@ class Engine:
         self._kv_peak = 0  # most KV bytes (prefix cache + live) held at once
         self._peak_batch = 0  # most sequences decoded in one step so far
         self._decoded_since_prefill = False
-        self.waiting = []  # _Seq still prefilling, in arrival order
-        self.by_rid = {}  # rid -> _Seq
+        self.waiting = []  # Seq still prefilling, in arrival order
+        self.by_rid = {}  # rid -> Seq
         self._reset_batch()
 
     def _reset_batch(self):
@@ -682,10 +227,10 @@ class Engine:
             st = os.lstat(folder)
         except FileNotFoundError:
             return 0, 0, 0, []
-        problem = _unsafe_folder(folder, st)
+        problem = unsafe_folder(folder, st)
         if problem:
             return 0, 0, 0, [f"not restoring the prefix cache: {problem}"]
-        _tighten(folder, 0o700)
+        tighten(folder, 0o700)
         n = skipped = 0
         warnings = []
         vocab = self._vocab_size()
@@ -697,10 +242,10 @@ class Engine:
                 fst = os.lstat(path)
                 if not stat.S_ISREG(fst.st_mode):
                     raise ValueError("not a regular file (symlink, FIFO or device): not opened")
-                _tighten(path, 0o600)
+                tighten(path, 0o600)
                 cache, meta = load_prompt_cache(path, return_metadata=True)
                 tokens = json.loads(meta["tokens"])
-                _check_entry(tokens, cache, vocab)
+                check_entry(tokens, cache, vocab)
                 if sum(c.nbytes for c in cache) + self.prompt_cache.nbytes > self.prompt_cache_bytes:
                     skipped += 1
                     continue
@@ -726,7 +271,7 @@ class Engine:
             return 0, 0
         folder = self._persist_folder()
         os.makedirs(self.persist_dir, mode=0o700, exist_ok=True)
-        _tighten(self.persist_dir, 0o700)
+        tighten(self.persist_dir, 0o700)
         # Leftovers of a save that was killed midway.
         parent, name = os.path.split(folder)
         if os.path.isdir(parent):
@@ -735,7 +280,7 @@ class Engine:
                     shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
         tmp = f"{folder}.tmp-{os.getpid()}"
         os.makedirs(tmp, mode=0o700)
-        _tighten(tmp, 0o700)
+        tighten(tmp, 0o700)
         lru = self.prompt_cache._lru
         n = nbytes = 0
         # Oldest first across the LRU's queues: restored in this order, the
@@ -751,7 +296,7 @@ class Engine:
                 entry.prompt_cache,
                 {"tokens": json.dumps(list(tokens)), "cache_type": kind},
             )
-            _tighten(path, 0o600)
+            tighten(path, 0o600)
             n += 1
             nbytes += entry.nbytes
         old = f"{folder}.old-{os.getpid()}"
@@ -913,14 +458,14 @@ class Engine:
         processors = []
         budget = p.get("thinking_budget")
         if budget is not None and self.tokenizer.has_thinking:
-            processors.append(_ThinkingBudget(self.tokenizer, budget))
+            processors.append(ThinkingBudget(self.tokenizer, budget))
         force = p.get("force_tool")
         if force and p.get("tools"):
             forced = self._forced_call_tokens(p["tools"], force.get("name"))
             if forced is None:
                 raise InvalidPrompt("tool_choice: could not derive this model's tool-call opening from its template")
-            processors.append(_ForceTokens(forced, len(tokens)))
-        seq = _Seq(
+            processors.append(ForceTokens(forced, len(tokens)))
+        seq = Seq(
             rid,
             tokens=list(tokens[:cached]),
             todo=list(rest),
@@ -936,11 +481,11 @@ class Engine:
         if p.get("fault_forward_after") is not None:
             seq.fault_forward = int(p["fault_forward_after"])
         if p.get("fault_sampler_after") is not None:
-            seq.sampler = _sampler_raising_after(seq.sampler, int(p["fault_sampler_after"]))
+            seq.sampler = sampler_raising_after(seq.sampler, int(p["fault_sampler_after"]))
         if fault == "raise-in-sampler":
-            seq.sampler = _raising_sampler
+            seq.sampler = raising_sampler
         elif fault == "poison-sampling":
-            _poison_random_state()
+            poison_random_state()
         self.waiting.append(seq)
         self.by_rid[rid] = seq
         self._trim_prompt_cache()
@@ -975,7 +520,7 @@ class Engine:
             parse_tool=tk.tool_parser if p.get("tools") else None,
             tools=p.get("tools"),
             think_start=tk.think_start if tk.has_thinking else None,
-            think_end=_think_end(tk) if tk.has_thinking else None,
+            think_end=think_end(tk) if tk.has_thinking else None,
             state=state,
             show_thinking=bool(p.get("thinking")),
         )
@@ -1039,7 +584,7 @@ class Engine:
             # sends the same conversation again.
             i = self.running.index(s)
             try:
-                self.prompt_cache.insert_cache(self.model_path, list(s.tokens), _compact(self._running_cache(i)))
+                self.prompt_cache.insert_cache(self.model_path, list(s.tokens), compact(self._running_cache(i)))
             except Exception:
                 pass  # only an optimisation; the sequence leaves the batch regardless
             self._keep([j for j in range(len(self.running)) if j != i])
@@ -1181,7 +726,7 @@ class Engine:
                     for c in cache:
                         c.prepare(lengths=lengths, right_padding=pad)
             logits = self._last_logits(x, cache, [n - 1 for n in lengths])
-            _injected_forward_fault(group)
+            injected_forward_fault(group)
             if k > 1 and max(pad) > 0:
                 for c in cache:
                     c.finalize()
@@ -1375,7 +920,7 @@ class Engine:
         inputs = self.next_tokens
         try:
             logits = self.model(inputs[:, None], cache=self.batch_cache)[:, -1, :]
-            _injected_forward_fault(seqs)
+            injected_forward_fault(seqs)
             sampled = self._sample(seqs, logits, inputs)
             # The next step's tokens compute while this step's are handed out.
             mx.async_eval(sampled)
@@ -1417,7 +962,7 @@ class Engine:
             inputs.tolist()
             alone = [(s, self._running_cache(i), inputs[i : i + 1]) for i, s in enumerate(seqs)]
             for s, cache, _ in alone:
-                _cut_back(cache, len(s.tokens))
+                cut_back(cache, len(s.tokens))
         except Exception:
             return False
         for s in seqs:
@@ -1441,8 +986,8 @@ class Engine:
         """Next tokens of `seqs` (one row of `logits` each), through their
         logits processors and their own samplers; one call for a batch that
         shares a sampler (every greedy request does). An exception leaves
-        MLX's global random state as it was (see _RandomStateGuard)."""
-        with _RandomStateGuard():
+        MLX's global random state as it was (see RandomStateGuard)."""
+        with RandomStateGuard():
             return self._sample_unguarded(seqs, logits, inputs)
 
     def _sample_unguarded(self, seqs, logits, inputs):
@@ -1465,7 +1010,7 @@ class Engine:
     def _finished(self, s, cache):
         """A sequence ended normally: keep its KV cache for prefix reuse."""
         self.by_rid.pop(s.rid, None)
-        self.prompt_cache.insert_cache(self.model_path, list(s.tokens), _compact(cache))
+        self.prompt_cache.insert_cache(self.model_path, list(s.tokens), compact(cache))
 
     def _emit(self, s, token, out):
         """Turns one generated token into an output item. Returns True when
@@ -1504,218 +1049,3 @@ def forward_logits(model_path, tokens):
     out = _forward_models[model_path](mx.array([tokens]))
     return out.astype(mx.float32).reshape(-1).tolist()
 
-
-# ---- the built-in demo model ---------------------------------------------
-
-_DEMO_TEMPLATE = (
-    "{%- if tools %}<|im_start|>system\n"
-    "{%- if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif -%}"
-    "# Tools\nYou may call one or more functions. Function signatures:\n<tools>\n"
-    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n"
-    "To call a function, reply with <tool_call>{\"name\": <name>, \"arguments\": <args-json>}</tool_call>"
-    "<|im_end|>\n"
-    "{%- elif messages and messages[0]['role'] == 'system' %}"
-    "<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' %}"
-    "{%- elif message['role'] == 'tool' %}"
-    "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>\n"
-    "{%- else %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] or '' }}"
-    "{%- if message.get('tool_calls') %}{%- for tc in message['tool_calls'] %}"
-    "\n<tool_call>{\"name\": \"{{ tc['function']['name'] }}\", \"arguments\": {{ tc['function']['arguments'] | tojson }}}</tool_call>"
-    "{%- endfor %}{%- endif %}<|im_end|>\n"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
-)
-
-# Appended to the demo template for "demo-think": the generation prompt opens
-# a thinking block unless the request turns thinking off.
-_THINK_SUFFIX = (
-    "{%- if add_generation_prompt and (enable_thinking is not defined or enable_thinking) %}<think>\n{%- endif %}"
-)
-
-_WORDS = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
-    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu "
-    "the a an and or of to in on for with is are was were be it this that you I we they "
-    "hello world weather sunny rain cloudy wind city today tomorrow temperature degrees "
-    "function call tool result error file read write edit bash search agent code test "
-    "name arguments description type object string number boolean array properties required "
-    "system user assistant model token prompt cache server request response stream message"
-).split()
-
-
-def _demo_corpus():
-    import random
-
-    rng = random.Random(1234)
-    lines = []
-    for _ in range(4000):
-        n = rng.randint(4, 16)
-        words = [rng.choice(_WORDS) for _ in range(n)]
-        lines.append(" ".join(words) + rng.choice([".", "?", "!", ",", ":", ";"]))
-    lines.append('{"name": "get_weather", "arguments": {"city": "Paris"}} [1, 2, 3] <tool_call></tool_call>')
-    lines.append("0123456789 ()[]{}<>/\\|-_=+*&^%$#@~`'\" é ü ñ 你好 😀")
-    return lines
-
-
-def _bench_corpus():
-    """A large synthetic corpus (Zipf-distributed pseudo-words) so that BPE
-    training reaches a realistic vocabulary size."""
-    import random
-
-    rng = random.Random(4321)
-    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "ea")]
-    lexicon = list(_WORDS)
-    while len(lexicon) < 30000:
-        lexicon.append("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))))
-    weights = [1.0 / (i + 1) for i in range(len(lexicon))]
-    lines = _demo_corpus()
-    for _ in range(60000):
-        words = rng.choices(lexicon, weights, k=rng.randint(6, 20))
-        lines.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
-    return lines
-
-
-# Architecture presets (llama family). "demo" is the built-in model; the
-# others give benchmark-realistic shapes with random weights.
-MODEL_SHAPES = {
-    "demo": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                 num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo"),
-    # The same with <think>/</think> tokens and a template that opens a
-    # thinking block (as Qwen3's does): for testing thinking end to end.
-    "demo-think": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                       num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", think=True),
-    # SmolLM-135M's shape with an 8k vocabulary.
-    "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
-                        num_attention_heads=9, num_key_value_heads=3, vocab=8192, corpus="bench"),
-    "smollm-360m": dict(hidden_size=960, num_hidden_layers=32, intermediate_size=2560,
-                        num_attention_heads=15, num_key_value_heads=5, vocab=8192, corpus="bench"),
-    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-                     num_attention_heads=32, num_key_value_heads=8, vocab=8192, corpus="bench"),
-    # A Gemma-2-architecture demo: its attention (logit soft-capping) cannot
-    # take batch masks, so it exercises one-at-a-time serving.
-    # The demo shape in the other GGUF architectures (tests of the GGUF path).
-    "demo-qwen2": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                       num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", arch="qwen2"),
-    "demo-qwen3": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                       num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", arch="qwen3"),
-    "demo-gemma2": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                        num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", arch="gemma2",
-                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16),
-}
-
-
-def make_demo_model(dest, shape="demo"):
-    """A built-in random-weight model (see make_model)."""
-    return make_model(dest, shape)
-
-
-def generated_model_key(shape):
-    """The folder name of a generated model: everything that decides its
-    weights and tokenizer (its shape, this generator's version, the MLX,
-    mlx-lm and tokenizers versions that seed, initialise and train it), so
-    an upgrade never serves a folder another version made."""
-    import tokenizers
-
-    made_by = json.dumps([DEMO_MODEL_VERSION, MODEL_SHAPES[shape], mx.__version__, mlx_lm.__version__,
-                          tokenizers.__version__], sort_keys=True, default=str)
-    return f"{DEMO_MODEL_VERSION}-{shape}-{hashlib.sha256(made_by.encode()).hexdigest()[:12]}"
-
-
-def make_model(dest, shape="demo", dtype="float32"):
-    """Create a model folder at `dest` (atomically), unless it exists: a real
-    llama-architecture model with seeded random weights and a byte-level BPE
-    tokenizer trained offline. Loads with mlx_lm.load like any model; its
-    output is not meaningful text."""
-    marker = os.path.join(dest, ".complete")
-    if os.path.exists(marker):
-        return dest
-    import importlib
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    spec = dict(MODEL_SHAPES[shape])
-    think = spec.pop("think", False)
-    arch = spec.pop("arch", "llama")
-    corpus = _demo_corpus() if spec.pop("corpus") == "demo" else _bench_corpus()
-    import uuid
-
-    tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (["<think>", "</think>"] if think else [])
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.pop("vocab"),
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    vocab = tok.get_vocab_size()
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": None,
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "unk_token": None,
-                "model_max_length": 32768,
-                "clean_up_tokenization_spaces": False,
-                "chat_template": _DEMO_TEMPLATE + (_THINK_SUFFIX if think else ""),
-            },
-            f,
-            indent=1,
-        )
-    config = {
-        "model_type": arch,
-        "architectures": [{"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
-        **spec,
-        "head_dim": spec["hidden_size"] // spec["num_attention_heads"],
-        "rms_norm_eps": 1e-5,
-        "vocab_size": vocab,
-        "max_position_embeddings": 32768,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-        "torch_dtype": dtype,
-        "eos_token_id": tok.token_to_id("<|im_end|>"),
-        "pensieve_shape": shape,
-        "pensieve_version": DEMO_MODEL_VERSION,
-    }
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    mx.random.seed(0)
-    family = importlib.import_module(f"mlx_lm.models.{arch}")
-    model = family.Model(family.ModelArgs.from_dict(config))
-    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
-    mx.save_safetensors(os.path.join(tmp, "model.safetensors"), weights)
-    with open(os.path.join(tmp, ".complete"), "w") as f:
-        f.write(DEMO_MODEL_VERSION)
-    try:
-        os.rename(tmp, dest)
-    except OSError:
-        # Another process made it first; theirs is as good as ours.
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-if __name__ == "__main__":
-    # python python/pensieve_shim.py make-model SHAPE DEST [DTYPE]
-    import sys
-
-    if len(sys.argv) >= 4 and sys.argv[1] == "make-model":
-        t0 = time.perf_counter()
-        path = make_model(sys.argv[3], sys.argv[2], *(sys.argv[4:5] or []))
-        print(f"{path} ready in {time.perf_counter() - t0:.1f}s")
-    else:
-        sys.exit("usage: pensieve_shim.py make-model {" + ",".join(MODEL_SHAPES) + "} DEST [float32|bfloat16|float16]")

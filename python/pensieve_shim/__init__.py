@@ -1,0 +1,36 @@
+"""pensieve's MLX side: every call into MLX / mlx-lm lives in this package.
+
+The Rust binary embeds these files (src/engine/py.rs registers each module
+under its dotted name) and drives the engine from exactly one thread; the
+same files run from python/ on disk for the benches, the training script and
+the tests. Modules, each importing only those above it:
+
+  protocol      the exceptions the Rust side tells apart
+  sampling      samplers, logits processors, sampling defaults, their test hooks
+  splitter      decoded text -> text / thinking / tool calls
+  chat          control-token text kept as text
+  prefix_cache  exact-size KV copies and the checks saved entries pass
+  modelmaker    the built-in random-weight models and benchmark shapes
+  engine        the model, the scheduler and the prefix cache: the Engine facade
+"""
+
+from pensieve_shim.engine import Engine, Seq, forward_logits
+from pensieve_shim.modelmaker import DEMO_MODEL_VERSION, MODEL_SHAPES, generated_model_key, make_demo_model, make_model
+from pensieve_shim.protocol import InvalidPrompt, ModelLoadError
+from pensieve_shim.sampling import check_sampling
+from pensieve_shim.splitter import Splitter
+
+__all__ = [
+    "DEMO_MODEL_VERSION",
+    "Engine",
+    "InvalidPrompt",
+    "MODEL_SHAPES",
+    "ModelLoadError",
+    "Seq",
+    "Splitter",
+    "check_sampling",
+    "forward_logits",
+    "generated_model_key",
+    "make_demo_model",
+    "make_model",
+]
