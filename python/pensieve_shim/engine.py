@@ -32,7 +32,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 import pensieve_gguf  # registered by the Rust side (src/engine/py.rs), or python/ on sys.path
 from pensieve_shim.chat import SpecialText
 from pensieve_shim.prefix_cache import check_entry, compact, cut_back, tighten, unsafe_folder
-from pensieve_shim.protocol import InvalidPrompt, ModelLoadError
+from pensieve_shim.protocol import InvalidPrompt, Memory, ModelLoadError, Restored, Saved, StepItem, Submitted
 from pensieve_shim.sampling import (
     ForceTokens,
     RandomStateGuard,
@@ -221,15 +221,15 @@ class Engine:
         symlink could point anywhere), and an entry's token ids must be
         integers below the vocabulary size, as many as its KV length."""
         if not self.persist_dir:
-            return 0, 0, 0, []
+            return Restored(0, 0, 0, [])
         folder = self._persist_folder()
         try:
             st = os.lstat(folder)
         except FileNotFoundError:
-            return 0, 0, 0, []
+            return Restored(0, 0, 0, [])
         problem = unsafe_folder(folder, st)
         if problem:
-            return 0, 0, 0, [f"not restoring the prefix cache: {problem}"]
+            return Restored(0, 0, 0, [f"not restoring the prefix cache: {problem}"])
         tighten(folder, 0o700)
         n = skipped = 0
         warnings = []
@@ -256,7 +256,7 @@ class Engine:
             except Exception as e:
                 skipped += 1
                 warnings.append(f"skipped prefix-cache entry {path}: {e}")
-        return n, int(self.prompt_cache.nbytes), skipped, warnings
+        return Restored(n, int(self.prompt_cache.nbytes), skipped, warnings)
 
     def _vocab_size(self):
         cfg = self.config.get("text_config", self.config) if "vocab_size" not in self.config else self.config
@@ -268,7 +268,7 @@ class Engine:
         restart keeps warm prefixes. Folders are 0700 and files 0600 whatever
         the umask: they hold conversations. Returns (entries, bytes)."""
         if not self.persist_dir:
-            return 0, 0
+            return Saved(0, 0)
         folder = self._persist_folder()
         os.makedirs(self.persist_dir, mode=0o700, exist_ok=True)
         tighten(self.persist_dir, 0o700)
@@ -304,7 +304,7 @@ class Engine:
             os.rename(folder, old)
         os.rename(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
-        return n, nbytes
+        return Saved(n, nbytes)
 
     # ---- facts the Rust side reports ------------------------------------
 
@@ -388,7 +388,7 @@ class Engine:
         return mod.rsplit(".", 1)[-1] if parser else None
 
     def memory(self):
-        return (
+        return Memory(
             int(mx.get_active_memory()),
             int(mx.get_peak_memory()),
             int(mx.get_cache_memory()),
@@ -489,7 +489,7 @@ class Engine:
         self.waiting.append(seq)
         self.by_rid[rid] = seq
         self._trim_prompt_cache()
-        return cached, max_tokens
+        return Submitted(cached, max_tokens)
 
     def _sampling(self, p):
         """A request's sampling: its own values, else the defaults in force
@@ -619,10 +619,7 @@ class Engine:
         """One engine step: a prefill chunk of one waiting prompt, or one
         decode token for every running sequence.
 
-        Returns a list of (rid, pieces, finish_reason, error, counts) tuples,
-        where pieces is a list of (kind, text) with kind "text", "thinking"
-        or "tool" (a JSON {name, arguments}) and `counts` says whether the
-        item is a newly generated token. A Python error while handling one
+        Returns a list of StepItem (protocol.py). A Python error while handling one
         request's output fails only that request; an error in the shared
         decode pass fails the running batch (waiting prompts keep their own
         caches and still run).
@@ -650,7 +647,7 @@ class Engine:
         if any(item[2] is not None or item[3] is not None for item in out):
             self._trim_prompt_cache()
         self._kv_peak = max(self._kv_peak, self.prompt_cache.nbytes + self._active_cache_bytes())
-        return out
+        return [StepItem(*item) for item in out]
 
     def _may_prefill(self):
         """Prefill while nothing runs, within the stall window after a decode

@@ -12,7 +12,8 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::PyModule;
+use pyo3::types::{PyModule, PyType};
+use serde::Serialize;
 
 use super::worker::{self, Backend, StepItem, Submitted};
 use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, ModelInfo, Piece, Prompt};
@@ -102,7 +103,15 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         status.set_state(EngineState::Ready);
         let _ = ready.send(Ok(()));
         restore_prompt_cache(&engine, &opts);
-        let mut backend = PyBackend { py, engine };
+        let invalid_prompt = match python_class(py, "pensieve_shim.protocol", "InvalidPrompt") {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("the shim has no InvalidPrompt class: {e}");
+                status.set_state(EngineState::Failed);
+                return;
+            }
+        };
+        let mut backend = PyBackend { py, engine, invalid_prompt };
         worker::serve(&mut backend, rx, &status);
         persist_prompt_cache(&backend.engine, &opts);
         if let Err(e) = mlx_turn(py, || backend.engine.call_method0("close")) {
@@ -113,20 +122,20 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
 
 fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
     let Some(dir) = &opts.prompt_cache_dir else { return };
-    let restored = mlx_turn(engine.py(), || engine.call_method0("restore_prompt_cache"))
-        .and_then(|r| r.extract::<(u64, u64, u64, Vec<String>)>());
-    if let Ok((_, _, _, warnings)) = &restored {
-        for w in warnings {
+    let restored = mlx_turn(engine.py(), || engine.call_method0("restore_prompt_cache")).and_then(|r| r.extract::<PyRestored>());
+    if let Ok(r) = &restored {
+        for w in &r.warnings {
             tracing::warn!("{w}");
         }
     }
     match restored {
-        Ok((0, _, 0, _)) => {}
-        Ok((n, bytes, skipped, _)) => tracing::info!(
-            "prefix cache: restored {n} entries ({} MiB) from {}{}",
-            bytes >> 20,
+        Ok(r) if r.entries == 0 && r.skipped == 0 => {}
+        Ok(r) => tracing::info!(
+            "prefix cache: restored {} entries ({} MiB) from {}{}",
+            r.entries,
+            r.bytes >> 20,
             dir.display(),
-            if skipped > 0 { format!(", skipped {skipped} unreadable or over budget") } else { String::new() }
+            if r.skipped > 0 { format!(", skipped {} unreadable or over budget", r.skipped) } else { String::new() }
         ),
         Err(e) => tracing::warn!("prefix cache: could not restore from {}: {e}", dir.display()),
     }
@@ -135,8 +144,8 @@ fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
 fn persist_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
     let Some(dir) = &opts.prompt_cache_dir else { return };
     let t0 = std::time::Instant::now();
-    match mlx_turn(engine.py(), || engine.call_method0("persist_prompt_cache")).and_then(|r| r.extract::<(u64, u64)>()) {
-        Ok((n, bytes)) => tracing::info!(
+    match mlx_turn(engine.py(), || engine.call_method0("persist_prompt_cache")).and_then(|r| r.extract::<PySaved>()) {
+        Ok(PySaved { entries: n, bytes }) => tracing::info!(
             "prefix cache: saved {n} entries ({} MiB) to {} in {:.2}s",
             bytes >> 20,
             dir.display(),
@@ -156,6 +165,15 @@ fn prepare(venv: &Path, blas: crate::config::BlasChoice) -> Result<(PathBuf, Str
 }
 
 fn load_shim<'py>(py: Python<'py>, site_packages: &Path) -> PyResult<Bound<'py, PyModule>> {
+    // Once per process: every engine in it (tests start several) shares the
+    // same modules, so the exception classes an engine raises are the ones
+    // the Rust side matches.
+    let modules = py.import("sys")?.getattr("modules")?;
+    if let Ok(loaded) = modules.get_item("pensieve_shim") {
+        if loaded.hasattr("Engine")? {
+            return Ok(loaded.cast_into::<PyModule>()?);
+        }
+    }
     let site = py.import("site")?;
     site.call_method1("addsitedir", (site_packages.to_string_lossy().to_string(),))?;
     // The GGUF converter first, under its own name, so `import pensieve_gguf`
@@ -166,7 +184,6 @@ fn load_shim<'py>(py: Python<'py>, site_packages: &Path) -> PyResult<Bound<'py, 
     // The package first (an empty module with a __path__, in sys.modules),
     // then each module under its dotted name, so `from pensieve_shim.x
     // import y` resolves to these embedded files as it does on disk.
-    let modules = py.import("sys")?.getattr("modules")?;
     let package = PyModule::new(py, "pensieve_shim")?;
     package.setattr("__path__", pyo3::types::PyList::empty(py))?;
     package.setattr("__package__", "pensieve_shim")?;
@@ -198,7 +215,7 @@ fn gguf_folder(py: Python<'_>, file: &str, cache_root: &Path) -> PyResult<String
     let (folder, converted, secs): (String, bool, f64) = gguf
         .call_method1("prepare", (file, dir.to_string_lossy().to_string(), dequantize))
         .map_err(|e| {
-            if raised(py, &e, "GGUFError") {
+            if raised(py, &e, "pensieve_gguf", "GGUFError") {
                 pyo3::exceptions::PyValueError::new_err(format!("{}", e.value(py)))
             } else {
                 e
@@ -321,14 +338,20 @@ pub fn logits_per_blas(
     })
 }
 
-/// Whether `e` is the shim's exception class `name`.
-fn raised(py: Python<'_>, e: &PyErr, name: &str) -> bool {
-    e.get_type(py).name().is_ok_and(|n| n == name)
+/// Whether `e` is an instance of exception class `class` of module `module`
+/// (false when the module never loaded).
+fn raised(py: Python<'_>, e: &PyErr, module: &str, class: &str) -> bool {
+    python_class(py, module, class).is_ok_and(|c| e.is_instance(py, &c))
+}
+
+/// Class `class` of the loaded module `module`.
+fn python_class<'py>(py: Python<'py>, module: &str, class: &str) -> PyResult<Bound<'py, PyType>> {
+    Ok(py.import(module)?.getattr(class)?.cast_into::<PyType>()?)
 }
 
 fn describe_load_error(py: Python<'_>, e: &PyErr, opts: &EngineOptions) -> String {
     let what = opts.model.as_deref().unwrap_or(BUILTIN_SMOLLM2);
-    if raised(py, e, "ModelLoadError") {
+    if raised(py, e, "pensieve_shim.protocol", "ModelLoadError") {
         format!("cannot load --model {what}: {}", e.value(py))
     } else {
         format!("cannot load {what}: {e}")
@@ -358,6 +381,119 @@ fn find_site_packages(venv: &Path) -> Result<PathBuf, String> {
 struct PyBackend<'py> {
     py: Python<'py>,
     engine: Bound<'py, PyAny>,
+    /// protocol.InvalidPrompt: errors in a request's own prompt (400).
+    invalid_prompt: Bound<'py, PyType>,
+}
+
+// The boundary's results, read by field name from the NamedTuples of
+// python/pensieve_shim/protocol.py.
+
+#[derive(FromPyObject)]
+struct PySubmitted {
+    cached_tokens: u32,
+    max_tokens: u32,
+}
+
+#[derive(FromPyObject)]
+struct PyStepItem {
+    rid: u64,
+    pieces: Vec<(String, String)>,
+    finish: Option<String>,
+    error: Option<String>,
+    counts: bool,
+}
+
+#[derive(FromPyObject)]
+struct PyMemory {
+    mlx_active_bytes: u64,
+    mlx_peak_bytes: u64,
+    mlx_cache_bytes: u64,
+    prompt_cache_bytes: u64,
+    running_sequences: u64,
+    live_kv_bytes: u64,
+    kv_peak_bytes: u64,
+    peak_batch: u64,
+}
+
+#[derive(FromPyObject)]
+struct PyRestored {
+    entries: u64,
+    bytes: u64,
+    skipped: u64,
+    warnings: Vec<String>,
+}
+
+#[derive(FromPyObject)]
+struct PySaved {
+    entries: u64,
+    bytes: u64,
+}
+
+/// What `Engine.submit` takes (as JSON): a request's sampling, limits,
+/// behaviours and test hooks.
+#[derive(Serialize)]
+struct SubmitParams<'a> {
+    max_tokens: u64,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    seed: Option<u64>,
+    fault_after: Option<u32>,
+    fault_forward_after: Option<u32>,
+    fault_sampler_after: Option<u32>,
+    fault: Option<&'static str>,
+    thinking: bool,
+    thinking_budget: Option<u32>,
+    tools: Option<&'a Vec<serde_json::Value>>,
+    force_tool: Option<ForceToolParam<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ForceToolParam<'a> {
+    Any { any: bool },
+    Named { name: &'a str },
+}
+
+impl<'a> SubmitParams<'a> {
+    fn of(req: &'a GenerateRequest) -> SubmitParams<'a> {
+        use super::Fault;
+        let s = &req.sampling;
+        SubmitParams {
+            max_tokens: req.max_tokens,
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            min_p: s.min_p,
+            seed: s.seed,
+            fault_after: match req.fault {
+                Some(Fault::RaiseAfter(n)) => Some(n),
+                _ => None,
+            },
+            fault_forward_after: match req.fault {
+                Some(Fault::RaiseInForwardAfter(n)) => Some(n),
+                _ => None,
+            },
+            fault_sampler_after: match req.fault {
+                Some(Fault::RaiseInSamplerAfter(n)) => Some(n),
+                _ => None,
+            },
+            fault: match req.fault {
+                Some(Fault::RaiseInSampler) => Some("raise-in-sampler"),
+                Some(Fault::PoisonSampling) => Some("poison-sampling"),
+                _ => None,
+            },
+            thinking: req.thinking,
+            thinking_budget: req.thinking_budget,
+            tools: (!req.prompt.tools.is_empty()).then_some(&req.prompt.tools),
+            force_tool: match &req.force_tool {
+                None => None,
+                Some(super::ForceTool::Any) => Some(ForceToolParam::Any { any: true }),
+                Some(super::ForceTool::Named(n)) => Some(ForceToolParam::Named { name: n }),
+            },
+        }
+    }
 }
 
 /// The shim's (kind, text) pairs; a tool piece is JSON {name, arguments}.
@@ -393,51 +529,17 @@ impl Backend for PyBackend<'_> {
             Some(t) => t,
             None => self.tokenize(&req.prompt)?,
         };
-        let s = &req.sampling;
-        let params = serde_json::json!({
-            "max_tokens": req.max_tokens,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "top_k": s.top_k,
-            "min_p": s.min_p,
-            "seed": s.seed,
-            "fault_after": match req.fault {
-                Some(super::Fault::RaiseAfter(n)) => Some(n),
-                _ => None,
-            },
-            "fault_forward_after": match req.fault {
-                Some(super::Fault::RaiseInForwardAfter(n)) => Some(n),
-                _ => None,
-            },
-            "fault_sampler_after": match req.fault {
-                Some(super::Fault::RaiseInSamplerAfter(n)) => Some(n),
-                _ => None,
-            },
-            "fault": match req.fault {
-                Some(super::Fault::RaiseInSampler) => Some("raise-in-sampler"),
-                Some(super::Fault::PoisonSampling) => Some("poison-sampling"),
-                _ => None,
-            },
-            "thinking": req.thinking,
-            "thinking_budget": req.thinking_budget,
-            "tools": (!req.prompt.tools.is_empty()).then_some(&req.prompt.tools),
-            "force_tool": match &req.force_tool {
-                None => serde_json::Value::Null,
-                Some(super::ForceTool::Any) => serde_json::json!({"any": true}),
-                Some(super::ForceTool::Named(n)) => serde_json::json!({"name": n}),
-            },
-        })
-        .to_string();
+        let params = serde_json::to_string(&SubmitParams::of(req)).expect("parameters serialize");
         let prompt_tokens = tokens.len() as u32;
         let submitted = mlx_turn(self.py, || self.engine.call_method1("submit", (rid, tokens, params)));
-        let (cached, max_tokens): (u32, u32) = submitted.and_then(|r| r.extract()).map_err(|e| {
-            if raised(self.py, &e, "InvalidPrompt") {
+        let r: PySubmitted = submitted.and_then(|r| r.extract()).map_err(|e| {
+            if e.is_instance(self.py, &self.invalid_prompt) {
                 self.prompt_error(e)
             } else {
                 ApiError::Internal(format!("could not start generation: {e}"))
             }
         })?;
-        Ok(Submitted { prompt_tokens, cached_tokens: cached, max_tokens })
+        Ok(Submitted { prompt_tokens, cached_tokens: r.cached_tokens, max_tokens: r.max_tokens })
     }
 
     fn tokenize(&mut self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
@@ -454,35 +556,32 @@ impl Backend for PyBackend<'_> {
     }
 
     fn step(&mut self) -> Result<Vec<StepItem>, ApiError> {
-        type Raw = Vec<(u64, Vec<(String, String)>, Option<String>, Option<String>, bool)>;
-        let items: Raw = mlx_turn(self.py, || self.engine.call_method0("step"))
+        let items: Vec<PyStepItem> = mlx_turn(self.py, || self.engine.call_method0("step"))
             .and_then(|r| r.extract())
             .map_err(|e| ApiError::Internal(format!("generation step failed: {e}")))?;
         Ok(items
             .into_iter()
-            .map(|(rid, pieces, finish, error, counts)| StepItem {
-                rid,
-                pieces: pieces.into_iter().map(piece).collect(),
-                finish,
-                error,
-                counts,
+            .map(|i| StepItem {
+                rid: i.rid,
+                pieces: i.pieces.into_iter().map(piece).collect(),
+                finish: i.finish,
+                error: i.error,
+                counts: i.counts,
             })
             .collect())
     }
 
     fn memory(&mut self) -> Option<MemorySnapshot> {
-        let r = mlx_turn(self.py, || self.engine.call_method0("memory")).ok()?;
-        let (active, peak, cache, prompt_cache, running, live_kv, kv_peak, peak_batch): (u64, u64, u64, u64, u64, u64, u64, u64) =
-            r.extract().ok()?;
+        let m: PyMemory = mlx_turn(self.py, || self.engine.call_method0("memory")).ok()?.extract().ok()?;
         Some(MemorySnapshot {
-            mlx_active_bytes: active,
-            mlx_peak_bytes: peak,
-            mlx_cache_bytes: cache,
-            prompt_cache_bytes: prompt_cache,
-            running_sequences: running,
-            live_kv_bytes: live_kv,
-            kv_peak_bytes: kv_peak,
-            peak_batch,
+            mlx_active_bytes: m.mlx_active_bytes,
+            mlx_peak_bytes: m.mlx_peak_bytes,
+            mlx_cache_bytes: m.mlx_cache_bytes,
+            prompt_cache_bytes: m.prompt_cache_bytes,
+            running_sequences: m.running_sequences,
+            live_kv_bytes: m.live_kv_bytes,
+            kv_peak_bytes: m.kv_peak_bytes,
+            peak_batch: m.peak_batch,
         })
     }
 
