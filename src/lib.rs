@@ -3,23 +3,33 @@
 //! The request path:
 //!
 //! ```text
-//! client ──HTTP──▶ server (hyper, tokio)  auth, body limit, routing
-//!                   │ api::anthropic      wire JSON ─▶ engine::GenerateRequest
+//! client ──HTTP──▶ server (hyper, tokio): guard (Host, Origin), auth, routes::Route, body limit
+//!                   │ api::anthropic | api::openai    wire JSON ─▶ request::GenerateRequest
 //!                   ▼
-//!                 EngineHandle::generate   admission (semaphore, queue, memory) ─▶ permit
-//!                   │ std mpsc Command
+//!                 EngineHandle::generate   tool_choice check, late system messages placed,
+//!                   │                      admission (slots, queue, memory) ─▶ permit,
+//!                   │                      then the prompt: tokenizer::PromptTokenizer (Rust,
+//!                   │                      verified at start-up) or the engine's Python tokenizer
+//!                   │ std mpsc Command::Generate
 //!                   ▼
-//!                 engine thread (owns Python) ─ py.rs ─ python/pensieve_shim/ ─ mlx_lm
-//!                   │ per-request tokio mpsc of TokenEvent (one per decoded token)
+//!                 engine thread: worker::serve (the loop, no pyo3) ─ py::PyBackend (pyo3)
+//!                   │            ─ python/pensieve_shim/ (Engine: scheduler, prefix cache) ─ mlx_lm
+//!                   │ per-request tokio mpsc of TokenEvent (one per generated token)
 //!                   ▼
-//!                 Generation (permit + stop matcher) ─▶ JSON or SSE back to the client
+//!                 Generation (permit, stop matcher) ─▶ request::GenEvent
+//!                   ▼
+//!                 server::handlers: collected into the dialect's JSON, or rendered by the
+//!                 dialect's StreamRenderer into SSE frames ─▶ the client (a client that
+//!                 hangs up or stops reading drops the Generation: the engine cancels it)
 //! ```
 //!
 //! Modules:
 //! - [`cli`]: the subcommands (serve, claude, env, status).
 //! - [`config`]: flags (each also an env var).
 //! - [`server`]: accept loop, routing, auth, body limits, handlers, shutdown.
-//! - [`api`]: the dialects; each converts its wire types to the internal request.
+//! - [`api`]: the dialects; each converts its wire types to the internal request
+//!   and renders the output (naming tool calls its own way).
+//! - [`request`]: the internal request and output types both dialects and the engine share.
 //! - [`engine`]: the engine thread, admission control, the token stream; its
 //!   `py` module is the only code that touches pyo3.
 //! - [`stop`]: text-level stop sequences across token boundaries.
@@ -45,6 +55,7 @@ pub mod metrics;
 pub mod ollama;
 #[cfg(unix)]
 pub mod private_dir;
+pub mod request;
 pub mod server;
 pub mod sse;
 pub mod stop;

@@ -393,7 +393,7 @@ pub fn stop_reason_fields(r: &StopReason) -> (&'static str, Value) {
 }
 
 fn tool_use_block(c: &OutputToolCall) -> Value {
-    json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments})
+    json!({"type": "tool_use", "id": super::new_id("toolu_"), "name": c.name, "input": c.arguments})
 }
 
 /// The `content` array of a response, in output order (`omit_thinking`:
@@ -528,7 +528,7 @@ impl EventStream {
         ev.push((
             "content_block_start",
             json!({"type": "content_block_start", "index": i,
-                   "content_block": {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}}),
+                   "content_block": {"type": "tool_use", "id": super::new_id("toolu_"), "name": call.name, "input": {}}}),
         ));
         for frag in super::json_fragments(&call.arguments) {
             ev.push((
@@ -790,7 +790,7 @@ mod tests {
         evs.extend(s.thinking("hmm"));
         evs.extend(s.thinking(" ok"));
         evs.extend(s.text("Let me check."));
-        let call = OutputToolCall { id: "toolu_1".into(), name: "get_weather".into(), arguments: json!({"city": "Paris"}) };
+        let call = OutputToolCall { name: "get_weather".into(), arguments: json!({"city": "Paris"}) };
         evs.extend(s.tool_call(&call));
         evs.extend(s.finish(&StopReason::ToolUse, u));
         let starts: Vec<(u64, String)> = evs

@@ -385,7 +385,7 @@ pub fn finish_reason(r: &StopReason) -> &'static str {
 }
 
 fn tool_call_json(c: &OutputToolCall) -> Value {
-    json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+    json!({"id": super::new_id("call_"), "type": "function", "function": {"name": c.name, "arguments": c.arguments.to_string()}})
 }
 
 pub fn usage_json(prompt: u32, cached: u32, completion: u32) -> Value {
@@ -511,7 +511,7 @@ impl StreamRenderer for ChunkStream {
         let index = self.calls;
         self.calls += 1;
         let mut out = self.delta(
-            json!({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+            json!({"tool_calls": [{"index": index, "id": super::new_id("call_"), "type": "function",
                                     "function": {"name": call.name, "arguments": ""}}]}),
             None,
         );
@@ -623,7 +623,7 @@ mod tests {
     #[test]
     fn tool_call_chunks_reassemble() {
         let mut s = ChunkStream::new(Endpoint::Chat, "chatcmpl-1", "m", false);
-        let call = OutputToolCall { id: "call_1".into(), name: "get_weather".into(), arguments: json!({"city": "Paris"}) };
+        let call = OutputToolCall { name: "get_weather".into(), arguments: json!({"city": "Paris"}) };
         let out = s.tool_call(&call) + &s.tool_call(&call);
         let chunks: Vec<Value> = out
             .split("\n\n")
@@ -638,7 +638,11 @@ mod tests {
         for a in args {
             assert_eq!(serde_json::from_str::<Value>(&a).unwrap(), json!({"city": "Paris"}));
         }
-        assert_eq!(chunks[0]["choices"][0]["delta"]["tool_calls"][0]["id"], "call_1");
+        // The dialect names each call: an OpenAI-style id, a new one per call.
+        let ids: Vec<&str> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["id"].as_str()).collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.iter().all(|id| id.starts_with("call_")), "{ids:?}");
+        assert_ne!(ids[0], ids[1]);
     }
 
     #[test]

@@ -9,14 +9,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{
-    Command, EngineFinish, EngineOptions, EngineState, EngineStatus, GenerateRequest, MemorySnapshot, Piece, Prompt, TokenEvent,
-};
+use super::{Command, EngineFinish, EngineStatus, GenerateRequest, MemorySnapshot, Piece, Prompt, TokenEvent};
 use crate::error::ApiError;
 
 /// One step's output for one request.
@@ -50,46 +47,6 @@ pub(crate) trait Backend {
     fn check_sampling(&mut self) -> Option<String>;
     /// Runs `f` with the interpreter released (waiting for work).
     fn wait<T: Send>(&mut self, f: impl FnOnce() -> T + Send) -> T;
-}
-
-pub(crate) fn engine_thread(
-    opts: EngineOptions,
-    rx: Receiver<Command>,
-    status: Arc<EngineStatus>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-) {
-    lower_priority();
-    let st = status.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-        super::py::run(opts, rx, st, ready);
-    }));
-    if let Err(panic) = result {
-        let msg = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
-        tracing::error!("engine thread panicked: {msg}");
-    }
-    // Whatever ended the loop, the engine is gone: health turns 503 and the
-    // request channels close, which fails every in-flight request cleanly.
-    if status.state() != EngineState::Failed {
-        status.set_state(EngineState::Stopped);
-    }
-}
-
-/// Generation saturates every core; the threads that answer HTTP (health,
-/// count_tokens, new requests, streaming writes) must still get a core at
-/// once. The engine thread — and the MLX and OpenBLAS threads it starts,
-/// which inherit its nice value — yields to them (nice +5: a quarter of the
-/// CPU weight of a normal thread under contention, all of it when alone).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: gettid and setpriority on this thread; no memory is involved.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
-    }
 }
 
 struct Active {

@@ -171,7 +171,7 @@ pub async fn messages(state: &Arc<AppState>, body: &[u8], mut ctx: Ctx) -> Resul
     ctx.label.model = model.clone();
     let omit = req.thinking_omitted();
     let stream = req.stream.unwrap_or(false).then(|| EventStream::new(&id, &model).omitting_thinking(omit));
-    serve_generation(state, gen_req, ctx.label, "toolu_", stream, |out, reason, g| {
+    serve_generation(state, gen_req, ctx.label, stream, |out, reason, g| {
         anthropic::message_response(&id, &model, out, reason, usage_of(g), omit)
     })
     .await
@@ -207,7 +207,7 @@ async fn openai_generation(
     };
     label.model = model.to_string();
     let stream = common.streaming().then(|| ChunkStream::new(endpoint, &id, model, common.include_usage()));
-    serve_generation(state, gen_req, label, "call_", stream, |out, reason, g| {
+    serve_generation(state, gen_req, label, stream, |out, reason, g| {
         let usage = openai::usage_json(g.prompt_tokens, g.cached_tokens, g.output_tokens());
         openai::response(endpoint, &id, model, out, reason, usage)
     })
@@ -220,11 +220,10 @@ async fn serve_generation<R: StreamRenderer>(
     state: &Arc<AppState>,
     gen_req: GenerateRequest,
     label: RequestLabel,
-    tool_id_prefix: &'static str,
     stream: Option<R>,
     complete: impl FnOnce(&Collected, &StopReason, &Generation) -> Value,
 ) -> Result<Response<Body>, ApiError> {
-    let mut generation = state.engine.generate_with_ids(gen_req, tool_id_prefix).await?;
+    let mut generation = state.engine.generate(gen_req).await?;
     generation.label = label;
     let mut resp = match stream {
         None => {
