@@ -33,7 +33,6 @@ fn main() {
     if let Some(lib_dir) = &cfg.lib_dir {
         // Every target of the package (the server, tests, benches) embeds Python.
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
-        println!("cargo:rustc-env=PENSIEVE_PYTHON_LIBDIR={lib_dir}");
     }
 
     // MLX looks up `cblas_sgemm` in the global symbol scope; exporting ours

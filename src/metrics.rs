@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::engine::EngineHandle;
+use crate::engine::MemorySnapshot;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -57,22 +57,32 @@ fn describe() {
     describe_gauge!("pensieve_engine_up", "1 while the engine is ready, else 0");
 }
 
-/// Sets the state-mirroring gauges and renders the exposition text.
-pub fn render(engine: &EngineHandle) -> String {
+/// The state the gauges mirror, read at scrape time by whoever holds it
+/// (server::handlers::metrics reads the engine and admission).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    pub slots_in_use: usize,
+    pub queue_depth: usize,
+    pub memory: MemorySnapshot,
+    pub decode_tokens_per_second: f64,
+    pub process_rss_bytes: u64,
+    pub engine_up: bool,
+}
+
+/// Sets the state-mirroring gauges from `s` and renders the exposition text.
+pub fn render(s: &Snapshot) -> String {
     let handle = install();
-    let adm = engine.admission();
-    let st = engine.status();
-    let mem = *st.memory.lock().unwrap();
-    gauge!("pensieve_slots_in_use").set(adm.in_use() as f64);
-    gauge!("pensieve_queue_depth").set(adm.queued() as f64);
+    let mem = &s.memory;
+    gauge!("pensieve_slots_in_use").set(s.slots_in_use as f64);
+    gauge!("pensieve_queue_depth").set(s.queue_depth as f64);
     gauge!("pensieve_running_sequences").set(mem.running_sequences as f64);
     gauge!("pensieve_prompt_cache_bytes").set(mem.prompt_cache_bytes as f64);
     gauge!("pensieve_live_kv_bytes").set(mem.live_kv_bytes as f64);
     gauge!("pensieve_mlx_active_bytes").set(mem.mlx_active_bytes as f64);
     gauge!("pensieve_mlx_peak_bytes").set(mem.mlx_peak_bytes as f64);
-    gauge!("pensieve_decode_tokens_per_second").set(st.decode_tps());
-    gauge!("pensieve_process_rss_bytes").set(adm.memory.process_rss() as f64);
-    gauge!("pensieve_engine_up").set(if st.healthy() { 1.0 } else { 0.0 });
+    gauge!("pensieve_decode_tokens_per_second").set(s.decode_tokens_per_second);
+    gauge!("pensieve_process_rss_bytes").set(s.process_rss_bytes as f64);
+    gauge!("pensieve_engine_up").set(if s.engine_up { 1.0 } else { 0.0 });
     handle.render()
 }
 

@@ -10,12 +10,14 @@ the tests. Modules, each importing only those above it:
   splitter      decoded text -> text / thinking / tool calls
   chat          control-token text kept as text
   prefix_cache  exact-size KV copies and the checks saved entries pass
-  modelmaker    the built-in random-weight models and benchmark shapes
+  scheduling    the scheduling policy: when to prefill, what next, what together
+  batch         the running decode batch and its invariants
+  modelmaker    the built-in random-weight models and benchmark shapes (imported
+                only when one is asked for)
   engine        the model, the scheduler and the prefix cache: the Engine facade
 """
 
 from pensieve_shim.engine import Engine, Seq, forward_logits
-from pensieve_shim.modelmaker import DEMO_MODEL_VERSION, MODEL_SHAPES, generated_model_key, make_demo_model, make_model
 from pensieve_shim.protocol import InvalidPrompt, ModelLoadError
 from pensieve_shim.sampling import check_sampling
 from pensieve_shim.splitter import Splitter
@@ -34,3 +36,14 @@ __all__ = [
     "make_demo_model",
     "make_model",
 ]
+
+_MODELMAKER = ("DEMO_MODEL_VERSION", "MODEL_SHAPES", "generated_model_key", "make_demo_model", "make_model")
+
+
+def __getattr__(name):
+    # The model maker (and the tokenizer trainer it pulls in) loads on first use.
+    if name in _MODELMAKER:
+        from pensieve_shim import modelmaker
+
+        return getattr(modelmaker, name)
+    raise AttributeError(f"module 'pensieve_shim' has no attribute {name!r}")

@@ -45,6 +45,8 @@ from pensieve_shim.sampling import (
     sampling_defaults,
     think_end,
 )
+from pensieve_shim import scheduling
+from pensieve_shim.batch import RunningBatch
 from pensieve_shim.splitter import Splitter
 
 def leave_signals_to_rust():
@@ -64,10 +66,6 @@ def leave_signals_to_rust():
 
 
 leave_signals_to_rust()
-
-
-# prefilled next regardless (shortest-first would otherwise starve it).
-_STARVATION_S = 10.0
 
 
 def injected_forward_fault(seqs):
@@ -184,16 +182,7 @@ class Engine:
         self._decoded_since_prefill = False
         self.waiting = []  # Seq still prefilling, in arrival order
         self.by_rid = {}  # rid -> Seq
-        self._reset_batch()
-
-    def _reset_batch(self):
-        """The running decode batch: its sequences in batch order, one cache
-        per layer (the sequence's own caches while it runs alone, merged batch
-        caches once several run), and the tokens the next step feeds."""
-        self.running = []
-        self.batch_cache = None
-        self.batched = False
-        self.next_tokens = None
+        self.batch = RunningBatch()
 
     # ---- prefix cache on disk -------------------------------------------
 
@@ -565,8 +554,8 @@ class Engine:
 
     def _active_cache_bytes(self):
         total = sum(c.nbytes for s in self.waiting for c in s.cache)
-        if self.batch_cache:
-            total += sum(c.nbytes for c in self.batch_cache)
+        if self.batch.cache:
+            total += sum(c.nbytes for c in self.batch.cache)
         return total
 
     def _trim_prompt_cache(self):
@@ -579,15 +568,15 @@ class Engine:
             return
         if s in self.waiting:
             self.waiting.remove(s)
-        elif s in self.running:
+        elif s in self.batch.seqs:
             # Keep what it computed: a client that stops a turn early usually
             # sends the same conversation again.
-            i = self.running.index(s)
+            i = self.batch.seqs.index(s)
             try:
-                self.prompt_cache.insert_cache(self.model_path, list(s.tokens), compact(self._running_cache(i)))
+                self.prompt_cache.insert_cache(self.model_path, list(s.tokens), compact(self.batch.cache_of(i)))
             except Exception:
                 pass  # only an optimisation; the sequence leaves the batch regardless
-            self._keep([j for j in range(len(self.running)) if j != i])
+            self.batch.keep([j for j in range(len(self.batch.seqs)) if j != i])
             self._trim_prompt_cache()
 
     def close(self):
@@ -596,7 +585,7 @@ class Engine:
         process tears the libraries down."""
         self.waiting.clear()
         self.by_rid.clear()
-        self._reset_batch()
+        self.batch.clear()
         # The pipelined step runs on the generation stream, not on this
         # thread's default stream: wait for both. (Waiting on the default
         # stream alone let a queued step finish, and free its buffers, while
@@ -610,9 +599,6 @@ class Engine:
         with mx.stream(generation_stream):
             return check_sampling()
 
-    def has_work(self):
-        return bool(self.by_rid)
-
     # ---- scheduling ------------------------------------------------------
 
     def step(self):
@@ -625,7 +611,7 @@ class Engine:
         caches and still run).
 
         Scheduling: waiting prompts are prefilled shortest first (a prompt
-        passed over for `_STARVATION_S` goes next), up to `prefill_batch` of
+        passed over for `scheduling.STARVATION_S` goes next), up to `prefill_batch` of
         them in one pass (long ones alone, chunk by chunk), and each prompt's
         last logits give its first token, which is sent at once; the sequence
         then joins the decode batch. While prompts wait, the running batch
@@ -642,7 +628,7 @@ class Engine:
                 # A prefill's activations are large and short-lived: give
                 # them back rather than keep them in MLX's buffer cache.
                 mx.clear_cache()
-            elif self.running:
+            elif self.batch.seqs:
                 self._decode(out)
         if any(item[2] is not None or item[3] is not None for item in out):
             self._trim_prompt_cache()
@@ -650,22 +636,17 @@ class Engine:
         return [StepItem(*item) for item in out]
 
     def _may_prefill(self):
-        """Prefill while nothing runs, within the stall window after a decode
-        step, and otherwise in turns with decode steps (one prefill step after
-        each decode step), so neither side starves."""
-        if not self.running:
-            return True
-        if not self._batchable or len(self.running) >= self.max_batch:
-            return False
-        if time.perf_counter() - self._last_decode < self.max_decode_stall:
-            return True
-        return self._decoded_since_prefill
+        return scheduling.may_prefill(
+            len(self.batch.seqs),
+            self._batchable,
+            self.max_batch,
+            time.perf_counter() - self._last_decode,
+            self.max_decode_stall,
+            self._decoded_since_prefill,
+        )
 
     def _pick(self):
-        oldest = self.waiting[0]
-        if time.perf_counter() - oldest.arrived > _STARVATION_S:
-            return oldest
-        return min(self.waiting, key=lambda s: len(s.todo))
+        return scheduling.pick(self.waiting, time.perf_counter())
 
     def _prefill(self, out):
         s = self._pick()
@@ -685,24 +666,7 @@ class Engine:
         self._prefill_last(self._group(s), out)
 
     def _group(self, s):
-        """`s` plus the shortest other waiting prompts that fit in one chunk,
-        up to `prefill_batch` in all, while right padding stays under a
-        quarter of the real tokens."""
-        group = [s]
-        if self.prefill_batch <= 1 or not self._batchable:
-            return group
-        longest, total = len(s.todo), len(s.todo)
-        for c in sorted(self.waiting, key=lambda w: len(w.todo)):
-            if len(group) >= self.prefill_batch:
-                break
-            if c is s or len(c.todo) > self.prefill_step:
-                continue
-            L = max(longest, len(c.todo))
-            if L * (len(group) + 1) > 1.25 * (total + len(c.todo)):
-                continue
-            group.append(c)
-            longest, total = L, total + len(c.todo)
-        return group
+        return scheduling.group(s, self.waiting, self.prefill_batch, self.prefill_step, self._batchable)
 
     def _prefill_last(self, group, out):
         """Prefills the last chunk of each prompt in `group` in one forward
@@ -868,55 +832,19 @@ class Engine:
         return None
 
     def _join(self, seqs, cache, tokens):
-        """Adds prefilled sequences (with their cache: plain for one, a batch
-        cache for several) to the running batch."""
-        batched = len(seqs) > 1
-        if not self.running:
-            self.batch_cache = cache
-            self.batched = batched
-            self.next_tokens = tokens
+        """Adds prefilled sequences to the running batch (see RunningBatch.join)."""
+        if not self.batch:
             # The stall window runs from the newest token of any running
             # stream: these just got their first.
             self._last_decode = time.perf_counter()
-        else:
-            if not self.batched:
-                self.batch_cache = [c.merge([c]) for c in self.batch_cache]
-                self.batched = True
-            new = cache if batched else [c.merge([c]) for c in cache]
-            for ca, cb in zip(self.batch_cache, new):
-                ca.extend(cb)
-            self.next_tokens = mx.concatenate([self.next_tokens, tokens])
-        self.running.extend(seqs)
-        self._peak_batch = max(self._peak_batch, len(self.running))
-        for s in seqs:
-            s.cache = None
-
-    def _running_cache(self, i):
-        """The cache of the running sequence at `i`, on its own."""
-        return [c.extract(i) for c in self.batch_cache] if self.batched else self.batch_cache
-
-    def _keep(self, keep):
-        """Shrinks the running batch to the sequences at `keep`."""
-        if not keep:
-            self._reset_batch()
-            return
-        if len(keep) == len(self.running):
-            return
-        self.running = [self.running[i] for i in keep]
-        self.next_tokens = self.next_tokens[mx.array(keep)]
-        if len(keep) == 1:
-            # Alone again: back to plain caches (no padding, no masks).
-            self.batch_cache = [c.extract(keep[0]) for c in self.batch_cache]
-            self.batched = False
-        else:
-            for c in self.batch_cache:
-                c.filter(keep)
+        self.batch.join(seqs, cache, tokens)
+        self._peak_batch = max(self._peak_batch, len(self.batch))
 
     def _decode(self, out):
-        seqs = self.running
-        inputs = self.next_tokens
+        seqs = self.batch.seqs
+        inputs = self.batch.next_tokens
         try:
-            logits = self.model(inputs[:, None], cache=self.batch_cache)[:, -1, :]
+            logits = self.model(inputs[:, None], cache=self.batch.cache)[:, -1, :]
             injected_forward_fault(seqs)
             sampled = self._sample(seqs, logits, inputs)
             # The next step's tokens compute while this step's are handed out.
@@ -926,9 +854,9 @@ class Engine:
             if len(seqs) > 1 and self._decode_apart(seqs, inputs, out):
                 return
             self._fail(seqs, e, out)
-            self._reset_batch()
+            self.batch.clear()
             return
-        self.next_tokens = sampled
+        self.batch.next_tokens = sampled
         self._last_decode = time.perf_counter()
         self._decoded_since_prefill = True
         keep, done = [], []
@@ -943,8 +871,8 @@ class Engine:
                 keep.append(i)
         for i in done:
             if not seqs[i].failed:  # a failed one was reported and dropped by _fail
-                self._finished(seqs[i], self._running_cache(i))
-        self._keep(keep)
+                self._finished(seqs[i], self.batch.cache_of(i))
+        self.batch.keep(keep)
 
     def _decode_apart(self, seqs, inputs, out):
         """A batched decode step raised (an MLX error, out of memory, a bug
@@ -957,7 +885,7 @@ class Engine:
         mx.clear_cache()  # out of memory: give the failed pass's buffers back first
         try:
             inputs.tolist()
-            alone = [(s, self._running_cache(i), inputs[i : i + 1]) for i, s in enumerate(seqs)]
+            alone = [(s, self.batch.cache_of(i), inputs[i : i + 1]) for i, s in enumerate(seqs)]
             for s, cache, _ in alone:
                 cut_back(cache, len(s.tokens))
         except Exception:
@@ -967,14 +895,14 @@ class Engine:
                 # The failed step may have appended its input token to the
                 # context already; the step's rerun appends it again.
                 s.context._size = len(s.tokens)
-        self._reset_batch()
+        self.batch.clear()
         rejoin = []
         for s, cache, token in alone:
-            self.running, self.batch_cache, self.batched, self.next_tokens = [s], cache, False, token
+            self.batch.join([s], cache, token)
             self._decode(out)
-            if self.running:
-                rejoin.append((self.running[0], self.batch_cache, self.next_tokens))
-            self._reset_batch()
+            if self.batch.seqs:
+                rejoin.append((self.batch.seqs[0], self.batch.cache, self.batch.next_tokens))
+            self.batch.clear()
         for s, cache, token in rejoin:
             self._join([s], cache, token)
         return True

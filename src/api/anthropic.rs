@@ -4,10 +4,10 @@
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
+use super::prompt::{sampling, PromptBuilder};
 use super::{check_range, check_stops, StreamRenderer};
 use crate::engine::{
-    ChatMessage, Collected, ForceTool, FunctionCall, GenEvent, GenerateRequest, OutputToolCall, Prompt, Sampling, StopReason,
-    ToolCall,
+    Collected, ForceTool, FunctionCall, GenEvent, GenerateRequest, OutputToolCall, Prompt, StopReason, ToolCall,
 };
 use crate::error::ApiError;
 
@@ -182,15 +182,15 @@ impl MessagesRequest {
         if self.messages.is_empty() {
             return Err(ApiError::InvalidRequest("messages: at least one message is required".into()));
         }
-        let mut system_parts: Vec<String> = Vec::new();
+        let mut b = PromptBuilder::default();
         if let Some(sys) = &self.system {
             match sys {
-                Content::Text(t) => push_nonempty(&mut system_parts, t.clone()),
+                Content::Text(t) => b.system_prompt(t.clone()),
                 Content::Blocks(blocks) => {
-                    for (i, b) in blocks.iter().enumerate() {
-                        match b {
+                    for (i, blk) in blocks.iter().enumerate() {
+                        match blk {
                             Block::Text { text } if text.starts_with(BILLING_HEADER_PREFIX) => {}
-                            Block::Text { text } => push_nonempty(&mut system_parts, text.clone()),
+                            Block::Text { text } => b.system_prompt(text.clone()),
                             _ => {
                                 return Err(ApiError::InvalidRequest(format!(
                                     "system[{i}]: only text blocks are allowed in system"
@@ -201,47 +201,29 @@ impl MessagesRequest {
                 }
             }
         }
-        let mut out: Vec<ChatMessage> = Vec::new();
-        // tool_use id -> tool name, so tool results can name their tool.
-        let mut tool_names: Vec<(String, String)> = Vec::new();
         for (i, m) in self.messages.iter().enumerate() {
             match m.role {
-                Role::System => {
-                    // Before the conversation: part of the system prompt. Later
-                    // (Claude Code's environment block after the first user
-                    // message, reminders after tool results): where it stands,
-                    // so the head of the prompt stays the same turn after turn
-                    // and session after session.
-                    let text = crate::api::strip_volatile(&flatten_text(&m.content, i)?);
-                    if out.is_empty() {
-                        push_nonempty(&mut system_parts, text);
-                    } else if !text.trim().is_empty() {
-                        out.push(ChatMessage::new("system", text));
-                    }
-                }
+                Role::System => b.system_message(&flatten_text(&m.content, i)?),
                 Role::Assistant => {
-                    let mut msg = ChatMessage::new("assistant", String::new());
-                    for b in blocks_of(&m.content) {
-                        match b {
-                            Block::Text { text } => msg.content.push_str(&text),
-                            Block::ToolUse { id, name, input } => {
-                                tool_names.push((id.clone(), name.clone()));
-                                msg.tool_calls.push(ToolCall {
-                                    id,
-                                    kind: "function",
-                                    function: FunctionCall { name, arguments: if input.is_null() { json!({}) } else { input } },
-                                });
-                            }
+                    let (mut text, mut calls) = (String::new(), vec![]);
+                    for blk in blocks_of(&m.content) {
+                        match blk {
+                            Block::Text { text: t } => text.push_str(&t),
+                            Block::ToolUse { id, name, input } => calls.push(ToolCall {
+                                id,
+                                kind: "function",
+                                function: FunctionCall { name, arguments: if input.is_null() { json!({}) } else { input } },
+                            }),
                             Block::Image {} | Block::Document {} => return Err(unsupported_media(i)),
                             _ => {}
                         }
                     }
-                    out.push(msg);
+                    b.assistant(text, calls);
                 }
                 Role::User => {
                     let mut text = String::new();
-                    for b in blocks_of(&m.content) {
-                        match b {
+                    for blk in blocks_of(&m.content) {
+                        match blk {
                             Block::Text { text: t } => {
                                 if !text.is_empty() {
                                     text.push('\n');
@@ -256,39 +238,26 @@ impl MessagesRequest {
                                 if is_error == Some(true) {
                                     body = format!("Error: {body}");
                                 }
-                                let name = tool_names.iter().rev().find(|(id, _)| *id == tool_use_id).map(|(_, n)| n.clone());
-                                out.push(ChatMessage {
-                                    role: "tool".into(),
-                                    content: body,
-                                    tool_calls: vec![],
-                                    tool_call_id: Some(tool_use_id),
-                                    name,
-                                });
+                                b.tool_result(tool_use_id, None, body);
                             }
                             Block::Image {} | Block::Document {} => return Err(unsupported_media(i)),
                             _ => {}
                         }
                     }
-                    let only_tool_results = matches!(&m.content, Content::Blocks(b)
-                        if !b.is_empty() && b.iter().all(|b| matches!(b, Block::ToolResult { .. })));
+                    let only_tool_results = matches!(&m.content, Content::Blocks(blks)
+                        if !blks.is_empty() && blks.iter().all(|blk| matches!(blk, Block::ToolResult { .. })));
                     if !only_tool_results {
-                        out.push(ChatMessage::new("user", text));
+                        b.user(text);
                     }
                 }
             }
-        }
-        if out.is_empty() {
-            return Err(ApiError::InvalidRequest("messages: at least one user or assistant message is required".into()));
-        }
-        if !system_parts.is_empty() {
-            out.insert(0, ChatMessage::new("system", system_parts.join("\n\n")));
         }
         let tools = match (&self.tools, &self.tool_choice) {
             (_, Some(ToolChoice::None {})) | (None, _) => vec![],
             (Some(tools), _) => tools.iter().map(tool_to_function).collect(),
         };
         let enable_thinking = self.thinking.as_ref().and_then(|t| (!t.enabled()).then_some(false));
-        Ok(Prompt { messages: out, tools, raw_prompt: None, enable_thinking })
+        b.finish(tools, enable_thinking, "messages: at least one user or assistant message is required")
     }
 
     /// The full internal request for /v1/messages.
@@ -303,13 +272,7 @@ impl MessagesRequest {
         check_range("min_p", self.min_p, 0.0, 1.0)?;
         let stop = self.stop_sequences.clone().unwrap_or_default();
         check_stops("stop_sequences", &stop, 64)?;
-        let sampling = Sampling {
-            temperature: self.temperature.map(|t| t as f32),
-            top_p: self.top_p.map(|t| t as f32),
-            top_k: self.top_k.map(|k| k.min(u32::MAX as u64) as u32),
-            min_p: self.min_p.map(|t| t as f32),
-            seed: None,
-        };
+        let sampling = sampling(self.temperature, self.top_p, self.top_k, self.min_p, None);
         let mut req = GenerateRequest::new(self.to_prompt()?, max_tokens, sampling, stop);
         if let Some(t) = &self.thinking {
             req.thinking = t.enabled();
@@ -321,12 +284,6 @@ impl MessagesRequest {
             _ => None,
         };
         Ok(req)
-    }
-}
-
-fn push_nonempty(parts: &mut Vec<String>, s: String) {
-    if !s.trim().is_empty() {
-        parts.push(s);
     }
 }
 
@@ -620,6 +577,7 @@ impl StreamRenderer for EventStream {
 mod tests {
     use super::*;
     use crate::api::parse_json;
+    use crate::request::ChatMessage;
 
     fn req(v: Value) -> Result<MessagesRequest, ApiError> {
         parse_json(v.to_string().as_bytes())

@@ -4,6 +4,7 @@
 
 pub mod anthropic;
 pub mod openai;
+pub mod prompt;
 
 use rand::Rng;
 use serde::de::DeserializeOwned;

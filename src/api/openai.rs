@@ -4,9 +4,10 @@
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
+use super::prompt::PromptBuilder;
 use super::{check_range, check_stops, StreamRenderer};
 use crate::engine::{
-    ChatMessage, Collected, ForceTool, FunctionCall, GenerateRequest, OutputToolCall, Prompt, Sampling, StopReason, ToolCall,
+    Collected, ForceTool, FunctionCall, GenerateRequest, OutputToolCall, Prompt, Sampling, StopReason, ToolCall,
 };
 use crate::error::{ApiError, Dialect};
 use crate::sse;
@@ -216,13 +217,7 @@ impl Common {
     }
 
     fn sampling(&self) -> Sampling {
-        Sampling {
-            temperature: self.temperature.map(|t| t as f32),
-            top_p: self.top_p.map(|t| t as f32),
-            top_k: self.top_k.map(|k| k.min(u32::MAX as u64) as u32),
-            min_p: self.min_p.map(|t| t as f32),
-            seed: self.seed,
-        }
+        super::prompt::sampling(self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
     }
 
     pub fn streaming(&self) -> bool {
@@ -248,61 +243,40 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ApiError::InvalidRequest("messages: at least one message is required".into()));
         }
-        let mut system: Vec<String> = vec![];
-        let mut out: Vec<ChatMessage> = vec![];
-        let mut call_names: Vec<(String, String)> = vec![];
+        let mut b = PromptBuilder::default();
         for (i, m) in self.messages.iter().enumerate() {
             let text = m.content.as_ref().map(|c| c.0.clone()).unwrap_or_default();
             match m.role {
-                Role::System | Role::Developer => {
-                    let text = crate::api::strip_volatile(&text);
-                    if text.trim().is_empty() {
-                    } else if out.is_empty() {
-                        system.push(text)
-                    } else {
-                        // Late: it stays where it stands (see api::strip_volatile).
-                        out.push(ChatMessage::new("system", text));
-                    }
-                }
-                Role::User => out.push(ChatMessage::new("user", text)),
+                Role::System | Role::Developer => b.system_message(&text),
+                Role::User => b.user(text),
                 Role::Assistant => {
-                    let mut msg = ChatMessage::new("assistant", text);
-                    for c in m.tool_calls.iter().flatten() {
-                        call_names.push((c.id.clone(), c.function.name.clone()));
-                        let arguments = if c.function.arguments.trim().is_empty() {
-                            json!({})
-                        } else {
-                            serde_json::from_str(&c.function.arguments).unwrap_or(Value::String(c.function.arguments.clone()))
-                        };
-                        msg.tool_calls.push(ToolCall {
-                            id: c.id.clone(),
-                            kind: "function",
-                            function: FunctionCall { name: c.function.name.clone(), arguments },
-                        });
-                    }
-                    out.push(msg);
+                    let calls = m
+                        .tool_calls
+                        .iter()
+                        .flatten()
+                        .map(|c| {
+                            let arguments = if c.function.arguments.trim().is_empty() {
+                                json!({})
+                            } else {
+                                serde_json::from_str(&c.function.arguments).unwrap_or(Value::String(c.function.arguments.clone()))
+                            };
+                            ToolCall {
+                                id: c.id.clone(),
+                                kind: "function",
+                                function: FunctionCall { name: c.function.name.clone(), arguments },
+                            }
+                        })
+                        .collect();
+                    b.assistant(text, calls);
                 }
                 Role::Tool => {
                     let id = m
                         .tool_call_id
                         .clone()
                         .ok_or_else(|| ApiError::InvalidRequest(format!("messages[{i}].tool_call_id: required for role tool")))?;
-                    let name = m.name.clone().or_else(|| call_names.iter().rev().find(|(c, _)| *c == id).map(|(_, n)| n.clone()));
-                    out.push(ChatMessage {
-                        role: "tool".into(),
-                        content: text,
-                        tool_calls: vec![],
-                        tool_call_id: Some(id),
-                        name,
-                    });
+                    b.tool_result(id, m.name.clone(), text);
                 }
             }
-        }
-        if out.is_empty() {
-            return Err(ApiError::InvalidRequest("messages: at least one non-system message is required".into()));
-        }
-        if !system.is_empty() {
-            out.insert(0, ChatMessage::new("system", system.join("\n\n")));
         }
         let none = matches!(&self.tool_choice, Some(Value::String(s)) if s == "none");
         let tools = match &self.tools {
@@ -320,7 +294,7 @@ impl ChatRequest {
                 .collect(),
             _ => vec![],
         };
-        Ok(Prompt { messages: out, tools, raw_prompt: None, enable_thinking: None })
+        b.finish(tools, None, "messages: at least one non-system message is required")
     }
 
     fn force_tool(&self) -> Result<Option<ForceTool>, ApiError> {
@@ -552,6 +526,7 @@ impl StreamRenderer for ChunkStream {
 mod tests {
     use super::*;
     use crate::api::parse_json;
+    use crate::request::ChatMessage;
 
     fn chat(v: Value) -> Result<ChatRequest, ApiError> {
         parse_json(v.to_string().as_bytes())

@@ -43,17 +43,35 @@ fn mlx_turn<T>(py: Python<'_>, f: impl FnOnce() -> T) -> T {
 const GGUF_SOURCE: &str = include_str!("../../python/pensieve_gguf.py");
 
 /// The `pensieve_shim` package (python/pensieve_shim/), its modules in the
-/// order they import each other; `__init__` last.
+/// order they import each other; `__init__` last. The model maker is loaded
+/// only when a random-weight model is asked for (`MODELMAKER`).
 const SHIM_PACKAGE: &[(&str, &str)] = &[
     ("protocol", include_str!("../../python/pensieve_shim/protocol.py")),
     ("sampling", include_str!("../../python/pensieve_shim/sampling.py")),
     ("splitter", include_str!("../../python/pensieve_shim/splitter.py")),
     ("chat", include_str!("../../python/pensieve_shim/chat.py")),
     ("prefix_cache", include_str!("../../python/pensieve_shim/prefix_cache.py")),
-    ("modelmaker", include_str!("../../python/pensieve_shim/modelmaker.py")),
+    ("scheduling", include_str!("../../python/pensieve_shim/scheduling.py")),
+    ("batch", include_str!("../../python/pensieve_shim/batch.py")),
     ("engine", include_str!("../../python/pensieve_shim/engine.py")),
     ("__init__", include_str!("../../python/pensieve_shim/__init__.py")),
 ];
+
+const MODELMAKER: &str = include_str!("../../python/pensieve_shim/modelmaker.py");
+
+/// `pensieve_shim.modelmaker`, loaded on first use.
+fn modelmaker<'py>(shim: &Bound<'py, PyModule>) -> PyResult<Bound<'py, PyModule>> {
+    let py = shim.py();
+    if let Ok(m) = shim.getattr("modelmaker") {
+        if let Ok(m) = m.cast_into::<PyModule>() {
+            return Ok(m);
+        }
+    }
+    let code = CString::new(MODELMAKER).expect("no NUL bytes");
+    let module = PyModule::from_code(py, &code, c"pensieve_shim/modelmaker.py", c"pensieve_shim.modelmaker")?;
+    shim.setattr("modelmaker", &module)?;
+    Ok(module)
+}
 
 /// The engine thread's entry: runs the engine (below) and, however it ends
 /// (a panic included), leaves the status saying the engine is gone.
@@ -302,10 +320,11 @@ fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path
         }
         Some(name @ (BUILTIN_RANDOM | BUILTIN_RANDOM_THINK)) => {
             let shape = if name == BUILTIN_RANDOM { "demo" } else { "demo-think" };
-            let dest = cache_root.join(shim.call_method1("generated_model_key", (shape,))?.extract::<String>()?);
+            let maker = modelmaker(shim)?;
+            let dest = cache_root.join(maker.call_method1("generated_model_key", (shape,))?.extract::<String>()?);
             std::fs::create_dir_all(cache_root).map_err(os_err)?;
             tracing::info!("serving {name} from {} (random weights: its output is noise)", dest.display());
-            shim.call_method1("make_demo_model", (dest.to_string_lossy().to_string(), shape))?.extract()
+            maker.call_method1("make_demo_model", (dest.to_string_lossy().to_string(), shape))?.extract()
         }
         Some(m) if m.starts_with("ollama:") => {
             let blob = crate::ollama::resolve_in(&crate::ollama::models_dir(), &m["ollama:".len()..])

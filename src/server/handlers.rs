@@ -127,7 +127,15 @@ fn model_entry(state: &AppState) -> Value {
 }
 
 pub fn metrics(state: &AppState) -> Response<Body> {
-    let text = crate::metrics::render(&state.engine);
+    let (adm, st) = (state.engine.admission(), state.engine.status());
+    let text = crate::metrics::render(&crate::metrics::Snapshot {
+        slots_in_use: adm.in_use(),
+        queue_depth: adm.queued(),
+        memory: *st.memory.lock().unwrap(),
+        decode_tokens_per_second: st.decode_tps(),
+        process_rss_bytes: adm.memory.process_rss(),
+        engine_up: st.healthy(),
+    });
     let mut r = Response::new(http_body_util::Full::new(Bytes::from(text)).boxed());
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r
