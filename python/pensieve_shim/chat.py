@@ -1,7 +1,11 @@
 """Chat-template helpers: request text that spells a control token stays text."""
 
 import copy
+import os
 import re
+
+from pensieve_shim.sampling import think_end
+from pensieve_shim.splitter import Splitter
 
 class SpecialText:
     """The tokenizer's special (control) tokens as text, kept from becoming
@@ -78,4 +82,159 @@ class SpecialText:
             else:
                 ids.append(tok)
         return ids
+
+
+class ChatTemplate:
+    """The model's chat template and tokenizer as the engine uses them:
+    rendering prompts (control-token text kept as text), what the Rust side
+    needs to render identically, how late system messages fit, the output
+    splitter for a request, and the tokens that open a forced tool call."""
+
+    def __init__(self, tokenizer, specials):
+        self.tokenizer = tokenizer
+        self.specials = specials  # SpecialText, or None when text may spell control tokens
+
+    def render(self, p):
+        """The internal prompt (messages + tools, or a raw prompt) as token
+        ids, through the model's own chat template."""
+        if p.get("raw_prompt") is not None:
+            return self.tokenizer.encode(p["raw_prompt"])
+        messages = p["messages"]
+        tools = p.get("tools")
+        marked = 0
+        if self.specials is not None and self.tokenizer.has_chat_template:
+            messages, n = self.specials.neutralize(messages)
+            tools, m = self.specials.neutralize(tools)
+            marked = n + m
+        kwargs = {}
+        if tools:
+            kwargs["tools"] = tools
+        if self.tokenizer.has_chat_template:
+            kwargs.update(self.template_kwargs())
+            if p.get("enable_thinking") is not None:
+                kwargs[getattr(self.tokenizer, "_thinking_kwarg", "enable_thinking")] = p["enable_thinking"]
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **kwargs
+            )
+            if marked:
+                return self.specials.tokenize(self.tokenizer._tokenizer.backend_tokenizer, text)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        # No template: a plain transcript, so base models still work.
+        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        return self.tokenizer.encode(text + "assistant: ")
+
+    def template_kwargs(self):
+        """Template variables mlx-lm adds, so Rust can render identically."""
+        kwarg = getattr(self.tokenizer, "_thinking_kwarg", "enable_thinking")
+        return {kwarg: bool(self.tokenizer.has_thinking)}
+
+    def template_info(self):
+        """What the Rust side needs to tokenize prompts itself (src/tokenizer.rs)."""
+        hf = self.tokenizer._tokenizer
+        folder = getattr(hf, "name_or_path", None) or ""
+        tok_file = os.path.join(folder, "tokenizer.json")
+        template = hf.chat_template if isinstance(getattr(hf, "chat_template", None), str) else None
+        specials = {
+            k: v for k, v in (getattr(hf, "special_tokens_map", None) or {}).items() if isinstance(v, str)
+        }
+        tk = self.tokenizer
+        return {
+            "tokenizer_file": tok_file if os.path.exists(tok_file) else None,
+            "chat_template": template if tk.has_chat_template else None,
+            "special_tokens": specials,
+            "template_kwargs": self.template_kwargs(),
+            "thinking_kwarg": getattr(tk, "_thinking_kwarg", "enable_thinking"),
+            "tool_call_start": tk.tool_call_start,
+            "tool_call_end": tk.tool_call_end,
+            "tool_parser": self.tool_parser_type(),
+        }
+
+    def late_system_mode(self):
+        """How this template takes a system message in mid-conversation:
+        "system" (rendered where it stands), "user" (dropped or refused
+        there, but consecutive user turns are fine: it becomes its own user
+        turn) or "merge" (roles must alternate: it joins a user turn)."""
+        if not self.tokenizer.has_chat_template:
+            return "system"  # the plain transcript prints every role in place
+        kw = dict(add_generation_prompt=True, tokenize=False, **self.template_kwargs())
+        a, probe, b = "PNSVUSERA", "PNSVPROBE", "PNSVUSERB"
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": a}, {"role": "system", "content": probe},
+                 {"role": "user", "content": b}], **kw)
+            if a in text and probe in text and text.index(a) < text.index(probe) < text.index(b):
+                return "system"
+        except Exception:
+            pass
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": a}, {"role": "user", "content": b}], **kw)
+            if a in text and b in text:
+                return "user"
+        except Exception:
+            pass
+        return "merge"
+
+    def tool_parser_type(self):
+        parser = self.tokenizer.tool_parser
+        mod = getattr(parser, "__module__", "") or ""
+        return mod.rsplit(".", 1)[-1] if parser else None
+
+    def splitter(self, tokens, p):
+        tk = self.tokenizer
+        state = "text"
+        if tk.has_thinking and tk.think_start_tokens:
+            # Templates that open the thinking block in the generation prompt.
+            n = len(tk.think_start_tokens)
+            last_start = tk.rfind_think_start(tokens, start=max(0, len(tokens) - 16))
+            if last_start != -1 and last_start + n >= len(tokens) - 2:
+                state = "thinking"
+        sp = Splitter(
+            tool_start=tk.tool_call_start if p.get("tools") else None,
+            tool_end=tk.tool_call_end,
+            parse_tool=tk.tool_parser if p.get("tools") else None,
+            tools=p.get("tools"),
+            think_start=tk.think_start if tk.has_thinking else None,
+            think_end=think_end(tk) if tk.has_thinking else None,
+            state=state,
+            show_thinking=bool(p.get("thinking")),
+        )
+        return sp
+
+    def forced_call_tokens(self, tools, name):
+        """The tokens that open a tool call in this model's own format, as
+        its template renders one: up to and including the call marker (any
+        tool), or through the tool's name (a named tool). Forcing the model's
+        natural tokens, rather than appending text to the prompt, keeps the
+        continuation in distribution."""
+        tk = self.tokenizer
+        call_name = name or tools[0]["function"]["name"]
+        user = [{"role": "user", "content": "x"}]
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": call_name, "arguments": {}}}]}
+        kw = dict(tools=tools, tokenize=False, **self.template_kwargs())
+        base = tk.apply_chat_template(user, add_generation_prompt=True, **kw)
+        full = tk.apply_chat_template(user + [call], add_generation_prompt=False, **kw)
+        if not full.startswith(base) or not tk.tool_call_start:
+            return None
+        turn = full[len(base):]
+        start = turn.find(tk.tool_call_start)
+        if start < 0:
+            return None
+        end = start + len(tk.tool_call_start)
+        if name:
+            at = turn.find(name, end)
+            if at < 0:
+                return None
+            end = at + len(name)
+        base_ids = tk.encode(base, add_special_tokens=False)
+        ids = tk.encode(full, add_special_tokens=False)
+        if ids[: len(base_ids)] != base_ids:
+            return None
+        forced = []
+        for t in ids[len(base_ids):]:
+            forced.append(t)
+            if len(tk.decode(forced)) >= end:
+                return forced
+        return None
 

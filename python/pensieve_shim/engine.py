@@ -7,11 +7,8 @@ Data crosses the boundary as plain Python values (ints, strs, tuples) or JSON
 strings, so the Rust side never holds Python objects outside its GIL scope.
 """
 
-import hashlib
 import json
 import os
-import shutil
-import stat
 import time
 
 import mlx.core as mx
@@ -22,16 +19,15 @@ from mlx_lm.models.cache import (
     LRUPromptCache,
     TokenBuffer,
     can_trim_prompt_cache,
-    load_prompt_cache,
     make_prompt_cache,
-    save_prompt_cache,
     trim_prompt_cache,
 )
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 import pensieve_gguf  # registered by the Rust side (src/engine/py.rs), or python/ on sys.path
-from pensieve_shim.chat import SpecialText
-from pensieve_shim.prefix_cache import check_entry, compact, cut_back, tighten, unsafe_folder
+from pensieve_shim.chat import ChatTemplate, SpecialText
+from pensieve_shim import prefix_cache
+from pensieve_shim.prefix_cache import compact, cut_back
 from pensieve_shim.protocol import InvalidPrompt, Memory, ModelLoadError, Restored, Saved, StepItem, Submitted
 from pensieve_shim.sampling import (
     ForceTokens,
@@ -43,11 +39,9 @@ from pensieve_shim.sampling import (
     raising_sampler,
     sampler_raising_after,
     sampling_defaults,
-    think_end,
 )
 from pensieve_shim import scheduling
 from pensieve_shim.batch import RunningBatch
-from pensieve_shim.splitter import Splitter
 
 def leave_signals_to_rust():
     """SIGINT belongs to the Rust side (graceful drain). Python's own handler,
@@ -165,11 +159,12 @@ class Engine:
         self.sampling_defaults = sampling_defaults(model, opts)
         # Request text that spells a control token stays text (unless the
         # operator allows it: --special-tokens-in-content).
-        self._specials = None
+        specials = None
         backend = getattr(self.tokenizer._tokenizer, "backend_tokenizer", None)
         if backend is not None and not opts.get("special_tokens_in_content"):
             specials = SpecialText(backend)
-            self._specials = specials if specials.texts else None
+            specials = specials if specials.texts else None
+        self.chat = ChatTemplate(self.tokenizer, specials)
         # Metal: keep the weights wired (mlx-lm does the same for its generators).
         maybe_set_recommended_wired_limit()
         # Sequences share decode steps only if this model batches (its caches
@@ -187,65 +182,15 @@ class Engine:
     # ---- prefix cache on disk -------------------------------------------
 
     def _persist_folder(self):
-        """This model's folder under the prompt-cache directory: the name is a
-        fingerprint of the model (path, config, weight files), so entries are
-        only ever restored into the model that computed them."""
-        h = hashlib.sha256()
-        h.update(self.model_path.encode())
-        h.update(json.dumps(self.config, sort_keys=True, default=str).encode())
-        if os.path.isdir(self.model_path):
-            for f in sorted(os.listdir(self.model_path)):
-                if f.endswith(".safetensors"):
-                    st = os.stat(os.path.join(self.model_path, f))
-                    h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return os.path.join(self.persist_dir, h.hexdigest()[:16])
+        return prefix_cache.persist_folder(self.persist_dir, self.model_path, self.config)
 
     def restore_prompt_cache(self):
-        """Loads the entries a previous run saved (oldest first, so the LRU
-        order survives). Returns (entries, bytes, skipped, warnings).
-
-        The folder holds conversations, so what is read from it is checked:
-        the folder must be this user's and writable by no one else, only
-        regular files are opened (a planted FIFO would block the read, a
-        symlink could point anywhere), and an entry's token ids must be
-        integers below the vocabulary size, as many as its KV length."""
+        """Loads the entries a previous run saved (see prefix_cache.restore)."""
         if not self.persist_dir:
             return Restored(0, 0, 0, [])
-        folder = self._persist_folder()
-        try:
-            st = os.lstat(folder)
-        except FileNotFoundError:
-            return Restored(0, 0, 0, [])
-        problem = unsafe_folder(folder, st)
-        if problem:
-            return Restored(0, 0, 0, [f"not restoring the prefix cache: {problem}"])
-        tighten(folder, 0o700)
-        n = skipped = 0
-        warnings = []
-        vocab = self._vocab_size()
-        for f in sorted(os.listdir(folder)):
-            path = os.path.join(folder, f)
-            if not f.endswith(".safetensors"):
-                continue
-            try:
-                fst = os.lstat(path)
-                if not stat.S_ISREG(fst.st_mode):
-                    raise ValueError("not a regular file (symlink, FIFO or device): not opened")
-                tighten(path, 0o600)
-                cache, meta = load_prompt_cache(path, return_metadata=True)
-                tokens = json.loads(meta["tokens"])
-                check_entry(tokens, cache, vocab)
-                if sum(c.nbytes for c in cache) + self.prompt_cache.nbytes > self.prompt_cache_bytes:
-                    skipped += 1
-                    continue
-                self.prompt_cache.insert_cache(
-                    self.model_path, tokens, cache, cache_type=meta.get("cache_type", "assistant")
-                )
-                n += 1
-            except Exception as e:
-                skipped += 1
-                warnings.append(f"skipped prefix-cache entry {path}: {e}")
-        return Restored(n, int(self.prompt_cache.nbytes), skipped, warnings)
+        return prefix_cache.restore(
+            self.prompt_cache, self._persist_folder(), self.model_path, self._vocab_size(), self.prompt_cache_bytes
+        )
 
     def _vocab_size(self):
         cfg = self.config.get("text_config", self.config) if "vocab_size" not in self.config else self.config
@@ -253,47 +198,10 @@ class Engine:
         return int(v) if v else len(self.tokenizer._tokenizer)
 
     def persist_prompt_cache(self):
-        """Writes the prefix cache to disk (replacing the previous set) so a
-        restart keeps warm prefixes. Folders are 0700 and files 0600 whatever
-        the umask: they hold conversations. Returns (entries, bytes)."""
+        """Writes the prefix cache to disk (see prefix_cache.save)."""
         if not self.persist_dir:
             return Saved(0, 0)
-        folder = self._persist_folder()
-        os.makedirs(self.persist_dir, mode=0o700, exist_ok=True)
-        tighten(self.persist_dir, 0o700)
-        # Leftovers of a save that was killed midway.
-        parent, name = os.path.split(folder)
-        if os.path.isdir(parent):
-            for f in os.listdir(parent):
-                if f.startswith((f"{name}.tmp-", f"{name}.old-")):
-                    shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
-        tmp = f"{folder}.tmp-{os.getpid()}"
-        os.makedirs(tmp, mode=0o700)
-        tighten(tmp, 0o700)
-        lru = self.prompt_cache._lru
-        n = nbytes = 0
-        # Oldest first across the LRU's queues: restored in this order, the
-        # most recent entries are the last evicted.
-        entries = [(model, tokens, kind) for kind in reversed(lru._ordering) for model, tokens in lru._lrus[kind]]
-        for model, tokens, kind in entries:
-            if model != self.model_path:
-                continue
-            entry = self.prompt_cache._trie.get(model, tokens)
-            path = os.path.join(tmp, f"{n:06d}.safetensors")
-            save_prompt_cache(
-                path,
-                entry.prompt_cache,
-                {"tokens": json.dumps(list(tokens)), "cache_type": kind},
-            )
-            tighten(path, 0o600)
-            n += 1
-            nbytes += entry.nbytes
-        old = f"{folder}.old-{os.getpid()}"
-        if os.path.isdir(folder):
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-        return Saved(n, nbytes)
+        return prefix_cache.save(self.prompt_cache, self.persist_dir, self._persist_folder(), self.model_path)
 
     # ---- facts the Rust side reports ------------------------------------
 
@@ -314,67 +222,10 @@ class Engine:
                 "batching": self._batchable,
                 "sampling_defaults": self.sampling_defaults,
                 "thinking": bool(self.tokenizer.has_thinking),
-                "late_system": self._late_system_mode(),
-                "template": self._template_info(),
+                "late_system": self.chat.late_system_mode(),
+                "template": self.chat.template_info(),
             }
         )
-
-    def _template_kwargs(self):
-        """Template variables mlx-lm adds, so Rust can render identically."""
-        kwarg = getattr(self.tokenizer, "_thinking_kwarg", "enable_thinking")
-        return {kwarg: bool(self.tokenizer.has_thinking)}
-
-    def _template_info(self):
-        """What the Rust side needs to tokenize prompts itself (src/tokenizer.rs)."""
-        hf = self.tokenizer._tokenizer
-        folder = getattr(hf, "name_or_path", None) or ""
-        tok_file = os.path.join(folder, "tokenizer.json")
-        template = hf.chat_template if isinstance(getattr(hf, "chat_template", None), str) else None
-        specials = {
-            k: v for k, v in (getattr(hf, "special_tokens_map", None) or {}).items() if isinstance(v, str)
-        }
-        tk = self.tokenizer
-        return {
-            "tokenizer_file": tok_file if os.path.exists(tok_file) else None,
-            "chat_template": template if tk.has_chat_template else None,
-            "special_tokens": specials,
-            "template_kwargs": self._template_kwargs(),
-            "thinking_kwarg": getattr(tk, "_thinking_kwarg", "enable_thinking"),
-            "tool_call_start": tk.tool_call_start,
-            "tool_call_end": tk.tool_call_end,
-            "tool_parser": self._tool_parser_type(),
-        }
-
-    def _late_system_mode(self):
-        """How this template takes a system message in mid-conversation:
-        "system" (rendered where it stands), "user" (dropped or refused
-        there, but consecutive user turns are fine: it becomes its own user
-        turn) or "merge" (roles must alternate: it joins a user turn)."""
-        if not self.tokenizer.has_chat_template:
-            return "system"  # the plain transcript prints every role in place
-        kw = dict(add_generation_prompt=True, tokenize=False, **self._template_kwargs())
-        a, probe, b = "PNSVUSERA", "PNSVPROBE", "PNSVUSERB"
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": a}, {"role": "system", "content": probe},
-                 {"role": "user", "content": b}], **kw)
-            if a in text and probe in text and text.index(a) < text.index(probe) < text.index(b):
-                return "system"
-        except Exception:
-            pass
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": a}, {"role": "user", "content": b}], **kw)
-            if a in text and b in text:
-                return "user"
-        except Exception:
-            pass
-        return "merge"
-
-    def _tool_parser_type(self):
-        parser = self.tokenizer.tool_parser
-        mod = getattr(parser, "__module__", "") or ""
-        return mod.rsplit(".", 1)[-1] if parser else None
 
     def memory(self):
         return Memory(
@@ -391,34 +242,8 @@ class Engine:
     # ---- prompts ---------------------------------------------------------
 
     def render(self, prompt_json):
-        """Turn the internal prompt (messages + tools, or a raw prompt) into
-        token ids with the model's own chat template."""
-        p = json.loads(prompt_json)
-        if p.get("raw_prompt") is not None:
-            return self.tokenizer.encode(p["raw_prompt"])
-        messages = p["messages"]
-        tools = p.get("tools")
-        marked = 0
-        if self._specials is not None and self.tokenizer.has_chat_template:
-            messages, n = self._specials.neutralize(messages)
-            tools, m = self._specials.neutralize(tools)
-            marked = n + m
-        kwargs = {}
-        if tools:
-            kwargs["tools"] = tools
-        if self.tokenizer.has_chat_template:
-            kwargs.update(self._template_kwargs())
-            if p.get("enable_thinking") is not None:
-                kwargs[getattr(self.tokenizer, "_thinking_kwarg", "enable_thinking")] = p["enable_thinking"]
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, **kwargs
-            )
-            if marked:
-                return self._specials.tokenize(self.tokenizer._tokenizer.backend_tokenizer, text)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        # No template: a plain transcript, so base models still work.
-        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
-        return self.tokenizer.encode(text + "assistant: ")
+        """Token ids of the internal prompt (JSON), through ChatTemplate.render."""
+        return self.chat.render(json.loads(prompt_json))
 
     # ---- generation ------------------------------------------------------
 
@@ -450,7 +275,7 @@ class Engine:
             processors.append(ThinkingBudget(self.tokenizer, budget))
         force = p.get("force_tool")
         if force and p.get("tools"):
-            forced = self._forced_call_tokens(p["tools"], force.get("name"))
+            forced = self.chat.forced_call_tokens(p["tools"], force.get("name"))
             if forced is None:
                 raise InvalidPrompt("tool_choice: could not derive this model's tool-call opening from its template")
             processors.append(ForceTokens(forced, len(tokens)))
@@ -463,7 +288,7 @@ class Engine:
             sampler=make_sampler(seed=p.get("seed"), **self._sampling(p)),
             processors=processors,
             detok=self.tokenizer.detokenizer,
-            splitter=self._splitter(tokens, p),
+            splitter=self.chat.splitter(tokens, p),
             fault_after=p.get("fault_after"),
         )
         fault = p.get("fault")
@@ -493,64 +318,6 @@ class Engine:
 
         return {"temperature": float(pick("temperature", 1.0)), "top_p": float(pick("top_p", 1.0)),
                 "top_k": int(pick("top_k", 0)), "min_p": float(pick("min_p", 0.0))}
-
-    def _splitter(self, tokens, p):
-        tk = self.tokenizer
-        state = "text"
-        if tk.has_thinking and tk.think_start_tokens:
-            # Templates that open the thinking block in the generation prompt.
-            n = len(tk.think_start_tokens)
-            last_start = tk.rfind_think_start(tokens, start=max(0, len(tokens) - 16))
-            if last_start != -1 and last_start + n >= len(tokens) - 2:
-                state = "thinking"
-        sp = Splitter(
-            tool_start=tk.tool_call_start if p.get("tools") else None,
-            tool_end=tk.tool_call_end,
-            parse_tool=tk.tool_parser if p.get("tools") else None,
-            tools=p.get("tools"),
-            think_start=tk.think_start if tk.has_thinking else None,
-            think_end=think_end(tk) if tk.has_thinking else None,
-            state=state,
-            show_thinking=bool(p.get("thinking")),
-        )
-        return sp
-
-    def _forced_call_tokens(self, tools, name):
-        """The tokens that open a tool call in this model's own format, as
-        its template renders one: up to and including the call marker (any
-        tool), or through the tool's name (a named tool). Forcing the model's
-        natural tokens, rather than appending text to the prompt, keeps the
-        continuation in distribution."""
-        tk = self.tokenizer
-        call_name = name or tools[0]["function"]["name"]
-        user = [{"role": "user", "content": "x"}]
-        call = {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": call_name, "arguments": {}}}]}
-        kw = dict(tools=tools, tokenize=False, **self._template_kwargs())
-        base = tk.apply_chat_template(user, add_generation_prompt=True, **kw)
-        full = tk.apply_chat_template(user + [call], add_generation_prompt=False, **kw)
-        if not full.startswith(base) or not tk.tool_call_start:
-            return None
-        turn = full[len(base):]
-        start = turn.find(tk.tool_call_start)
-        if start < 0:
-            return None
-        end = start + len(tk.tool_call_start)
-        if name:
-            at = turn.find(name, end)
-            if at < 0:
-                return None
-            end = at + len(name)
-        base_ids = tk.encode(base, add_special_tokens=False)
-        ids = tk.encode(full, add_special_tokens=False)
-        if ids[: len(base_ids)] != base_ids:
-            return None
-        forced = []
-        for t in ids[len(base_ids):]:
-            forced.append(t)
-            if len(tk.decode(forced)) >= end:
-                return forced
-        return None
 
     def _active_cache_bytes(self):
         total = sum(c.nbytes for s in self.waiting for c in s.cache)

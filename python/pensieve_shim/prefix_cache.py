@@ -2,12 +2,17 @@
 cutting them back, and the checks a saved entry passes before it is restored.
 The only module that reaches into mlx-lm's cache internals."""
 
+import hashlib
+import json
 import os
+import shutil
 import stat
 
 import mlx.core as mx
 from mlx.utils import tree_map
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+
+from pensieve_shim.protocol import Restored, Saved
 
 def cut_back(cache, n):
     """Each layer's cache back to `n` positions (a failed pass may have
@@ -70,3 +75,98 @@ def compact(cache):
     mx.eval([c.state for c in cache])
     return cache
 
+
+
+def persist_folder(persist_dir, model_path, config):
+    """A model's folder under the prompt-cache directory: the name is a
+    fingerprint of the model (path, config, weight files), so entries are
+    only ever restored into the model that computed them."""
+    h = hashlib.sha256()
+    h.update(model_path.encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    if os.path.isdir(model_path):
+        for f in sorted(os.listdir(model_path)):
+            if f.endswith(".safetensors"):
+                st = os.stat(os.path.join(model_path, f))
+                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return os.path.join(persist_dir, h.hexdigest()[:16])
+
+
+def restore(cache, folder, model_key, vocab, budget):
+    """Loads the entries a previous run saved in `folder` into `cache` (an
+    mlx-lm LRUPromptCache; oldest first, so the LRU order survives), up to
+    `budget` bytes. Returns Restored.
+
+    The folder holds conversations, so what is read from it is checked:
+    the folder must be this user's and writable by no one else, only
+    regular files are opened (a planted FIFO would block the read, a
+    symlink could point anywhere), and an entry's token ids must be
+    integers below the vocabulary size, as many as its KV length."""
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return Restored(0, 0, 0, [])
+    problem = unsafe_folder(folder, st)
+    if problem:
+        return Restored(0, 0, 0, [f"not restoring the prefix cache: {problem}"])
+    tighten(folder, 0o700)
+    n = skipped = 0
+    warnings = []
+    for f in sorted(os.listdir(folder)):
+        path = os.path.join(folder, f)
+        if not f.endswith(".safetensors"):
+            continue
+        try:
+            fst = os.lstat(path)
+            if not stat.S_ISREG(fst.st_mode):
+                raise ValueError("not a regular file (symlink, FIFO or device): not opened")
+            tighten(path, 0o600)
+            entry, meta = load_prompt_cache(path, return_metadata=True)
+            tokens = json.loads(meta["tokens"])
+            check_entry(tokens, entry, vocab)
+            if sum(c.nbytes for c in entry) + cache.nbytes > budget:
+                skipped += 1
+                continue
+            cache.insert_cache(model_key, tokens, entry, cache_type=meta.get("cache_type", "assistant"))
+            n += 1
+        except Exception as e:
+            skipped += 1
+            warnings.append(f"skipped prefix-cache entry {path}: {e}")
+    return Restored(n, int(cache.nbytes), skipped, warnings)
+
+
+def save(cache, persist_dir, folder, model_key):
+    """Writes `cache`'s entries for `model_key` to `folder` (replacing the
+    previous set) so a restart keeps warm prefixes. Folders are 0700 and
+    files 0600 whatever the umask: they hold conversations. Returns Saved."""
+    os.makedirs(persist_dir, mode=0o700, exist_ok=True)
+    tighten(persist_dir, 0o700)
+    # Leftovers of a save that was killed midway.
+    parent, name = os.path.split(folder)
+    if os.path.isdir(parent):
+        for f in os.listdir(parent):
+            if f.startswith((f"{name}.tmp-", f"{name}.old-")):
+                shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    os.makedirs(tmp, mode=0o700)
+    tighten(tmp, 0o700)
+    lru = cache._lru
+    n = nbytes = 0
+    # Oldest first across the LRU's queues: restored in this order, the
+    # most recent entries are the last evicted.
+    entries = [(model, tokens, kind) for kind in reversed(lru._ordering) for model, tokens in lru._lrus[kind]]
+    for model, tokens, kind in entries:
+        if model != model_key:
+            continue
+        entry = cache._trie.get(model, tokens)
+        path = os.path.join(tmp, f"{n:06d}.safetensors")
+        save_prompt_cache(path, entry.prompt_cache, {"tokens": json.dumps(list(tokens)), "cache_type": kind})
+        tighten(path, 0o600)
+        n += 1
+        nbytes += entry.nbytes
+    old = f"{folder}.old-{os.getpid()}"
+    if os.path.isdir(folder):
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return Saved(n, nbytes)
