@@ -12,12 +12,14 @@ the tests. Modules, each importing only those above it:
   prefix_cache  exact-size KV copies and the checks saved entries pass
   scheduling    the scheduling policy: when to prefill, what next, what together
   batch         the running decode batch and its invariants
+  model         forward passes (the head on chosen positions) and the load-time probes
   modelmaker    the built-in random-weight models and benchmark shapes (imported
                 only when one is asked for)
   engine        the model, the scheduler and the prefix cache: the Engine facade
 """
 
-from pensieve_shim.engine import Engine, Seq, forward_logits
+from pensieve_shim.engine import Engine, Seq
+from pensieve_shim.model import forward_logits
 from pensieve_shim.protocol import InvalidPrompt, ModelLoadError
 from pensieve_shim.sampling import check_sampling
 from pensieve_shim.splitter import Splitter

@@ -40,6 +40,7 @@ from pensieve_shim.sampling import (
     sampler_raising_after,
     sampling_defaults,
 )
+from pensieve_shim import model as model_ops
 from pensieve_shim import scheduling
 from pensieve_shim.batch import RunningBatch
 
@@ -169,9 +170,9 @@ class Engine:
         maybe_set_recommended_wired_limit()
         # Sequences share decode steps only if this model batches (its caches
         # merge and its attention takes batch masks); otherwise one at a time.
-        self._batchable = self._can_batch()
+        self._batchable = model_ops.can_batch(self.model)
         self.prefill_batch = max(1, int(opts.get("prefill_batch", 2)))
-        self._head = self._find_head()
+        self._head = model_ops.find_head(self.model)
         self._kv_peak = 0  # most KV bytes (prefix cache + live) held at once
         self._peak_batch = 0  # most sequences decoded in one step so far
         self._decoded_since_prefill = False
@@ -422,7 +423,7 @@ class Engine:
             # cache is evaluated (no logits: the head never runs on it).
             n = self.prefill_step
             try:
-                self._forward_hidden(mx.array([s.todo[:n]]), s.cache)
+                model_ops.forward_hidden(self.model, self._head, mx.array([s.todo[:n]]), s.cache)
                 mx.eval([c.state for c in s.cache])
             except Exception as e:
                 self._fail([s], e, out)
@@ -453,7 +454,7 @@ class Engine:
                 if max(pad) > 0:
                     for c in cache:
                         c.prepare(lengths=lengths, right_padding=pad)
-            logits = self._last_logits(x, cache, [n - 1 for n in lengths])
+            logits = model_ops.last_logits(self.model, self._head, x, cache, [n - 1 for n in lengths])
             injected_forward_fault(group)
             if k > 1 and max(pad) > 0:
                 for c in cache:
@@ -532,71 +533,6 @@ class Engine:
                 self.waiting.remove(s)
             self.by_rid.pop(s.rid, None)
             out.append((s.rid, [], None, msg, False))
-
-    def _forward_hidden(self, x, cache):
-        """The forward pass up to the head when the head is split off."""
-        if self._head is not None:
-            return self.model.model(x, cache=cache)
-        return self.model(x, cache=cache)
-
-    def _last_logits(self, x, cache, last):
-        """Logits at position `last[i]` of each row: the head (a vocabulary-
-        sized matmul) runs on those positions only, where the model allows."""
-        rows, cols = mx.arange(x.shape[0]), mx.array(last)
-        if self._head is not None:
-            h = self.model.model(x, cache=cache)
-            return self._head(h[rows, cols][:, None, :])[:, 0, :]
-        return self.model(x, cache=cache)[rows, cols]
-
-    def _can_batch(self):
-        """Runs what batching does on a tiny probe — two prompts of different
-        lengths prefilled together right-padded, then a decode step on their
-        merged cache joined by a third — and says whether the model takes it
-        (some attention implementations cannot use batch masks)."""
-        if not all(hasattr(c, "merge") for c in make_prompt_cache(self.model)):
-            return False
-        try:
-            caches = [make_prompt_cache(self.model) for _ in range(2)]
-            group = [layer[0].merge(list(layer)) for layer in zip(*caches)]
-            for c in group:
-                c.prepare(lengths=[3, 5], right_padding=[2, 0])
-            self.model(mx.array([[1, 2, 3, 0, 0], [1, 2, 3, 4, 5]]), cache=group)
-            for c in group:
-                c.finalize()
-            third = make_prompt_cache(self.model)
-            self.model(mx.array([[4, 5]]), cache=third)
-            for ca, cb in zip(group, [c.merge([c]) for c in third]):
-                ca.extend(cb)
-            mx.eval(self.model(mx.array([[6], [7], [8]]), cache=group))
-            return True
-        except Exception:
-            return False
-
-    def _find_head(self):
-        """The model's output head, if running `model.model` and then the head
-        on chosen positions computes exactly what `model(...)` does (checked
-        on a probe; models with extra output transforms fail it and keep the
-        full forward pass)."""
-        inner = getattr(self.model, "model", None)
-        if inner is None or not callable(inner):
-            return None
-        heads = []
-        if hasattr(self.model, "lm_head"):
-            heads.append(self.model.lm_head)
-        emb = getattr(inner, "embed_tokens", None)
-        if emb is not None and hasattr(emb, "as_linear"):
-            heads.append(emb.as_linear)
-        try:
-            x = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]])
-            full = self.model(x, cache=make_prompt_cache(self.model))[:, -1, :]
-            h = inner(x, cache=make_prompt_cache(self.model))[:, -1:, :]
-            for head in heads:
-                fast = head(h)[:, -1, :]
-                if fast.shape == full.shape and mx.allclose(fast, full, rtol=1e-4, atol=1e-4).item():
-                    return head
-        except Exception:
-            pass
-        return None
 
     def _join(self, seqs, cache, tokens):
         """Adds prefilled sequences to the running batch (see RunningBatch.join)."""
@@ -729,15 +665,3 @@ class Engine:
             s.failed = True
             self._fail([s], e, out)
             return True
-
-
-_forward_models = {}
-
-
-def forward_logits(model_path, tokens):
-    """Logits of one forward pass (float32, flattened): a numerical check."""
-    if model_path not in _forward_models:
-        _forward_models[model_path] = pensieve_gguf.load(model_path)[0]
-    out = _forward_models[model_path](mx.array([tokens]))
-    return out.astype(mx.float32).reshape(-1).tolist()
-

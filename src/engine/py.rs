@@ -53,6 +53,7 @@ const SHIM_PACKAGE: &[(&str, &str)] = &[
     ("prefix_cache", include_str!("../../python/pensieve_shim/prefix_cache.py")),
     ("scheduling", include_str!("../../python/pensieve_shim/scheduling.py")),
     ("batch", include_str!("../../python/pensieve_shim/batch.py")),
+    ("model", include_str!("../../python/pensieve_shim/model.py")),
     ("engine", include_str!("../../python/pensieve_shim/engine.py")),
     ("__init__", include_str!("../../python/pensieve_shim/__init__.py")),
 ];
