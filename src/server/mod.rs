@@ -233,7 +233,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
     let request_id = crate::api::new_id("req_");
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let dialect = dialect_for(&path);
+    let dialect = Route::dialect_for(&path);
     let mut resp = match state.access.check(req.headers(), req.uri().host()) {
         Err(e) => error_response(&e, dialect, &request_id),
         Ok(origin) => {
@@ -275,10 +275,6 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         );
     }
     resp
-}
-
-fn dialect_for(path: &str) -> Dialect {
-    Route::dialect_for(path)
 }
 
 async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) -> Result<Response<Body>, ApiError> {
