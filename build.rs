@@ -9,6 +9,9 @@
 //!    packages without PYTHONPATH.
 //! 4. Exports the BLAS entry points that `src/blas.rs` defines, so MLX's CPU
 //!    backend binds to them instead of the reference BLAS it was linked with.
+//! 5. On Linux, compiles `pensieve_mlx` (src/kernels/mlx_ops.cpp: the CPU
+//!    kernels as MLX primitives) against the venv's mlx and nanobind, into
+//!    the venv; again only when its inputs changed (a stamp beside it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,10 +58,86 @@ fn main() {
         digest.update(std::fs::read(file).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", file.display()))));
     }
     let wanted = hex(&digest.finalize());
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        provision(&python, &venv, &requirements, &nodeps, &stamp, &wanted);
+    }
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        build_mlx_extension(&manifest, &venv);
+    }
+}
+
+/// Compiles the `pensieve_mlx` extension into the venv's site-packages.
+/// Without a C++ compiler the server still works, on MLX's own CPU ops
+/// (it says so at start and in /health).
+fn build_mlx_extension(manifest: &Path, venv: &Path) {
+    let source = manifest.join("src/kernels/mlx_ops.cpp");
+    println!("cargo:rerun-if-changed=src/kernels/mlx_ops.cpp");
+    let py = venv.join("bin/python");
+    let probe = Command::new(&py)
+        .args([
+            "-c",
+            "import sysconfig, mlx, nanobind, os; \
+             print(sysconfig.get_paths()['include']); print(sysconfig.get_paths()['purelib']); \
+             print(sysconfig.get_config_var('EXT_SUFFIX')); print(os.path.dirname(mlx.__file__) if mlx.__file__ else mlx.__path__[0]); \
+             print(os.path.dirname(nanobind.__file__)); import importlib.metadata as m; print(m.version('mlx'), m.version('nanobind'))",
+        ])
+        .output();
+    let out = match probe {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).to_string(),
+        _ => {
+            println!("cargo:warning=pensieve: no mlx/nanobind in {}: the CPU kernels are not built", venv.display());
+            return;
+        }
+    };
+    let lines: Vec<&str> = out.lines().collect();
+    let [py_include, site, suffix, mlx_dir, nb_dir, versions] = lines[..] else {
+        println!("cargo:warning=pensieve: unexpected answer from the venv's python: {out}");
+        return;
+    };
+    let mlx_dir = PathBuf::from(mlx_dir);
+    let nb = PathBuf::from(nb_dir);
+    let target = PathBuf::from(site).join(format!("pensieve_mlx{suffix}"));
+    let ext_stamp = PathBuf::from(site).join("pensieve_mlx.sha256");
+    let mut digest = Sha256::new();
+    digest.update(std::fs::read(&source).unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", source.display()))));
+    digest.update(versions.as_bytes());
+    let wanted = hex(&digest.finalize());
+    if target.exists() && std::fs::read_to_string(&ext_stamp).ok().as_deref() == Some(wanted.as_str()) {
         return;
     }
-    provision(&python, &venv, &requirements, &nodeps, &stamp, &wanted);
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    progress(&format!("compiling the CPU kernels' MLX extension ({versions}) with {cxx}"));
+    let started = Instant::now();
+    let tmp = target.with_extension("tmp");
+    let status = Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-DNDEBUG"])
+        // The nanobind ABI of mlx's own Python module, so mx.array crosses as itself.
+        .arg("-DNB_DOMAIN=mlx")
+        .arg(format!("-I{}", mlx_dir.join("include").display()))
+        .arg(format!("-I{}", nb.join("include").display()))
+        .arg(format!("-I{}", nb.join("ext/robin_map/include").display()))
+        .arg(format!("-I{py_include}"))
+        .arg(&source)
+        .arg(nb.join("src/nb_combined.cpp"))
+        .arg(format!("-L{}", mlx_dir.join("lib").display()))
+        .arg("-lmlx")
+        .arg(format!("-Wl,-rpath,{}", mlx_dir.join("lib").display()))
+        .arg("-o")
+        .arg(&tmp)
+        .status();
+    match status {
+        Ok(s) if s.success() => {
+            std::fs::rename(&tmp, &target).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", target.display())));
+            std::fs::write(&ext_stamp, wanted).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", ext_stamp.display())));
+            progress(&format!("built {} in {:.0?}", target.display(), started.elapsed()));
+        }
+        _ => {
+            let _ = std::fs::remove_file(&tmp);
+            println!(
+                "cargo:warning=pensieve: could not compile src/kernels/mlx_ops.cpp with {cxx}: the server will run on MLX's own CPU ops (slower)"
+            );
+        }
+    }
 }
 
 fn provision(python: &str, venv: &Path, requirements: &Path, nodeps: &Path, stamp: &Path, hash: &str) {

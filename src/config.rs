@@ -141,6 +141,12 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_BLAS", value_enum, default_value_t = BlasChoice::Auto)]
     pub blas: BlasChoice,
 
+    /// pensieve's CPU kernels on MLX's CPU backend: quantized weights stay
+    /// quantized (4/8-bit, GGUF Q4_0/Q4_1/Q8_0) and attention is fused. `off`:
+    /// MLX's own CPU ops, quantized weights dequantized to float32.
+    #[arg(long, env = "PENSIEVE_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Auto)]
+    pub cpu_kernels: CpuKernels,
+
     /// Seconds a client may take to send a request's headers (also closes idle keep-alive connections).
     #[arg(long, env = "PENSIEVE_HEADER_TIMEOUT", default_value_t = 30)]
     pub header_timeout: u64,
@@ -180,6 +186,14 @@ pub const BUILTIN_DEMO: &str = "builtin:demo";
 pub const BUILTIN_RANDOM: &str = "builtin:random";
 /// The same with thinking tokens; its template opens a thinking block.
 pub const BUILTIN_RANDOM_THINK: &str = "builtin:random-think";
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuKernels {
+    /// On MLX's CPU backend when the venv has pensieve's extension (the build makes it).
+    Auto,
+    /// Never.
+    Off,
+}
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlasChoice {

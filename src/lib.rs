@@ -50,6 +50,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod memory;
 pub mod metrics;
 pub mod ollama;

@@ -40,6 +40,7 @@ from pensieve_shim.sampling import (
     sampler_raising_after,
     sampling_defaults,
 )
+from pensieve_shim import cpu_kernels
 from pensieve_shim import model as model_ops
 from pensieve_shim import scheduling
 from pensieve_shim.batch import RunningBatch
@@ -129,7 +130,13 @@ class Engine:
             self.model, self.tokenizer, self.config = mlx_lm.load(
                 model, return_config=True
             )
-            # A GGUF conversion for the CPU backend: packed on disk, float32 here.
+            # The CPU backend: quantized layers to pensieve's kernels, which
+            # keep them quantized; a GGUF conversion's other packed layers
+            # (or all of them, with the kernels off) to float32.
+            if opts.get("cpu_kernels", True):
+                self.cpu_kernels = cpu_kernels.install(self.model)
+            else:
+                self.cpu_kernels = {"used": False, "why": "--cpu-kernels off"}
             if pensieve_gguf.dequantize_if_marked(self.model, model):
                 self.config.pop("quantization", None)
         except Exception as e:  # hub failures, bad configs, missing tokenizer
@@ -142,7 +149,7 @@ class Engine:
         )
         # --context-length serves less than the model's window (never more).
         self.context_length = min(self.model_context_length, int(opts.get("context_length") or self.model_context_length))
-        self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters())) + self.cpu_kernels.get("bytes", 0)
         self.max_batch = int(opts.get("max_batch", 8))
         self.prefill_step = int(opts.get("prefill_step", 512))
         self.prompt_cache_bytes = int(opts.get("prompt_cache_bytes", 1 << 30))
@@ -220,6 +227,7 @@ class Engine:
                 "has_chat_template": bool(self.tokenizer.has_chat_template),
                 "mlx_version": mx.__version__,
                 "device": str(mx.default_device()),
+                "cpu_kernels": self.cpu_kernels,
                 "batching": self._batchable,
                 "sampling_defaults": self.sampling_defaults,
                 "thinking": bool(self.tokenizer.has_thinking),

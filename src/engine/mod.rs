@@ -248,6 +248,10 @@ pub struct ModelInfo {
     pub device: String,
     #[serde(default)]
     pub blas: String,
+    /// What the CPU kernels do for this model (src/kernels/): the
+    /// instruction set and layers, or why they are not used.
+    #[serde(default)]
+    pub cpu_kernels: serde_json::Value,
     /// Whether sequences share decode steps (false: the model cannot batch, they run one at a time).
     #[serde(default = "yes")]
     pub batching: bool,
@@ -441,6 +445,7 @@ pub(crate) struct EngineOptions {
     pub cache_root: std::path::PathBuf,
     pub venv: std::path::PathBuf,
     pub blas: crate::config::BlasChoice,
+    pub cpu_kernels: crate::config::CpuKernels,
     pub max_batch: u32,
     pub prefill_step: u32,
     pub prefill_batch: u32,
@@ -513,6 +518,7 @@ impl EngineHandle {
             cache_root: config.cache_root(),
             venv: config.venv_dir(),
             blas: config.blas,
+            cpu_kernels: config.cpu_kernels,
             max_batch: config.max_concurrent,
             prefill_step: config.prefill_step,
             prefill_batch: config.prefill_batch,

@@ -6,6 +6,8 @@
 //! released whenever the loop waits for work. Python objects never leave this
 //! thread: they are `Bound<'py, _>` values tied to the attach scope.
 
+mod kernels;
+
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
@@ -53,6 +55,7 @@ const SHIM_PACKAGE: &[(&str, &str)] = &[
     ("prefix_cache", include_str!("../../python/pensieve_shim/prefix_cache.py")),
     ("scheduling", include_str!("../../python/pensieve_shim/scheduling.py")),
     ("batch", include_str!("../../python/pensieve_shim/batch.py")),
+    ("cpu_kernels", include_str!("../../python/pensieve_shim/cpu_kernels.py")),
     ("model", include_str!("../../python/pensieve_shim/model.py")),
     ("engine", include_str!("../../python/pensieve_shim/engine.py")),
     ("__init__", include_str!("../../python/pensieve_shim/__init__.py")),
@@ -157,6 +160,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
             info.mlx_version
         );
         tracing::info!("sampling when a request sends none: {}", info.sampling_defaults);
+        tracing::info!("CPU kernels: {}", info.cpu_kernels);
         if !info.batching {
             tracing::warn!("this model cannot run sequences in one batch (its attention or caches do not take batch masks): requests run one at a time");
         }
@@ -237,6 +241,8 @@ fn load_shim<'py>(py: Python<'py>, site_packages: &Path) -> PyResult<Bound<'py, 
     }
     let site = py.import("site")?;
     site.call_method1("addsitedir", (site_packages.to_string_lossy().to_string(),))?;
+    // The CPU kernels (src/kernels/), for the shim's cpu_kernels.py.
+    modules.set_item("pensieve_kernels", kernels::module(py)?)?;
     // The GGUF converter first, under its own name, so `import pensieve_gguf`
     // works in the shim as it does from python/ on disk.
     let gguf = CString::new(GGUF_SOURCE).expect("no NUL bytes");
@@ -358,6 +364,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         "max_batch": opts.max_batch,
         "prefill_step": opts.prefill_step,
         "prefill_batch": opts.prefill_batch,
+        "cpu_kernels": opts.cpu_kernels == crate::config::CpuKernels::Auto,
         "mlx_cache_limit": opts.mlx_cache_limit,
         "max_decode_stall": opts.max_decode_stall_ms as f64 / 1000.0,
         "prompt_cache_bytes": opts.prompt_cache_bytes,

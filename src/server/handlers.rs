@@ -57,6 +57,7 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             "device": info.map(|i| i.device.clone()),
             "mlx_version": info.map(|i| i.mlx_version.clone()),
             "blas": info.map(|i| i.blas.clone()),
+            "cpu_kernels": info.map(|i| i.cpu_kernels.clone()),
             "batching": info.map(|i| i.batching),
             "sampling_defaults": info.map(|i| i.sampling_defaults.clone()),
             "late_system_messages": info.map(|i| i.late_system.clone()),

@@ -1,0 +1,159 @@
+//! The kernels as C functions, for the MLX primitives in `mlx_ops.cpp`
+//! (the `pensieve_mlx` extension build.rs compiles against the venv's mlx).
+//! The extension links to nothing of ours: the binary hands it the address
+//! of [`TABLE`] at start, through Python (`pensieve_mlx.bind`).
+//!
+//! Every function here catches panics (nothing unwinds into C++) and
+//! reports failure as a non-zero return.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use super::attention::{self, Mask, View};
+use super::quant::QuantMatrix;
+use super::Isa;
+
+/// Must match `View4` in mlx_ops.cpp.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct View4 {
+    pub data: *const f32,
+    pub shape: [i64; 4],
+    pub strides: [i64; 4],
+}
+
+/// Must match `AttentionArgs` in mlx_ops.cpp.
+#[repr(C)]
+pub struct AttentionArgs {
+    pub q: View4,
+    pub k: View4,
+    pub v: View4,
+    pub mask: View4,
+    pub has_mask: i32,
+    pub causal: i32,
+    pub scale: f32,
+    pub out: *mut f32,
+}
+
+/// Must match `KernelTable` in mlx_ops.cpp.
+#[repr(C)]
+pub struct KernelTable {
+    pub version: u32,
+    pub retain: unsafe extern "C" fn(*const c_void),
+    pub release: unsafe extern "C" fn(*const c_void),
+    pub qmatmul: unsafe extern "C" fn(*const c_void, *const f32, i64, *mut f32) -> i32,
+    pub gather: unsafe extern "C" fn(*const c_void, *const u32, i64, *mut f32) -> i32,
+    pub attention: unsafe extern "C" fn(*const AttentionArgs) -> i32,
+}
+
+pub static TABLE: KernelTable = KernelTable { version: 1, retain, release, qmatmul, gather, attention: attention_c };
+
+/// The address `pensieve_mlx.bind` takes.
+pub fn table_address() -> usize {
+    &TABLE as *const KernelTable as usize
+}
+
+/// A matrix's handle for the extension: its `Arc`'s pointer, with one
+/// strong count taken for the caller (given back by `release`).
+pub fn handle(m: &Arc<QuantMatrix>) -> usize {
+    Arc::as_ptr(m) as usize
+}
+
+fn guarded(f: impl FnOnce() -> Result<(), String>) -> i32 {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            tracing::error!("CPU kernel: {e}");
+            1
+        }
+        Err(_) => {
+            tracing::error!("CPU kernel panicked");
+            2
+        }
+    }
+}
+
+/// # Safety
+/// `m` is a handle from [`handle`] whose matrix is alive.
+unsafe extern "C" fn retain(m: *const c_void) {
+    // SAFETY: an Arc<QuantMatrix>'s pointer with a live strong count.
+    unsafe { Arc::increment_strong_count(m as *const QuantMatrix) }
+}
+
+/// # Safety
+/// `m` was retained by [`retain`].
+unsafe extern "C" fn release(m: *const c_void) {
+    // SAFETY: gives back the count `retain` took.
+    unsafe { Arc::decrement_strong_count(m as *const QuantMatrix) }
+}
+
+/// # Safety
+/// `m` is a retained handle, `x` holds `n * cols` values, `out` room for
+/// `n * rows`.
+unsafe extern "C" fn qmatmul(m: *const c_void, x: *const f32, n: i64, out: *mut f32) -> i32 {
+    guarded(|| {
+        // SAFETY: the caller's promises.
+        let (m, x, out) = unsafe {
+            let m = &*(m as *const QuantMatrix);
+            let n = n as usize;
+            (m, std::slice::from_raw_parts(x, n * m.cols()), std::slice::from_raw_parts_mut(out, n * m.rows()))
+        };
+        m.matmul(x, n as usize, out);
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `m` is a retained handle, `ids` holds `n` values, `out` room for
+/// `n * cols`.
+unsafe extern "C" fn gather(m: *const c_void, ids: *const u32, n: i64, out: *mut f32) -> i32 {
+    guarded(|| {
+        // SAFETY: the caller's promises.
+        let (m, ids, out) = unsafe {
+            let m = &*(m as *const QuantMatrix);
+            let n = n as usize;
+            (m, std::slice::from_raw_parts(ids, n), std::slice::from_raw_parts_mut(out, n * m.cols()))
+        };
+        m.gather(ids, out)
+    })
+}
+
+/// A view over exactly the memory its shape and strides reach.
+///
+/// # Safety
+/// `v.data` is valid for reads over that extent.
+unsafe fn view<'a>(v: &View4) -> Result<View<'a>, String> {
+    if v.shape.iter().any(|&s| s < 0) || v.strides.iter().any(|&s| s < 0) {
+        return Err("negative shape or stride".into());
+    }
+    let shape = v.shape.map(|s| s as usize);
+    let strides = v.strides.map(|s| s as usize);
+    let len = if shape.contains(&0) { 0 } else { (0..4).map(|i| (shape[i] - 1) * strides[i]).sum::<usize>() + 1 };
+    // SAFETY: the caller's promise, for exactly `len` values.
+    let data = unsafe { std::slice::from_raw_parts(v.data, len) };
+    Ok(View { data, shape, strides })
+}
+
+/// # Safety
+/// `args` points at arguments whose views are readable over their extents
+/// and whose `out` has room for `[B, Hq, L, Dv]` values.
+unsafe extern "C" fn attention_c(args: *const AttentionArgs) -> i32 {
+    guarded(|| {
+        // SAFETY: the caller's promises.
+        let a = unsafe { &*args };
+        // SAFETY: as above.
+        let (q, k, v) = unsafe { (view(&a.q)?, view(&a.k)?, view(&a.v)?) };
+        let mask = if a.has_mask != 0 {
+            // SAFETY: as above.
+            Mask::Additive(unsafe { view(&a.mask)? })
+        } else if a.causal != 0 {
+            Mask::Causal
+        } else {
+            Mask::None
+        };
+        let n = q.shape[0] * q.shape[1] * q.shape[2] * v.shape[3];
+        // SAFETY: as above.
+        let out = unsafe { std::slice::from_raw_parts_mut(a.out, n) };
+        attention::attention(Isa::best(), q, k, v, a.scale, mask, out)
+    })
+}

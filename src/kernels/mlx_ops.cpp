@@ -1,0 +1,273 @@
+// pensieve_mlx: the CPU kernels (src/kernels/, Rust) as MLX primitives.
+//
+// A Python extension built by build.rs against the venv's mlx package (its
+// headers, libmlx and the nanobind ABI its Python module uses, so mx.array
+// crosses as itself). Each op adds one node to MLX's lazy graph; its
+// eval_cpu dispatches the Rust kernel on MLX's CPU stream like any MLX
+// primitive, so a model's forward pass stays one graph and one eval. The
+// kernels are reached through a table of function pointers that the
+// pensieve binary hands over at start (`bind`): nothing here links to Rust.
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <variant>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+// Must match `KernelTable` in src/kernels/ffi.rs.
+struct View4 {
+  const float* data;
+  int64_t shape[4];
+  int64_t strides[4];
+};
+
+struct AttentionArgs {
+  View4 q, k, v, mask;
+  int32_t has_mask;
+  int32_t causal;
+  float scale;
+  float* out;
+};
+
+struct KernelTable {
+  uint32_t version;
+  void (*retain)(const void*);
+  void (*release)(const void*);
+  int32_t (*qmatmul)(const void*, const float*, int64_t, float*);
+  int32_t (*gather)(const void*, const uint32_t*, int64_t, float*);
+  int32_t (*attention)(const AttentionArgs*);
+};
+
+static KernelTable table{};
+
+static void bind(uintptr_t addr) {
+  auto t = reinterpret_cast<const KernelTable*>(addr);
+  if (t->version != 1) {
+    throw std::runtime_error("pensieve_mlx: kernel table version mismatch");
+  }
+  table = *t;
+}
+
+static void check_bound() {
+  if (!table.qmatmul) {
+    throw std::runtime_error("pensieve_mlx: kernels not bound");
+  }
+}
+
+// A quantized matrix owned by the Rust side (an Arc), kept alive by every
+// primitive and every dispatched task that uses it.
+struct Matrix {
+  const void* ptr;
+  explicit Matrix(const void* p) : ptr(p) { table.retain(p); }
+  ~Matrix() { table.release(ptr); }
+};
+
+// A row-contiguous copy of `a` when its layout is not one a kernel reads.
+static mx::array row_major(const mx::array& a, mx::cpu::CommandEncoder& enc) {
+  if (a.flags().row_contiguous) {
+    return a;
+  }
+  mx::array c(a.shape(), a.dtype(), nullptr, {});
+  c.set_data(mx::allocator::malloc(c.nbytes()));
+  enc.add_temporary(c);
+  // Strided gather, on the stream like everything else.
+  enc.dispatch([src = a.data<float>(), dst = c.data<float>(), shape = a.shape(), strides = a.strides(), n = a.size()]() {
+    int nd = shape.size();
+    std::vector<int64_t> idx(nd, 0);
+    for (size_t i = 0; i < n; i++) {
+      int64_t off = 0;
+      for (int d = 0; d < nd; d++) off += idx[d] * strides[d];
+      dst[i] = src[off];
+      for (int d = nd - 1; d >= 0; d--) {
+        if (++idx[d] < shape[d]) break;
+        idx[d] = 0;
+      }
+    }
+  });
+  return c;
+}
+
+class QuantMatmul : public mx::Primitive {
+ public:
+  QuantMatmul(mx::Stream s, std::shared_ptr<Matrix> m) : mx::Primitive(s), m_(std::move(m)) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    mx::array x = row_major(inputs[0], enc);
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    int64_t n = x.size() / x.shape(-1);
+    enc.set_input_array(x);
+    enc.set_output_array(out);
+    enc.dispatch([m = m_, x = x.data<float>(), n, o = out.data<float>()]() {
+      if (table.qmatmul(m->ptr, x, n, o) != 0) throw std::runtime_error("pensieve_mlx: quantized matmul failed");
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("pensieve_mlx: CPU only");
+  }
+  const char* name() const override { return "PensieveQuantMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto o = dynamic_cast<const QuantMatmul*>(&other);
+    return o && o->m_->ptr == m_->ptr;
+  }
+
+ private:
+  std::shared_ptr<Matrix> m_;
+};
+
+class QuantGather : public mx::Primitive {
+ public:
+  QuantGather(mx::Stream s, std::shared_ptr<Matrix> m) : mx::Primitive(s), m_(std::move(m)) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    mx::array ids = row_major(inputs[0], enc);
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    enc.set_input_array(ids);
+    enc.set_output_array(out);
+    enc.dispatch([m = m_, ids = ids.data<uint32_t>(), n = (int64_t)ids.size(), o = out.data<float>()]() {
+      if (table.gather(m->ptr, ids, n, o) != 0) throw std::runtime_error("pensieve_mlx: embedding lookup out of range");
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("pensieve_mlx: CPU only");
+  }
+  const char* name() const override { return "PensieveQuantGather"; }
+
+ private:
+  std::shared_ptr<Matrix> m_;
+};
+
+static View4 view_of(const mx::array& a) {
+  View4 v{};
+  v.data = a.data<float>();
+  int nd = a.ndim();
+  for (int i = 0; i < 4; i++) {
+    int d = i - (4 - nd);
+    v.shape[i] = d < 0 ? 1 : a.shape(d);
+    v.strides[i] = d < 0 ? 0 : a.strides()[d];
+  }
+  return v;
+}
+
+class Attention : public mx::Primitive {
+ public:
+  Attention(mx::Stream s, float scale, bool causal, bool has_mask)
+      : mx::Primitive(s), scale_(scale), causal_(causal), has_mask_(has_mask) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    // The kernel reads any non-negative strides with a contiguous last dim.
+    auto usable = [](const mx::array& a) {
+      if (a.strides().back() != 1 && a.shape(-1) != 1) return false;
+      for (auto s : a.strides()) if (s < 0) return false;
+      return true;
+    };
+    std::vector<mx::array> ins;
+    for (auto& a : inputs) ins.push_back(usable(a) ? a : row_major(a, enc));
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    AttentionArgs args{};
+    args.q = view_of(ins[0]);
+    args.k = view_of(ins[1]);
+    args.v = view_of(ins[2]);
+    if (has_mask_) args.mask = view_of(ins[3]);
+    args.has_mask = has_mask_;
+    args.causal = causal_;
+    args.scale = scale_;
+    args.out = out.data<float>();
+    for (auto& a : ins) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([args]() {
+      if (table.attention(&args) != 0) throw std::runtime_error("pensieve_mlx: attention failed");
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("pensieve_mlx: CPU only");
+  }
+  const char* name() const override { return "PensieveAttention"; }
+
+ private:
+  float scale_;
+  bool causal_;
+  bool has_mask_;
+};
+
+static mx::array qmatmul(const mx::array& x, uintptr_t handle, int rows, int cols) {
+  check_bound();
+  if (x.dtype() != mx::float32) throw std::invalid_argument("pensieve_mlx.qmatmul: x must be float32");
+  if (x.ndim() < 1 || x.shape(-1) != cols) throw std::invalid_argument("pensieve_mlx.qmatmul: x's last dimension must be " + std::to_string(cols));
+  auto shape = x.shape();
+  shape.back() = rows;
+  auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
+  return mx::array(shape, mx::float32, std::make_shared<QuantMatmul>(mx::default_stream(mx::Device::cpu), m), {x});
+}
+
+static mx::array gather(const mx::array& ids, uintptr_t handle, int cols) {
+  check_bound();
+  auto shape = ids.shape();
+  shape.push_back(cols);
+  auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
+  auto i = mx::astype(ids, mx::uint32);
+  return mx::array(shape, mx::float32, std::make_shared<QuantGather>(mx::default_stream(mx::Device::cpu), m), {i});
+}
+
+static mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                           std::variant<std::monostate, std::string, mx::array> mask) {
+  check_bound();
+  for (auto* a : {&q, &k, &v}) {
+    if (a->dtype() != mx::float32 || a->ndim() != 4) throw std::invalid_argument("pensieve_mlx.attention: q, k, v must be 4-D float32");
+  }
+  if (k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) || k.shape(1) != v.shape(1) || k.shape(2) != v.shape(2) ||
+      k.shape(3) != q.shape(3) || q.shape(1) % k.shape(1) != 0) {
+    throw std::invalid_argument("pensieve_mlx.attention: q, k, v shapes do not agree");
+  }
+  std::vector<mx::array> ins{q, k, v};
+  bool causal = false, has_mask = false;
+  if (auto s = std::get_if<std::string>(&mask)) {
+    if (*s != "causal") throw std::invalid_argument("pensieve_mlx.attention: unknown mask " + *s);
+    if (k.shape(2) < q.shape(2)) throw std::invalid_argument("pensieve_mlx.attention: causal needs at least as many keys as queries");
+    causal = true;
+  } else if (auto m = std::get_if<mx::array>(&mask)) {
+    mx::array a = *m;
+    if (a.dtype() == mx::bool_) {
+      a = mx::where(a, mx::array(0.0f), mx::array(-std::numeric_limits<float>::infinity()));
+    } else {
+      a = mx::astype(a, mx::float32);
+    }
+    if (a.ndim() > 4) throw std::invalid_argument("pensieve_mlx.attention: mask has more than 4 dimensions");
+    mx::Shape want{q.shape(0), q.shape(1), q.shape(2), k.shape(2)};
+    for (int i = 0; i < a.ndim(); i++) {
+      int d = a.shape(a.ndim() - 1 - i), w = want[3 - i];
+      if (d != 1 && d != w) throw std::invalid_argument("pensieve_mlx.attention: mask does not broadcast to the scores");
+    }
+    ins.push_back(a);
+    has_mask = true;
+  }
+  mx::Shape out{q.shape(0), q.shape(1), q.shape(2), v.shape(3)};
+  return mx::array(out, mx::float32, std::make_shared<Attention>(mx::default_stream(mx::Device::cpu), scale, causal, has_mask), ins);
+}
+
+NB_MODULE(pensieve_mlx, m) {
+  m.doc() = "pensieve's CPU kernels as MLX primitives (built by pensieve's build.rs)";
+  m.def("bind", &bind, nb::arg("table"));
+  m.def("qmatmul", &qmatmul, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"));
+  m.def("gather", &gather, nb::arg("ids"), nb::arg("handle"), nb::arg("cols"));
+  m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"), nb::arg("mask").none() = nb::none());
+}

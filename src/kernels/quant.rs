@@ -1,0 +1,457 @@
+//! Matrix products on quantized weights that stay quantized.
+//!
+//! The weights come in MLX's affine layout (`w = scale * q + bias` per group
+//! of `group_size` columns, `q` packed little-end-first into `uint32` words):
+//! what `mx.quantize` makes, what MLX-quantized models ship and what GGUF
+//! Q4_0 / Q4_1 / Q8_0 tensors load into. [`QuantMatrix::from_mlx`] repacks
+//! them once into blocks of 32 columns, each with its own scale and bias (a
+//! group of 64 or 128 columns gives its scale to each of its blocks):
+//!
+//! - 4-bit: 16 bytes per block, byte `i` holding column `i` in its low nibble
+//!   and column `16 + i` in its high one, so one 16-byte load and two masks
+//!   give the block's 32 values in column order;
+//! - 8-bit: 32 signed bytes `q - 128` per block (the bias absorbs the 128).
+//!
+//! Two ways to multiply, chosen by the number of input rows:
+//!
+//! - few rows (decode: one per running sequence): the activations are
+//!   quantized to 8 bits per block of 32 (a scale per block, as llama.cpp
+//!   does) and each block's dot product is an integer one — `maddubs` on
+//!   AVX2, `vpdpbusd` with AVX-512 VNNI — scaled once per block; weights are
+//!   read once per four input rows;
+//! - many rows (prefill): tiles of the weights are dequantized to f32 and
+//!   multiplied by the BLAS sgemm (OpenBLAS), so the product is the f32
+//!   model's to rounding.
+
+// Kernels index several arrays with one loop variable.
+#![allow(clippy::needless_range_loop)]
+
+use super::{parallel_for, Isa, SharedOut};
+
+/// Columns per block.
+pub const BLOCK: usize = 32;
+
+/// Input rows up to which the integer path is used; above it, dequantized
+/// tiles through sgemm.
+pub const SMALL_N: usize = 8;
+
+/// A quantized weight matrix (`rows` outputs by `cols` inputs), repacked.
+pub struct QuantMatrix {
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    /// Packed values: `rows * blocks * block_bytes`.
+    q: Vec<u8>,
+    /// Per block: scale, bias.
+    sb: Vec<f32>,
+}
+
+impl QuantMatrix {
+    /// Repacks MLX affine-quantized weights: `w` is `rows` by
+    /// `cols * bits / 32` words, `scales` and `biases` `rows` by
+    /// `cols / group_size`.
+    pub fn from_mlx(
+        w: &[u32],
+        scales: &[f32],
+        biases: &[f32],
+        rows: usize,
+        cols: usize,
+        bits: u32,
+        group_size: usize,
+    ) -> Result<QuantMatrix, String> {
+        if bits != 4 && bits != 8 {
+            return Err(format!("{bits}-bit weights are not supported (4 and 8 are)"));
+        }
+        if group_size == 0 || !group_size.is_multiple_of(BLOCK) || !cols.is_multiple_of(group_size) {
+            return Err(format!("group size {group_size} does not tile {cols} columns in blocks of {BLOCK}"));
+        }
+        let words = cols * bits as usize / 32;
+        let groups = cols / group_size;
+        if w.len() != rows * words || scales.len() != rows * groups || biases.len() != rows * groups {
+            return Err(format!(
+                "sizes do not match {rows}x{cols} at {bits} bits, group {group_size}: {} words, {} scales, {} biases",
+                w.len(),
+                scales.len(),
+                biases.len()
+            ));
+        }
+        let blocks = cols / BLOCK;
+        let bb = block_bytes(bits);
+        let mut q = vec![0u8; rows * blocks * bb];
+        let mut sb = vec![0f32; rows * blocks * 2];
+        let per_word = 32 / bits as usize;
+        let mask = (1u32 << bits) - 1;
+        for r in 0..rows {
+            let wr = &w[r * words..(r + 1) * words];
+            let value = |c: usize| (wr[c / per_word] >> (bits as usize * (c % per_word))) & mask;
+            for b in 0..blocks {
+                let g = r * groups + b * BLOCK / group_size;
+                let (s, m) = (scales[g], biases[g]);
+                let dst = &mut q[(r * blocks + b) * bb..(r * blocks + b + 1) * bb];
+                let c0 = b * BLOCK;
+                if bits == 4 {
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = (value(c0 + i) | (value(c0 + 16 + i) << 4)) as u8;
+                    }
+                    sb[(r * blocks + b) * 2] = s;
+                    sb[(r * blocks + b) * 2 + 1] = m;
+                } else {
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = (value(c0 + i) as i32 - 128) as i8 as u8;
+                    }
+                    sb[(r * blocks + b) * 2] = s;
+                    sb[(r * blocks + b) * 2 + 1] = m + 128.0 * s;
+                }
+            }
+        }
+        Ok(QuantMatrix { rows, cols, bits, q, sb })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+    /// Bytes held (packed values, scales and biases).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + self.sb.len() * 4
+    }
+
+    fn blocks(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    /// Row `r` as f32 into `out` (`cols` long).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let blocks = self.blocks();
+        let bb = block_bytes(self.bits);
+        for b in 0..blocks {
+            let k = r * blocks + b;
+            let (s, m) = (self.sb[2 * k], self.sb[2 * k + 1]);
+            let src = &self.q[k * bb..(k + 1) * bb];
+            let dst = &mut out[b * BLOCK..(b + 1) * BLOCK];
+            if self.bits == 4 {
+                for i in 0..16 {
+                    dst[i] = s * (src[i] & 15) as f32 + m;
+                    dst[16 + i] = s * (src[i] >> 4) as f32 + m;
+                }
+            } else {
+                for i in 0..BLOCK {
+                    dst[i] = s * (src[i] as i8) as f32 + m;
+                }
+            }
+        }
+    }
+
+    /// `out` (`n` by `rows`) = `x` (`n` by `cols`) times this matrix
+    /// transposed: what `x @ w.T` is for the dequantized weights.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        self.matmul_with(Isa::best(), x, n, out)
+    }
+
+    /// [`matmul`](Self::matmul) with the integer path compiled for `isa`
+    /// (which this CPU must run) and the threshold between the paths given.
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32]) {
+        self.matmul_path(isa, x, n, out, n <= SMALL_N)
+    }
+
+    /// Either path, by choice (tests compare them).
+    pub fn matmul_path(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32], integer: bool) {
+        assert_eq!(x.len(), n * self.cols, "x is n by cols");
+        assert_eq!(out.len(), n * self.rows, "out is n by rows");
+        assert!(Isa::available().contains(&isa), "{isa:?} does not run here");
+        if n == 0 || self.rows == 0 {
+            return;
+        }
+        if integer {
+            self.matmul_integer(isa, x, n, out)
+        } else {
+            self.matmul_sgemm(x, n, out)
+        }
+    }
+
+    fn matmul_integer(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32]) {
+        let act = QuantActivations::new(x, n, self.cols);
+        let chunk = (self.rows / (super::threads() * 8)).clamp(16, 256);
+        let chunks = self.rows.div_ceil(chunk);
+        let dst = SharedOut(out.as_mut_ptr());
+        let rows = self.rows;
+        parallel_for(chunks, |c| {
+            for o in c * chunk..((c + 1) * chunk).min(rows) {
+                let mut r = 0;
+                while r < n {
+                    let take = (n - r).min(4);
+                    let mut sums = [0f32; 4];
+                    self.row_dot(isa, o, &act, r, take, &mut sums);
+                    for (i, s) in sums[..take].iter().enumerate() {
+                        // SAFETY: element (r + i, o) of `out`, which has n x rows
+                        // elements; each `o` belongs to one chunk, so no two
+                        // threads write the same element.
+                        unsafe { *dst.at((r + i) * rows + o) = *s };
+                    }
+                    r += take;
+                }
+            }
+        });
+    }
+
+    /// Dot products of weight row `o` with activation rows `r..r + take`.
+    fn row_dot(&self, isa: Isa, o: usize, act: &QuantActivations, r: usize, take: usize, sums: &mut [f32; 4]) {
+        let blocks = self.blocks();
+        let bb = block_bytes(self.bits);
+        let q = &self.q[o * blocks * bb..(o + 1) * blocks * bb];
+        let sb = &self.sb[o * blocks * 2..(o + 1) * blocks * 2];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => {
+                // SAFETY: `isa` was checked to run on this CPU (matmul_path),
+                // and the slices hold `blocks` blocks for each row used.
+                unsafe { x86::row_dot(isa, self.bits, q, sb, act, r, take, sums) }
+            }
+            _ => {
+                for i in 0..take {
+                    sums[i] = row_dot_portable(self.bits, q, sb, act, r + i);
+                }
+            }
+        }
+    }
+
+    fn matmul_sgemm(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        // Tiles of about 2 MiB of f32 weights: dequantized, then one sgemm.
+        let tile = ((1 << 19) / self.cols.max(1)).max(16).min(self.rows);
+        let mut buf = vec![0f32; tile * self.cols];
+        let mut o0 = 0;
+        while o0 < self.rows {
+            let t = tile.min(self.rows - o0);
+            let w = &mut buf[..t * self.cols];
+            let dq = SharedOut(w.as_mut_ptr());
+            let cols = self.cols;
+            parallel_for(t.div_ceil(32), |c| {
+                for i in c * 32..((c + 1) * 32).min(t) {
+                    // SAFETY: row i of the tile (t x cols), one chunk per thread.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dq.at(i * cols), cols) };
+                    self.dequantize_row(o0 + i, row);
+                }
+            });
+            // SAFETY: row-major operands of the sizes stated: x is n x cols,
+            // the tile t x cols (used transposed), the output block n x t
+            // inside out (n x rows, leading dimension rows).
+            unsafe {
+                crate::blas::cblas_sgemm(
+                    101,
+                    111,
+                    112,
+                    n as i32,
+                    t as i32,
+                    cols as i32,
+                    1.0,
+                    x.as_ptr(),
+                    cols as i32,
+                    w.as_ptr(),
+                    cols as i32,
+                    0.0,
+                    out.as_mut_ptr().add(o0),
+                    self.rows as i32,
+                )
+            };
+            o0 += t;
+        }
+    }
+
+    /// Rows `ids` as f32 (an embedding lookup): `out` is `ids.len()` by `cols`.
+    pub fn gather(&self, ids: &[u32], out: &mut [f32]) -> Result<(), String> {
+        assert_eq!(out.len(), ids.len() * self.cols);
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            if id >= self.rows {
+                return Err(format!("row {id} is out of range (the matrix has {} rows)", self.rows));
+            }
+            self.dequantize_row(id, &mut out[i * self.cols..(i + 1) * self.cols]);
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for QuantMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuantMatrix({}x{}, {}-bit)", self.rows, self.cols, self.bits)
+    }
+}
+
+fn block_bytes(bits: u32) -> usize {
+    BLOCK * bits as usize / 8
+}
+
+/// Activation rows quantized to 8 bits per block of 32: `x ≈ d * xq`, with
+/// each block's exact sum kept for the weights' bias term.
+pub struct QuantActivations {
+    xq: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<f32>,
+    blocks: usize,
+}
+
+impl QuantActivations {
+    pub fn new(x: &[f32], n: usize, cols: usize) -> QuantActivations {
+        let blocks = cols / BLOCK;
+        let mut xq = vec![0i8; n * cols];
+        let mut d = vec![0f32; n * blocks];
+        let mut sum = vec![0f32; n * blocks];
+        for k in 0..n * blocks {
+            let src = &x[k * BLOCK..(k + 1) * BLOCK];
+            let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (q, v) in xq[k * BLOCK..(k + 1) * BLOCK].iter_mut().zip(src) {
+                *q = (v * inv).round() as i8;
+            }
+            d[k] = amax / 127.0;
+            sum[k] = src.iter().sum();
+        }
+        QuantActivations { xq, d, sum, blocks }
+    }
+}
+
+fn row_dot_portable(bits: u32, q: &[u8], sb: &[f32], act: &QuantActivations, r: usize) -> f32 {
+    let blocks = act.blocks;
+    let bb = block_bytes(bits);
+    let mut total = 0f32;
+    for b in 0..blocks {
+        let k = r * blocks + b;
+        let xq = &act.xq[k * BLOCK..(k + 1) * BLOCK];
+        let qb = &q[b * bb..(b + 1) * bb];
+        let mut dot = 0i32;
+        if bits == 4 {
+            for i in 0..16 {
+                dot += (qb[i] & 15) as i32 * xq[i] as i32 + (qb[i] >> 4) as i32 * xq[16 + i] as i32;
+            }
+        } else {
+            for i in 0..BLOCK {
+                dot += (qb[i] as i8) as i32 * xq[i] as i32;
+            }
+        }
+        total += sb[2 * b] * act.d[k] * dot as f32 + sb[2 * b + 1] * act.sum[k];
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{QuantActivations, BLOCK};
+    use crate::kernels::Isa;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// `isa` runs on this CPU; `q` and `sb` hold one weight row's blocks and
+    /// `act` rows `r..r + take` (take <= 4).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn row_dot(
+        isa: Isa,
+        bits: u32,
+        q: &[u8],
+        sb: &[f32],
+        act: &QuantActivations,
+        r: usize,
+        take: usize,
+        sums: &mut [f32; 4],
+    ) {
+        // SAFETY: the caller's promises, passed on (every arm).
+        unsafe {
+            match (isa, bits, take) {
+                (Isa::Avx512, 4, 1) => row_q4_vnni::<1>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, 2) => row_q4_vnni::<2>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, 3) => row_q4_vnni::<3>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, _) => row_q4_vnni::<4>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 1) => row_q8_vnni::<1>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 2) => row_q8_vnni::<2>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 3) => row_q8_vnni::<3>(q, sb, act, r, sums),
+                (Isa::Avx512, _, _) => row_q8_vnni::<4>(q, sb, act, r, sums),
+                (_, 4, 1) => row_q4_avx2::<1>(q, sb, act, r, sums),
+                (_, 4, 2) => row_q4_avx2::<2>(q, sb, act, r, sums),
+                (_, 4, 3) => row_q4_avx2::<3>(q, sb, act, r, sums),
+                (_, 4, _) => row_q4_avx2::<4>(q, sb, act, r, sums),
+                (_, _, 1) => row_q8_avx2::<1>(q, sb, act, r, sums),
+                (_, _, 2) => row_q8_avx2::<2>(q, sb, act, r, sums),
+                (_, _, 3) => row_q8_avx2::<3>(q, sb, act, r, sums),
+                (_, _, _) => row_q8_avx2::<4>(q, sb, act, r, sums),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 values of a 4-bit block, in column order, as bytes 0..15.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q4_block(p: *const u8) -> __m256i {
+        // SAFETY: p points at 16 readable bytes (one block).
+        unsafe {
+            let raw = _mm_loadu_si128(p as *const __m128i);
+            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+            _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        }
+    }
+
+    macro_rules! row_kernel {
+        ($name:ident, $features:literal, $bb:expr, |$qp:ident, $xv:ident| $dot:expr) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize>(q: &[u8], sb: &[f32], act: &QuantActivations, r: usize, sums: &mut [f32; 4]) {
+                let blocks = act.blocks;
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut bias = [0f32; R];
+                for b in 0..blocks {
+                    // SAFETY: block b of this row's `q` and `sb`, and of each
+                    // activation row r + i (i < R): all within their slices.
+                    unsafe {
+                        let $qp = q.as_ptr().add(b * $bb);
+                        let (s, m) = (*sb.get_unchecked(2 * b), *sb.get_unchecked(2 * b + 1));
+                        for i in 0..R {
+                            let k = (r + i) * blocks + b;
+                            let $xv = _mm256_loadu_si256(act.xq.as_ptr().add(k * BLOCK) as *const __m256i);
+                            let p: __m256i = $dot;
+                            let scale = _mm256_set1_ps(s * *act.d.get_unchecked(k));
+                            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[i]);
+                            bias[i] += m * *act.sum.get_unchecked(k);
+                        }
+                    }
+                }
+                for i in 0..R {
+                    // SAFETY: register-only, AVX enabled here.
+                    sums[i] = unsafe { hsum(acc[i]) } + bias[i];
+                }
+            }
+        };
+    }
+
+    // AVX2: u8 x i8 pairs summed to i16 (maddubs), then pairs to i32.
+    row_kernel!(row_q4_avx2, "avx2,fma", 16, |qp, xv| {
+        let qv = q4_block(qp);
+        _mm256_madd_epi16(_mm256_maddubs_epi16(qv, xv), _mm256_set1_epi16(1))
+    });
+    // 8-bit values are signed: |q| times x with q's sign (|q| <= 128,
+    // |x| <= 127, so a pair's sum fits i16).
+    row_kernel!(row_q8_avx2, "avx2,fma", 32, |qp, xv| {
+        let qv = _mm256_loadu_si256(qp as *const __m256i);
+        let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv));
+        _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+    });
+    // AVX-512 VNNI: four u8 x i8 products summed into i32 in one instruction.
+    row_kernel!(row_q4_vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", 16, |qp, xv| {
+        let qv = q4_block(qp);
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv, xv)
+    });
+    row_kernel!(row_q8_vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", 32, |qp, xv| {
+        let qv = _mm256_loadu_si256(qp as *const __m256i);
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv))
+    });
+}

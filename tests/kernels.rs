@@ -1,0 +1,286 @@
+//! The CPU kernels (src/kernels/) against plain loops: every instruction set
+//! this CPU runs, odd sizes, strided and broadcast views, masks.
+
+mod common;
+
+use pensieve::kernels::attention::{self, Mask, View};
+use pensieve::kernels::quant::{QuantMatrix, BLOCK};
+use pensieve::kernels::Isa;
+use proptest::prelude::*;
+use std::sync::Once;
+
+/// The sgemm path needs a BLAS behind `cblas_sgemm`: the venv's OpenBLAS.
+fn init_blas() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let lib = common::config().venv_dir().join("lib");
+        let sp = std::fs::read_dir(&lib)
+            .expect("the venv exists (cargo build makes it)")
+            .flatten()
+            .map(|e| e.path().join("site-packages"))
+            .find(|p| p.is_dir())
+            .expect("site-packages in the venv");
+        pensieve::blas::init(pensieve::config::BlasChoice::Auto, &sp);
+    });
+}
+
+/// A small deterministic generator (xorshift), so a failing case replays.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// MLX-layout weights and the f32 matrix they stand for, decoded straight
+/// from the MLX definition (not through the repacking under test).
+struct Mlx {
+    w: Vec<u32>,
+    scales: Vec<f32>,
+    biases: Vec<f32>,
+    dense: Vec<f32>,
+}
+
+fn mlx_weights(rng: &mut Rng, rows: usize, cols: usize, bits: u32, group: usize) -> Mlx {
+    let words = cols * bits as usize / 32;
+    let w: Vec<u32> = (0..rows * words).map(|_| rng.next() as u32).collect();
+    let groups = cols / group;
+    let scales: Vec<f32> = (0..rows * groups).map(|_| 0.01 + 0.05 * rng.unit().abs()).collect();
+    let biases: Vec<f32> = (0..rows * groups).map(|_| 0.3 * rng.unit()).collect();
+    let mut dense = vec![0f32; rows * cols];
+    let per = 32 / bits as usize;
+    for r in 0..rows {
+        for c in 0..cols {
+            let q = (w[r * words + c / per] >> (bits as usize * (c % per))) & ((1 << bits) - 1);
+            let g = r * groups + c / group;
+            dense[r * cols + c] = scales[g] * q as f32 + biases[g];
+        }
+    }
+    Mlx { w, scales, biases, dense }
+}
+
+fn reference_matmul(x: &[f32], n: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+    let mut out = vec![0f64; n * rows];
+    for i in 0..n {
+        for o in 0..rows {
+            out[i * rows + o] = (0..cols).map(|c| x[i * cols + c] as f64 * w[o * cols + c] as f64).sum();
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The integer path: within the error its 8-bit activations allow (each
+    /// value off by at most half its block's step), and the same on every
+    /// instruction set; the sgemm path: the f32 product to rounding.
+    #[test]
+    fn quantized_matmul_matches_a_plain_loop(
+        seed in 1u64..u64::MAX,
+        rows in 1usize..70,
+        blocks in 1usize..9,
+        n in 1usize..13,
+        bits in prop::sample::select(vec![4u32, 8]),
+        group_blocks in prop::sample::select(vec![1usize, 2, 4]),
+    ) {
+        init_blas();
+        let group = group_blocks * BLOCK;
+        let cols = blocks.div_ceil(group_blocks) * group;
+        let mut rng = Rng(seed);
+        let m = mlx_weights(&mut rng, rows, cols, bits, group);
+        let qm = QuantMatrix::from_mlx(&m.w, &m.scales, &m.biases, rows, cols, bits, group).unwrap();
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.unit() * 2.0).collect();
+        let want = reference_matmul(&x, n, &m.dense, rows, cols);
+        // The bound for 8-bit activations: sum over blocks of step/2 * sum |w|.
+        let bound = |i: usize, o: usize| -> f64 {
+            (0..cols / BLOCK).map(|b| {
+                let xs = &x[i * cols + b * BLOCK..][..BLOCK];
+                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                let wsum: f64 = m.dense[o * cols + b * BLOCK..][..BLOCK].iter().map(|v| v.abs() as f64).sum();
+                amax / 127.0 / 2.0 * wsum
+            }).sum::<f64>() * 1.001 + 1e-4
+        };
+        let mut portable = vec![0f32; n * rows];
+        for isa in Isa::available() {
+            let mut got = vec![0f32; n * rows];
+            qm.matmul_path(isa, &x, n, &mut got, true);
+            for i in 0..n {
+                for o in 0..rows {
+                    let (g, w) = (got[i * rows + o] as f64, want[i * rows + o]);
+                    prop_assert!((g - w).abs() <= bound(i, o), "{isa:?} ({i},{o}): {g} vs {w}, bound {}", bound(i, o));
+                }
+            }
+            if isa == Isa::Portable {
+                portable = got;
+            } else {
+                // Same integer sums, float terms added in another order.
+                for (k, (a, b)) in got.iter().zip(&portable).enumerate() {
+                    let scale: f64 = (0..cols).map(|c| (x[(k / rows) * cols + c] * m.dense[(k % rows) * cols + c]).abs() as f64).sum();
+                    prop_assert!(((a - b).abs() as f64) <= 1e-5 * scale + 1e-6, "{isa:?} vs portable: {a} vs {b}");
+                }
+            }
+        }
+        let mut got = vec![0f32; n * rows];
+        qm.matmul_path(Isa::best(), &x, n, &mut got, false);
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            let scale: f64 = (0..cols).map(|c| (x[(k / rows) * cols + c] * m.dense[(k % rows) * cols + c]).abs() as f64).sum();
+            prop_assert!((*g as f64 - w).abs() <= 1e-5 * scale + 1e-6, "sgemm path {k}: {g} vs {w}");
+        }
+        // An embedding lookup gives the dequantized rows.
+        let ids: Vec<u32> = (0..3).map(|_| (rng.next() % rows as u64) as u32).collect();
+        let mut rows_out = vec![0f32; ids.len() * cols];
+        qm.gather(&ids, &mut rows_out).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            for c in 0..cols {
+                let (g, w) = (rows_out[i * cols + c], m.dense[id as usize * cols + c]);
+                prop_assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()));
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_weights_are_checked() {
+    let w = vec![0u32; 4 * 8];
+    let s = vec![1f32; 4 * 2];
+    assert!(QuantMatrix::from_mlx(&w, &s, &s, 4, 64, 4, 32).is_ok());
+    assert!(QuantMatrix::from_mlx(&w, &s, &s, 4, 64, 3, 32).unwrap_err().contains("3-bit"));
+    assert!(QuantMatrix::from_mlx(&w, &s, &s, 4, 64, 4, 16).unwrap_err().contains("group size"));
+    assert!(QuantMatrix::from_mlx(&w[1..], &s, &s, 4, 64, 4, 32).unwrap_err().contains("do not match"));
+    let qm = QuantMatrix::from_mlx(&w, &s, &s, 4, 64, 4, 32).unwrap();
+    assert!(qm.gather(&[4], &mut [0f32; 64]).unwrap_err().contains("out of range"));
+}
+
+/// softmax(scale q k^T + mask) v, in f64, one query at a time.
+#[allow(clippy::too_many_arguments)]
+fn reference_attention(q: &View, k: &View, v: &View, scale: f32, mask: &Mask) -> Vec<f64> {
+    let [b, hq, l, d] = q.shape;
+    let (hkv, s, dv) = (k.shape[1], k.shape[2], v.shape[3]);
+    let at =
+        |x: &View, i: [usize; 4]| x.data[(0..4).map(|j| if x.shape[j] == 1 { 0 } else { i[j] * x.strides[j] }).sum::<usize>()];
+    let mut out = vec![0f64; b * hq * l * dv];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / (hq / hkv);
+            for i in 0..l {
+                let mut sc: Vec<f64> = (0..s)
+                    .map(|j| {
+                        let dot: f64 = (0..d).map(|c| at(q, [bi, h, i, c]) as f64 * at(k, [bi, kh, j, c]) as f64).sum();
+                        let add = match mask {
+                            Mask::None => 0.0,
+                            Mask::Causal => {
+                                if j <= i + s - l {
+                                    0.0
+                                } else {
+                                    f64::NEG_INFINITY
+                                }
+                            }
+                            Mask::Additive(m) => at(m, [bi, h, i, j]) as f64,
+                        };
+                        dot * scale as f64 + add
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for x in sc.iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                for c in 0..dv {
+                    out[((bi * hq + h) * l + i) * dv + c] = (0..s).map(|j| sc[j] / sum * at(v, [bi, kh, j, c]) as f64).sum();
+                }
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Keys and values are read through strides (a KV cache's preallocated
+    /// buffer, sliced), heads are shared (GQA), masks broadcast.
+    #[test]
+    fn attention_matches_a_plain_softmax(
+        seed in 1u64..u64::MAX,
+        b in 1usize..3,
+        hkv in 1usize..3,
+        g in 1usize..4,
+        l in 1usize..40,
+        extra in 0usize..90,
+        d in prop::sample::select(vec![64usize, 128, 24, 80]),
+        spare in 0usize..5,
+        mask_kind in 0usize..4,
+    ) {
+        let mut rng = Rng(seed);
+        let s = l + extra;
+        let hq = hkv * g;
+        let qdata: Vec<f32> = (0..b * hq * l * d).map(|_| rng.unit()).collect();
+        let q = View::contiguous(&qdata, [b, hq, l, d]);
+        // K and V live in a buffer with room for `spare` more positions.
+        let cap = s + spare;
+        let kdata: Vec<f32> = (0..b * hkv * cap * d).map(|_| rng.unit() * 2.0).collect();
+        let vdata: Vec<f32> = (0..b * hkv * cap * d).map(|_| rng.unit()).collect();
+        let strides = [hkv * cap * d, cap * d, d, 1];
+        let k = View { data: &kdata, shape: [b, hkv, s, d], strides };
+        let v = View { data: &vdata, shape: [b, hkv, s, d], strides };
+        // Additive masks: per query row and key (one batch row, all heads),
+        // or per batch row and key (a decode step's padding mask).
+        let mdata: Vec<f32> = (0..b * l * s).map(|_| if rng.unit() < -0.6 { f32::NEG_INFINITY } else { rng.unit() }).collect();
+        let mask = match mask_kind {
+            0 => Mask::None,
+            1 => Mask::Causal,
+            2 => Mask::Additive(View { data: &mdata, shape: [b, 1, l, s], strides: [l * s, 0, s, 1] }),
+            _ => Mask::Additive(View { data: &mdata, shape: [b, 1, 1, s], strides: [s, 0, 0, 1] }),
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let want = reference_attention(&q, &k, &v, scale, &mask);
+        for isa in Isa::available() {
+            let mut out = vec![0f32; b * hq * l * d];
+            attention::attention(isa, q, k, v, scale, mask, &mut out).unwrap();
+            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                // A row with every key masked has no softmax; MLX gives NaN, we 0.
+                if !w.is_finite() { continue; }
+                prop_assert!((*g as f64 - w).abs() <= 2e-5, "{isa:?} element {i}: {g} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_rejects_what_it_cannot_compute() {
+    let data = vec![0f32; 2 * 3 * 4 * 8];
+    let q = View::contiguous(&data, [1, 3, 4, 8]);
+    let k = View::contiguous(&data, [1, 2, 4, 8]);
+    let mut out = vec![0f32; 3 * 4 * 8];
+    let e = attention::attention(Isa::Portable, q, k, k, 1.0, Mask::None, &mut out).unwrap_err();
+    assert!(e.contains("evenly"), "{e}");
+    let k = View::contiguous(&data, [1, 1, 2, 8]);
+    let e = attention::attention(Isa::Portable, q, k, k, 1.0, Mask::Causal, &mut out).unwrap_err();
+    assert!(e.contains("causal"), "{e}");
+    let big = View { data: &data[..10], shape: [1, 3, 4, 8], strides: [96, 32, 8, 1] };
+    let e = attention::attention(Isa::Portable, big, big, big, 1.0, Mask::None, &mut out).unwrap_err();
+    assert!(e.contains("overruns"), "{e}");
+}
+
+#[test]
+fn the_vectorized_exp_is_accurate() {
+    let mut worst = 0f64;
+    let mut x = -87.0f32;
+    while x <= 0.0 {
+        let (got, want) = (attention::exp(x) as f64, (x as f64).exp());
+        worst = worst.max((got - want).abs() / want);
+        x += 0.001;
+    }
+    assert!(worst < 1e-6, "worst relative error {worst:e}");
+    assert_eq!(attention::exp(f32::NEG_INFINITY), 0.0);
+    assert_eq!(attention::exp(-100.0), 0.0);
+    assert_eq!(attention::exp(0.0), 1.0);
+}
