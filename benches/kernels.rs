@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pensieve::kernels::attention::{self, Mask, View};
-use pensieve::kernels::quant::QuantMatrix;
+use pensieve::kernels::quant::{Path, QuantMatrix};
 use pensieve::kernels::{threads, Isa};
 
 fn init_blas() {
@@ -76,9 +76,10 @@ fn matvec(c: &mut Criterion) {
                 let x = vec![0.5f32; n * cols];
                 let mut out = vec![0f32; n * rows];
                 g.throughput(Throughput::Bytes(m.bytes() as u64));
-                g.bench_with_input(BenchmarkId::new(format!("{rows}x{cols} q{bits}"), format!("n={n}")), &n, |b, &n| {
-                    b.iter(|| m.matmul(&x, n, &mut out))
-                });
+                for path in [Path::Float, Path::Integer] {
+                    let id = BenchmarkId::new(format!("{rows}x{cols} q{bits} {path:?}"), format!("n={n}"));
+                    g.bench_with_input(id, &n, |b, &n| b.iter(|| m.matmul_path(Isa::best(), &x, n, &mut out, path)));
+                }
             }
         }
     }

@@ -237,6 +237,14 @@ pub fn init(choice: BlasChoice, site_packages: &Path) -> String {
     if let Some(f) = reference {
         REFERENCE.store(f, Ordering::Release);
     }
+    // OpenBLAS's threads poll for the next call for 2^28 cycles (~0.1 s)
+    // before they sleep: through a prefill, between one layer's products and
+    // the next, they took a core from the attention kernel running in
+    // between (src/kernels/). 2^20 cycles (~0.3 ms) still spans the gaps
+    // between one step's products. Read once, when OpenBLAS loads.
+    if std::env::var_os("OPENBLAS_THREAD_TIMEOUT").is_none() {
+        std::env::set_var("OPENBLAS_THREAD_TIMEOUT", "20");
+    }
     let wheel = site_packages.join("scipy_openblas32/lib/libscipy_openblas.so");
     let candidates = [
         (wheel.to_string_lossy().to_string(), "scipy_cblas_", "OpenBLAS (scipy-openblas32 wheel)"),

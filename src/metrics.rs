@@ -83,6 +83,12 @@ pub fn render(s: &Snapshot) -> String {
     gauge!("pensieve_decode_tokens_per_second").set(s.decode_tokens_per_second);
     gauge!("pensieve_process_rss_bytes").set(s.process_rss_bytes as f64);
     gauge!("pensieve_engine_up").set(if s.engine_up { 1.0 } else { 0.0 });
+    // The CPU kernels' own counters (src/kernels/ffi.rs), read where they live.
+    for (name, (calls, ns)) in crate::kernels::ffi::STAT_NAMES.iter().zip(&crate::kernels::ffi::STATS) {
+        use std::sync::atomic::Ordering::Relaxed;
+        counter!("pensieve_cpu_kernel_calls_total", "kernel" => *name).absolute(calls.load(Relaxed));
+        gauge!("pensieve_cpu_kernel_seconds_total", "kernel" => *name).set(ns.load(Relaxed) as f64 / 1e9);
+    }
     handle.render()
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use pensieve::kernels::attention::{self, Mask, View};
-use pensieve::kernels::quant::{QuantMatrix, BLOCK};
+use pensieve::kernels::quant::{Path, QuantMatrix, BLOCK};
 use pensieve::kernels::Isa;
 use proptest::prelude::*;
 use std::sync::Once;
@@ -80,7 +80,7 @@ proptest! {
 
     /// The integer path: within the error its 8-bit activations allow (each
     /// value off by at most half its block's step), and the same on every
-    /// instruction set; the sgemm path: the f32 product to rounding.
+    /// instruction set; the float paths: the f32 product to rounding.
     #[test]
     fn quantized_matmul_matches_a_plain_loop(
         seed in 1u64..u64::MAX,
@@ -110,7 +110,7 @@ proptest! {
         let mut portable = vec![0f32; n * rows];
         for isa in Isa::available() {
             let mut got = vec![0f32; n * rows];
-            qm.matmul_path(isa, &x, n, &mut got, true);
+            qm.matmul_path(isa, &x, n, &mut got, Path::Integer);
             for i in 0..n {
                 for o in 0..rows {
                     let (g, w) = (got[i * rows + o] as f64, want[i * rows + o]);
@@ -127,11 +127,17 @@ proptest! {
                 }
             }
         }
-        let mut got = vec![0f32; n * rows];
-        qm.matmul_path(Isa::best(), &x, n, &mut got, false);
-        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-            let scale: f64 = (0..cols).map(|c| (x[(k / rows) * cols + c] * m.dense[(k % rows) * cols + c]).abs() as f64).sum();
-            prop_assert!((*g as f64 - w).abs() <= 1e-5 * scale + 1e-6, "sgemm path {k}: {g} vs {w}");
+        // The float paths: the dequantized product to rounding, on every
+        // instruction set (few rows) and through sgemm (many).
+        let mut paths: Vec<(Isa, Path)> = Isa::available().into_iter().map(|i| (i, Path::Float)).collect();
+        paths.push((Isa::best(), Path::Sgemm));
+        for (isa, path) in paths {
+            let mut got = vec![0f32; n * rows];
+            qm.matmul_path(isa, &x, n, &mut got, path);
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                let scale: f64 = (0..cols).map(|c| (x[(k / rows) * cols + c] * m.dense[(k % rows) * cols + c]).abs() as f64).sum();
+                prop_assert!((*g as f64 - w).abs() <= 1e-5 * scale + 1e-6, "{isa:?} {path:?} {k}: {g} vs {w}");
+            }
         }
         // An embedding lookup gives the dequantized rows.
         let ids: Vec<u32> = (0..3).map(|_| (rng.next() % rows as u64) as u32).collect();

@@ -8,11 +8,15 @@ backend is slow, as MLX primitives, so the model stays one MLX graph.
   dequantized tiles through OpenBLAS for prefill.
 - `mx.fast.scaled_dot_product_attention` (what mlx-lm's models call) runs a
   fused attention with an online softmax for float32 inputs.
+- mlx-lm's `swiglu` (the gated MLP's activation) runs vectorized.
 
 `pensieve_kernels` is registered by the binary (src/engine/py/kernels.rs);
 `pensieve_mlx` is the extension build.rs compiles against the venv's mlx
 (src/kernels/mlx_ops.cpp). Without either — or on Metal and CUDA, where
 MLX's own kernels are the fast path — nothing here is used."""
+
+import json
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -109,6 +113,32 @@ def _sdpa(q, k, v, *, scale, mask=None, sinks=None, stream=None, **kw):
     return _mlx_sdpa(q, k, v, scale=scale, mask=mask, sinks=sinks, stream=stream, **kw)
 
 
+def _swiglu(gate, x):
+    """mlx-lm's swiglu (silu(gate) * x) through the vectorized kernel."""
+    if gate.dtype == x.dtype == mx.float32 and gate.shape == x.shape:
+        return ext.silu_mul(gate, x)
+    return _mlx_swiglu(gate, x)
+
+
+try:
+    from mlx_lm.models import activations as _activations
+
+    _mlx_swiglu = _activations.swiglu
+except ImportError:  # an mlx-lm without it: nothing to replace
+    _mlx_swiglu = None
+
+
+def _patch(on):
+    """Routes mx.fast.scaled_dot_product_attention and swiglu to the
+    kernels (on) or back to MLX (off): process-wide, as install leaves them."""
+    mx.fast.scaled_dot_product_attention = _sdpa if on else _mlx_sdpa
+    if _mlx_swiglu is None:
+        return
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("mlx_lm.models.") and getattr(mod, "swiglu", None) in (_mlx_swiglu, _swiglu):
+            mod.swiglu = _swiglu if on else _mlx_swiglu
+
+
 def install(model):
     """Puts the kernels into `model` (in place). Returns a summary: the
     instruction set, how many layers moved, the bytes the Rust side now
@@ -136,7 +166,7 @@ def install(model):
     # CPU backend is fast for nothing else, and the kernels take float32.
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
-    mx.fast.scaled_dot_product_attention = _sdpa
+    _patch(True)
     # The MLX copies of the weights are gone; drop them from MLX's buffer cache.
     mx.clear_cache()
     return {
@@ -147,3 +177,62 @@ def install(model):
         "bytes": held,
         "kept": kept,
     }
+
+
+def compare(model_path, prompts, steps):
+    """The kernels against MLX's own CPU ops on one model folder: for each
+    prompt (text, or token ids), the logits after prefill and after each of `steps`
+    decode steps fed the reference's greedy tokens. Returns, per prompt, the
+    largest |logit difference| and the logit range at prefill and over the
+    decode steps, and the reference's and the kernels' greedy tokens."""
+    import pensieve_gguf
+    from mlx_lm.models.cache import make_prompt_cache
+
+    why = unavailable()
+    if why:
+        raise RuntimeError(why)
+
+    def run(model, tokens, feed):
+        cache = make_prompt_cache(model)
+        out = []
+        logits = model(mx.array([tokens]), cache=cache)[0, -1]
+        out.append(logits)
+        for t in feed:
+            out.append(model(mx.array([[t]]), cache=cache)[0, -1])
+        mx.eval(out)
+        return out
+
+    _patch(False)
+    reference, tokenizer = pensieve_gguf.load(model_path)[:2]
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    refs = []
+    for tokens in prompts:
+        # Greedy continuation by the reference, then its logits along it.
+        cache = make_prompt_cache(reference)
+        logits = reference(mx.array([tokens]), cache=cache)[0, -1]
+        greedy = []
+        for _ in range(steps):
+            t = int(mx.argmax(logits).item())
+            greedy.append(t)
+            logits = reference(mx.array([[t]]), cache=cache)[0, -1]
+        refs.append((greedy, run(reference, tokens, greedy[:-1] if greedy else [])))
+    del reference
+    import mlx_lm
+
+    fast = mlx_lm.load(model_path)[0]
+    info = install(fast)
+    results = []
+    for tokens, (greedy, ref) in zip(prompts, refs):
+        got = run(fast, tokens, greedy[:-1] if greedy else [])
+        diffs = [float(mx.max(mx.abs(a - b)).item()) for a, b in zip(ref, got)]
+        ranges = [float((mx.max(a) - mx.min(a)).item()) for a in ref]
+        results.append({
+            "prompt_tokens": len(tokens),
+            "prefill_diff": diffs[0],
+            "prefill_range": ranges[0],
+            "decode_diff": max(diffs[1:], default=0.0),
+            "decode_range": min(ranges[1:], default=0.0),
+            "reference_greedy": [int(mx.argmax(a).item()) for a in ref],
+            "kernels_greedy": [int(mx.argmax(a).item()) for a in got],
+        })
+    return json.dumps({"kernels": info, "prompts": results})

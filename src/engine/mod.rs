@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 pub use admission::Admission;
-pub use py::logits_per_blas;
+pub use py::{compare_cpu_kernels, logits_per_blas};
 
 use crate::config::Config;
 use crate::error::ApiError;

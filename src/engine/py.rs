@@ -407,6 +407,19 @@ pub fn logits_per_blas(
     })
 }
 
+/// pensieve's CPU kernels against MLX's own CPU ops on `model` (a GGUF
+/// file or model folder): the JSON report of `cpu_kernels.compare` (logit
+/// differences after prefill and along `steps` greedy decode steps).
+pub fn compare_cpu_kernels(venv: &Path, model: &str, cache_root: &Path, prompts: &[String], steps: usize) -> anyhow::Result<String> {
+    let (site_packages, _) = prepare(venv, crate::config::BlasChoice::Auto).map_err(anyhow::Error::msg)?;
+    Python::attach(|py| {
+        let shim = load_shim(py, &site_packages)?;
+        let path = model_path(&shim, Some(model), cache_root, &site_packages)?;
+        let ck = py.import("pensieve_shim.cpu_kernels")?;
+        Ok(ck.call_method1("compare", (path, prompts.to_vec(), steps))?.extract()?)
+    })
+}
+
 /// Whether `e` is an instance of exception class `class` of module `module`
 /// (false when the module never loaded).
 fn raised(py: Python<'_>, e: &PyErr, module: &str, class: &str) -> bool {

@@ -7,6 +7,7 @@
 //! reports failure as a non-zero return.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::attention::{self, Mask, View};
@@ -44,9 +45,10 @@ pub struct KernelTable {
     pub qmatmul: unsafe extern "C" fn(*const c_void, *const f32, i64, *mut f32) -> i32,
     pub gather: unsafe extern "C" fn(*const c_void, *const u32, i64, *mut f32) -> i32,
     pub attention: unsafe extern "C" fn(*const AttentionArgs) -> i32,
+    pub silu_mul: unsafe extern "C" fn(*const f32, *const f32, i64, *mut f32) -> i32,
 }
 
-pub static TABLE: KernelTable = KernelTable { version: 1, retain, release, qmatmul, gather, attention: attention_c };
+pub static TABLE: KernelTable = KernelTable { version: 2, retain, release, qmatmul, gather, attention: attention_c, silu_mul };
 
 /// The address `pensieve_mlx.bind` takes.
 pub fn table_address() -> usize {
@@ -59,7 +61,20 @@ pub fn handle(m: &Arc<QuantMatrix>) -> usize {
     Arc::as_ptr(m) as usize
 }
 
-fn guarded(f: impl FnOnce() -> Result<(), String>) -> i32 {
+/// Calls and nanoseconds spent per kernel kind (qmatmul, gather,
+/// attention, silu_mul), for `pensieve_kernels.stats()`.
+pub static STATS: [(AtomicU64, AtomicU64); 4] = [const { (AtomicU64::new(0), AtomicU64::new(0)) }; 4];
+pub const STAT_NAMES: [&str; 4] = ["qmatmul", "gather", "attention", "silu_mul"];
+
+fn guarded(kind: usize, f: impl FnOnce() -> Result<(), String>) -> i32 {
+    let t = std::time::Instant::now();
+    let r = guarded_inner(f);
+    STATS[kind].0.fetch_add(1, Relaxed);
+    STATS[kind].1.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+    r
+}
+
+fn guarded_inner(f: impl FnOnce() -> Result<(), String>) -> i32 {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(())) => 0,
         Ok(Err(e)) => {
@@ -91,7 +106,7 @@ unsafe extern "C" fn release(m: *const c_void) {
 /// `m` is a retained handle, `x` holds `n * cols` values, `out` room for
 /// `n * rows`.
 unsafe extern "C" fn qmatmul(m: *const c_void, x: *const f32, n: i64, out: *mut f32) -> i32 {
-    guarded(|| {
+    guarded(0, || {
         // SAFETY: the caller's promises.
         let (m, x, out) = unsafe {
             let m = &*(m as *const QuantMatrix);
@@ -107,7 +122,7 @@ unsafe extern "C" fn qmatmul(m: *const c_void, x: *const f32, n: i64, out: *mut 
 /// `m` is a retained handle, `ids` holds `n` values, `out` room for
 /// `n * cols`.
 unsafe extern "C" fn gather(m: *const c_void, ids: *const u32, n: i64, out: *mut f32) -> i32 {
-    guarded(|| {
+    guarded(1, || {
         // SAFETY: the caller's promises.
         let (m, ids, out) = unsafe {
             let m = &*(m as *const QuantMatrix);
@@ -138,7 +153,7 @@ unsafe fn view<'a>(v: &View4) -> Result<View<'a>, String> {
 /// `args` points at arguments whose views are readable over their extents
 /// and whose `out` has room for `[B, Hq, L, Dv]` values.
 unsafe extern "C" fn attention_c(args: *const AttentionArgs) -> i32 {
-    guarded(|| {
+    guarded(2, || {
         // SAFETY: the caller's promises.
         let a = unsafe { &*args };
         // SAFETY: as above.
@@ -155,5 +170,19 @@ unsafe extern "C" fn attention_c(args: *const AttentionArgs) -> i32 {
         // SAFETY: as above.
         let out = unsafe { std::slice::from_raw_parts_mut(a.out, n) };
         attention::attention(Isa::best(), q, k, v, a.scale, mask, out)
+    })
+}
+
+/// # Safety
+/// `gate` and `x` hold `n` values, `out` room for `n`.
+unsafe extern "C" fn silu_mul(gate: *const f32, x: *const f32, n: i64, out: *mut f32) -> i32 {
+    guarded(3, || {
+        let n = n as usize;
+        // SAFETY: the caller's promises.
+        let (g, x, o) = unsafe {
+            (std::slice::from_raw_parts(gate, n), std::slice::from_raw_parts(x, n), std::slice::from_raw_parts_mut(out, n))
+        };
+        super::elementwise::silu_mul(Isa::best(), g, x, o);
+        Ok(())
     })
 }

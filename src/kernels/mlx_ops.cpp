@@ -53,13 +53,14 @@ struct KernelTable {
   int32_t (*qmatmul)(const void*, const float*, int64_t, float*);
   int32_t (*gather)(const void*, const uint32_t*, int64_t, float*);
   int32_t (*attention)(const AttentionArgs*);
+  int32_t (*silu_mul)(const float*, const float*, int64_t, float*);
 };
 
 static KernelTable table{};
 
 static void bind(uintptr_t addr) {
   auto t = reinterpret_cast<const KernelTable*>(addr);
-  if (t->version != 1) {
+  if (t->version != 2) {
     throw std::runtime_error("pensieve_mlx: kernel table version mismatch");
   }
   table = *t;
@@ -209,6 +210,37 @@ class Attention : public mx::Primitive {
   bool has_mask_;
 };
 
+class SiluMul : public mx::Primitive {
+ public:
+  explicit SiluMul(mx::Stream s) : mx::Primitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    mx::array g = row_major(inputs[0], enc);
+    mx::array x = row_major(inputs[1], enc);
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    enc.set_input_array(g);
+    enc.set_input_array(x);
+    enc.set_output_array(out);
+    enc.dispatch([g = g.data<float>(), x = x.data<float>(), n = (int64_t)out.size(), o = out.data<float>()]() {
+      if (table.silu_mul(g, x, n, o) != 0) throw std::runtime_error("pensieve_mlx: silu_mul failed");
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("pensieve_mlx: CPU only");
+  }
+  const char* name() const override { return "PensieveSiluMul"; }
+  bool is_equivalent(const mx::Primitive& other) const override { return dynamic_cast<const SiluMul*>(&other) != nullptr; }
+};
+
+static mx::array silu_mul(const mx::array& gate, const mx::array& x) {
+  check_bound();
+  if (gate.dtype() != mx::float32 || x.dtype() != mx::float32 || gate.shape() != x.shape()) {
+    throw std::invalid_argument("pensieve_mlx.silu_mul: gate and x must be float32 of one shape");
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<SiluMul>(mx::default_stream(mx::Device::cpu)), {gate, x});
+}
+
 static mx::array qmatmul(const mx::array& x, uintptr_t handle, int rows, int cols) {
   check_bound();
   if (x.dtype() != mx::float32) throw std::invalid_argument("pensieve_mlx.qmatmul: x must be float32");
@@ -269,5 +301,6 @@ NB_MODULE(pensieve_mlx, m) {
   m.def("bind", &bind, nb::arg("table"));
   m.def("qmatmul", &qmatmul, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"));
   m.def("gather", &gather, nb::arg("ids"), nb::arg("handle"), nb::arg("cols"));
+  m.def("silu_mul", &silu_mul, nb::arg("gate"), nb::arg("x"));
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"), nb::arg("mask").none() = nb::none());
 }

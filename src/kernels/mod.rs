@@ -96,3 +96,5 @@ impl SharedOut {
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
+
+pub mod elementwise;

@@ -95,6 +95,17 @@ fn threads() -> usize {
     kernels::threads()
 }
 
+/// {kernel: (calls, seconds)} since start.
+#[pyfunction]
+fn stats() -> std::collections::HashMap<&'static str, (u64, f64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    ffi::STAT_NAMES
+        .iter()
+        .zip(&ffi::STATS)
+        .map(|(n, (c, ns))| (*n, (c.load(Relaxed), ns.load(Relaxed) as f64 / 1e9)))
+        .collect()
+}
+
 /// The module, to be put in `sys.modules`.
 pub(crate) fn module(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     let m = PyModule::new(py, "pensieve_kernels")?;
@@ -102,5 +113,6 @@ pub(crate) fn module(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     m.add_function(wrap_pyfunction!(table_address, &m)?)?;
     m.add_function(wrap_pyfunction!(isa, &m)?)?;
     m.add_function(wrap_pyfunction!(threads, &m)?)?;
+    m.add_function(wrap_pyfunction!(stats, &m)?)?;
     Ok(m)
 }

@@ -1,0 +1,55 @@
+//! pensieve's CPU kernels (src/kernels/) inside a real model, against MLX's
+//! own CPU ops on the same weights. Its own test binary: installing the
+//! kernels routes MLX's attention and mlx-lm's swiglu process-wide.
+
+mod common;
+
+use serde_json::Value;
+
+const PROMPTS: &[&str] = &[
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "<|im_start|>user\nWhat is the boiling point of water at sea level?<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a small village at the edge of a forest, there lived",
+];
+
+fn compare(model: &str, steps: usize) -> Value {
+    let cfg = common::config();
+    let prompts: Vec<String> = PROMPTS.iter().map(|s| s.to_string()).collect();
+    let report = pensieve::engine::compare_cpu_kernels(&cfg.venv_dir(), model, &cfg.cache_root(), &prompts, steps).unwrap();
+    eprintln!("{report}");
+    serde_json::from_str(&report).unwrap()
+}
+
+/// SmolLM2's Q4_1/Q8_0 GGUF weights. Prefill of more than `SMALL_N` tokens
+/// (dequantized tiles through sgemm, the fused attention, swiglu) computes
+/// the float32 model's logits to rounding, so its greedy token is the
+/// reference's; decode's 8-bit activations (as llama.cpp's) stay within
+/// quantization tolerance, and so do short prompts, which take that path.
+#[test]
+fn the_kernels_compute_what_mlx_computes_on_smollm2() {
+    let r = compare(pensieve::config::BUILTIN_SMOLLM2, 16);
+    assert_eq!(r["kernels"]["used"], true, "{}", r["kernels"]);
+    assert!(r["kernels"]["layers"].as_u64().unwrap() >= 200, "every quantized layer moved: {}", r["kernels"]);
+    let mut agree = 0;
+    let mut total = 0;
+    let exact = std::env::var("PENSIEVE_DECODE_PATH").as_deref() == Ok("float");
+    let tolerance = if exact { 1e-3 } else { 0.12 };
+    for (p, text) in r["prompts"].as_array().unwrap().iter().zip(PROMPTS) {
+        let (rg, kg) = (p["reference_greedy"].as_array().unwrap(), p["kernels_greedy"].as_array().unwrap());
+        let (diff, range) = (p["prefill_diff"].as_f64().unwrap(), p["prefill_range"].as_f64().unwrap());
+        if p["prompt_tokens"].as_u64().unwrap() > pensieve::kernels::quant::SMALL_N as u64 || exact {
+            assert!(diff <= 1e-3 * range, "prefill logits of {text:?} off by {diff} (range {range})");
+            assert_eq!(rg[0], kg[0], "the greedy token after prefill of {text:?}");
+        } else {
+            assert!(diff <= tolerance * range, "prefill logits of {text:?} off by {diff} (range {range})");
+        }
+        let (diff, range) = (p["decode_diff"].as_f64().unwrap(), p["decode_range"].as_f64().unwrap());
+        assert!(diff <= tolerance * range, "decode logits off by {diff} (range {range})");
+        agree += rg.iter().zip(kg).filter(|(a, b)| a == b).count();
+        total += rg.len();
+    }
+    eprintln!("greedy agreement along the reference's continuations: {agree}/{total}");
+    // Near-ties may fall the other way.
+    assert!(agree * 10 >= total * 9, "greedy tokens agree at {agree} of {total} steps");
+}
