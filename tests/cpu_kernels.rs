@@ -53,3 +53,40 @@ fn the_kernels_compute_what_mlx_computes_on_smollm2() {
     // Near-ties may fall the other way.
     assert!(agree * 10 >= total * 9, "greedy tokens agree at {agree} of {total} steps");
 }
+
+/// MLX-quantized models take the kernels too, at 4 and 8 bits and group
+/// sizes other than GGUF's 32 (a random-weight model, quantized by mlx-lm).
+#[test]
+fn mlx_quantized_models_take_the_kernels() {
+    let work = std::env::temp_dir().join(format!("pensieve-cpu-kernels-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let f32_dir = work.join("f32");
+    let py = common::venv_python();
+    let ok = std::process::Command::new(&py)
+        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_model.py"), "demo"])
+        .arg(&f32_dir)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "make the random model");
+    for (bits, group) in [(4, 64), (8, 32)] {
+        let q_dir = work.join(format!("q{bits}-g{group}"));
+        let script = format!(
+            "import mlx_lm; mlx_lm.convert({:?}, {:?}, quantize=True, q_bits={bits}, q_group_size={group})",
+            f32_dir.to_string_lossy(),
+            q_dir.to_string_lossy()
+        );
+        let ok = std::process::Command::new(&py).args(["-c", &script]).status().unwrap();
+        assert!(ok.success(), "quantize to {bits} bits");
+        let r = compare(&q_dir.to_string_lossy(), 8);
+        assert_eq!(r["kernels"]["used"], true, "{}", r["kernels"]);
+        // Every linear layer and the embedding: 7 a layer, 2 layers, 1.
+        assert_eq!(r["kernels"]["layers"], 15, "{}", r["kernels"]);
+        for p in r["prompts"].as_array().unwrap() {
+            let (diff, range) = (p["decode_diff"].as_f64().unwrap(), p["decode_range"].as_f64().unwrap());
+            assert!(diff <= 0.12 * range.max(1e-3), "{bits}-bit decode logits off by {diff} (range {range})");
+            let (diff, range) = (p["prefill_diff"].as_f64().unwrap(), p["prefill_range"].as_f64().unwrap());
+            assert!(diff <= 0.12 * range.max(1e-3), "{bits}-bit prefill logits off by {diff} (range {range})");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
