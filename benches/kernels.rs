@@ -30,7 +30,8 @@ fn matrix(rows: usize, cols: usize, bits: u32) -> QuantMatrix {
             x as u32
         })
         .collect();
-    let s = vec![0.01f32; rows * cols / 32];
+    // Exactly halves (as GGUF scales are): stored as halves.
+    let s = vec![0.010742188f32; rows * cols / 32];
     QuantMatrix::from_mlx(&w, &s, &s, rows, cols, bits, 32).unwrap()
 }
 

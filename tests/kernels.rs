@@ -4,7 +4,7 @@
 mod common;
 
 use pensieve::kernels::attention::{self, Mask, View};
-use pensieve::kernels::quant::{Path, QuantMatrix, BLOCK};
+use pensieve::kernels::quant::{Half, Path, QuantMatrix, Scale, BLOCK};
 use pensieve::kernels::Isa;
 use proptest::prelude::*;
 use std::sync::Once;
@@ -47,12 +47,15 @@ struct Mlx {
     dense: Vec<f32>,
 }
 
-fn mlx_weights(rng: &mut Rng, rows: usize, cols: usize, bits: u32, group: usize) -> Mlx {
+/// `halves`: scales and biases that are exactly halves (as GGUF's are), so
+/// the matrix stores them as halves.
+fn mlx_weights(rng: &mut Rng, rows: usize, cols: usize, bits: u32, group: usize, halves: bool) -> Mlx {
     let words = cols * bits as usize / 32;
     let w: Vec<u32> = (0..rows * words).map(|_| rng.next() as u32).collect();
     let groups = cols / group;
-    let scales: Vec<f32> = (0..rows * groups).map(|_| 0.01 + 0.05 * rng.unit().abs()).collect();
-    let biases: Vec<f32> = (0..rows * groups).map(|_| 0.3 * rng.unit()).collect();
+    let round = |v: f32| if halves { (v * 4096.0).round() / 4096.0 } else { v };
+    let scales: Vec<f32> = (0..rows * groups).map(|_| round(0.01 + 0.05 * rng.unit().abs())).collect();
+    let biases: Vec<f32> = (0..rows * groups).map(|_| round(0.3 * rng.unit())).collect();
     let mut dense = vec![0f32; rows * cols];
     let per = 32 / bits as usize;
     for r in 0..rows {
@@ -89,13 +92,18 @@ proptest! {
         n in 1usize..13,
         bits in prop::sample::select(vec![4u32, 8]),
         group_blocks in prop::sample::select(vec![1usize, 2, 4]),
+        halves in any::<bool>(),
     ) {
         init_blas();
         let group = group_blocks * BLOCK;
         let cols = blocks.div_ceil(group_blocks) * group;
         let mut rng = Rng(seed);
-        let m = mlx_weights(&mut rng, rows, cols, bits, group);
+        let m = mlx_weights(&mut rng, rows, cols, bits, group, halves);
         let qm = QuantMatrix::from_mlx(&m.w, &m.scales, &m.biases, rows, cols, bits, group).unwrap();
+        // 8-bit biases absorb 128 scales; those may stop being halves.
+        if bits == 4 {
+            prop_assert_eq!(qm.half_scales(), halves);
+        }
         let x: Vec<f32> = (0..n * cols).map(|_| rng.unit() * 2.0).collect();
         let want = reference_matmul(&x, n, &m.dense, rows, cols);
         // The bound for 8-bit activations: sum over blocks of step/2 * sum |w|.
@@ -150,6 +158,26 @@ proptest! {
             }
         }
     }
+}
+
+/// Every finite half converts to the float it is, and back.
+#[test]
+fn halves_convert_exactly() {
+    for bits in 0..=u16::MAX {
+        let h = Half(bits);
+        if bits & 0x7c00 == 0x7c00 {
+            continue; // infinities and NaNs: never stored
+        }
+        let v = h.f();
+        // The reference: sign, exponent and mantissa by definition.
+        let (sign, exp, man) = ((bits >> 15) as i32, ((bits >> 10) & 0x1f) as i32, (bits & 0x3ff) as f64);
+        let want = if exp == 0 { man * 2f64.powi(-24) } else { (1.0 + man / 1024.0) * 2f64.powi(exp - 15) };
+        let want = if sign == 1 { -want } else { want };
+        assert_eq!(v as f64, want, "half {bits:#06x}");
+        assert_eq!(Half::exact(v).map(|h| h.0), Some(if v == 0.0 { bits & 0x8000 } else { bits }), "back from {v}");
+    }
+    assert!(Half::exact(0.1).is_none(), "0.1 is no half");
+    assert!(Half::exact(1e6).is_none() && Half::exact(1e-9).is_none());
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! stream thread. A pool whose workers sleep between them (rayon's) pays a
 //! wake-up per kernel — on a VM, where waking an idle vCPU costs ~90 us,
 //! that was a third of the step. Here a worker that saw a kernel in the
-//! last [`SPIN`] waits for the next by polling a generation counter with
+//! last [`spin`] waits for the next by polling a generation counter with
 //! `sched_yield`, so it answers within microseconds without taking the core
 //! from a thread that has work (the Python thread building the next step).
 //! One kernel runs at a time; a second caller meanwhile (only tests have
@@ -17,8 +17,14 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::*};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker keeps polling before it sleeps.
-const SPIN: Duration = Duration::from_millis(3);
+/// How long an idle worker keeps polling before it sleeps (default 3 ms;
+/// `PENSIEVE_KERNEL_SPIN_US`).
+fn spin() -> Duration {
+    static S: OnceLock<Duration> = OnceLock::new();
+    *S.get_or_init(|| {
+        Duration::from_micros(std::env::var("PENSIEVE_KERNEL_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(3000))
+    })
+}
 
 struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
@@ -100,7 +106,7 @@ impl Pool {
                     break;
                 }
                 polls += 1;
-                if polls.is_multiple_of(64) && started.elapsed() > SPIN {
+                if polls.is_multiple_of(64) && started.elapsed() > spin() {
                     let guard = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
                     self.sleepers.fetch_add(1, SeqCst);
                     let mut guard = guard;

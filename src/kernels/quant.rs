@@ -44,7 +44,65 @@ pub struct QuantMatrix {
     /// Packed values: `rows * blocks * block_bytes`.
     q: Vec<u8>,
     /// Per block: scale, bias.
-    sb: Vec<f32>,
+    sb: Scales,
+}
+
+/// The blocks' scales and biases: half precision when every one of them is
+/// exactly a half (GGUF's are; MLX's bfloat16 ones nearly always), which
+/// cuts a 4-bit block from 24 bytes to 20 — decode reads every byte of
+/// the weights per token — else float32.
+enum Scales {
+    F16(Vec<Half>),
+    F32(Vec<f32>),
+}
+
+/// A scale as stored.
+pub trait Scale: Copy + Send + Sync + 'static {
+    fn f(self) -> f32;
+}
+
+impl Scale for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+
+/// An IEEE half, as bits.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Half(pub u16);
+
+impl Scale for Half {
+    /// Exact for finite halves, subnormals included: the half's exponent
+    /// and mantissa shifted into a float's, rescaled by 2^112.
+    #[inline(always)]
+    fn f(self) -> f32 {
+        let magnitude = f32::from_bits(((self.0 & 0x7fff) as u32) << 13) * f32::from_bits(0x7780_0000);
+        f32::from_bits(magnitude.to_bits() | (((self.0 & 0x8000) as u32) << 16))
+    }
+}
+
+impl Half {
+    /// `v` as a half, when it is exactly one.
+    pub fn exact(v: f32) -> Option<Half> {
+        let bits = v.to_bits();
+        let sign = ((bits >> 16) & 0x8000) as u16;
+        let a = v.abs();
+        let h = if a == 0.0 {
+            sign
+        } else if (6.103_515_6e-5..=65504.0).contains(&a) {
+            // Normal: a 10-bit mantissa, the rest zero.
+            let exp = ((bits >> 23) & 0xff) as u16;
+            sign | ((exp - 112) << 10) | ((bits & 0x7f_ffff) >> 13) as u16
+        } else if a >= 5.960_464_5e-8 && a < 6.103_515_6e-5 {
+            // Subnormal: a whole number of 2^-24.
+            sign | (a / 5.960_464_5e-8) as u16
+        } else {
+            return None;
+        };
+        (Half(h).f() == v).then_some(Half(h))
+    }
 }
 
 impl QuantMatrix {
@@ -105,6 +163,11 @@ impl QuantMatrix {
                 }
             }
         }
+        let halves: Option<Vec<Half>> = sb.iter().map(|&v| Half::exact(v)).collect();
+        let sb = match halves {
+            Some(h) => Scales::F16(h),
+            None => Scales::F32(sb),
+        };
         Ok(QuantMatrix { rows, cols, bits, q, sb })
     }
 
@@ -117,9 +180,18 @@ impl QuantMatrix {
     pub fn bits(&self) -> u32 {
         self.bits
     }
+    /// Whether scales and biases are stored as halves.
+    pub fn half_scales(&self) -> bool {
+        matches!(self.sb, Scales::F16(_))
+    }
+
     /// Bytes held (packed values, scales and biases).
     pub fn bytes(&self) -> usize {
-        self.q.len() + self.sb.len() * 4
+        self.q.len()
+            + match &self.sb {
+                Scales::F16(v) => v.len() * 2,
+                Scales::F32(v) => v.len() * 4,
+            }
     }
 
     fn blocks(&self) -> usize {
@@ -128,11 +200,18 @@ impl QuantMatrix {
 
     /// Row `r` as f32 into `out` (`cols` long).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        match &self.sb {
+            Scales::F16(v) => self.dequantize_row_s(v, r, out),
+            Scales::F32(v) => self.dequantize_row_s(v, r, out),
+        }
+    }
+
+    fn dequantize_row_s<S: Scale>(&self, sb: &[S], r: usize, out: &mut [f32]) {
         let blocks = self.blocks();
         let bb = block_bytes(self.bits);
         for b in 0..blocks {
             let k = r * blocks + b;
-            let (s, m) = (self.sb[2 * k], self.sb[2 * k + 1]);
+            let (s, m) = (sb[2 * k].f(), sb[2 * k + 1].f());
             let src = &self.q[k * bb..(k + 1) * bb];
             let dst = &mut out[b * BLOCK..(b + 1) * BLOCK];
             if self.bits == 4 {
@@ -206,10 +285,18 @@ impl QuantMatrix {
 
     /// Dot products of weight row `o` with activation rows `r..r + take`.
     fn row_dot(&self, isa: Isa, o: usize, act: &QuantActivations, r: usize, take: usize, sums: &mut [f32; 4]) {
+        match &self.sb {
+            Scales::F16(v) => self.row_dot_s(v, isa, o, act, r, take, sums),
+            Scales::F32(v) => self.row_dot_s(v, isa, o, act, r, take, sums),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn row_dot_s<S: Scale>(&self, sb: &[S], isa: Isa, o: usize, act: &QuantActivations, r: usize, take: usize, sums: &mut [f32; 4]) {
         let blocks = self.blocks();
         let bb = block_bytes(self.bits);
         let q = &self.q[o * blocks * bb..(o + 1) * blocks * bb];
-        let sb = &self.sb[o * blocks * 2..(o + 1) * blocks * 2];
+        let sb = &sb[o * blocks * 2..(o + 1) * blocks * 2];
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512 => {
@@ -228,10 +315,18 @@ impl QuantMatrix {
     /// Dot products of weight row `o`, dequantized in registers, with float
     /// input rows `r..r + take`: the f32 model's products to rounding.
     fn row_dot_f32(&self, isa: Isa, o: usize, x: &[f32], r: usize, take: usize, sums: &mut [f32; 4]) {
+        match &self.sb {
+            Scales::F16(v) => self.row_dot_f32_s(v, isa, o, x, r, take, sums),
+            Scales::F32(v) => self.row_dot_f32_s(v, isa, o, x, r, take, sums),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn row_dot_f32_s<S: Scale>(&self, sb: &[S], isa: Isa, o: usize, x: &[f32], r: usize, take: usize, sums: &mut [f32; 4]) {
         let blocks = self.blocks();
         let bb = block_bytes(self.bits);
         let q = &self.q[o * blocks * bb..(o + 1) * blocks * bb];
-        let sb = &self.sb[o * blocks * 2..(o + 1) * blocks * 2];
+        let sb = &sb[o * blocks * 2..(o + 1) * blocks * 2];
         let xs = &x[r * self.cols..(r + take) * self.cols];
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -376,7 +471,7 @@ impl QuantActivations {
     }
 }
 
-fn row_dot_portable(bits: u32, q: &[u8], sb: &[f32], act: &QuantActivations, r: usize) -> f32 {
+fn row_dot_portable<S: Scale>(bits: u32, q: &[u8], sb: &[S], act: &QuantActivations, r: usize) -> f32 {
     let blocks = act.blocks;
     let bb = block_bytes(bits);
     let mut total = 0f32;
@@ -394,14 +489,14 @@ fn row_dot_portable(bits: u32, q: &[u8], sb: &[f32], act: &QuantActivations, r: 
                 dot += (qb[i] as i8) as i32 * xq[i] as i32;
             }
         }
-        total += sb[2 * b] * act.d[k] * dot as f32 + sb[2 * b + 1] * act.sum[k];
+        total += sb[2 * b].f() * act.d[k] * dot as f32 + sb[2 * b + 1].f() * act.sum[k];
     }
     total
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QuantActivations, BLOCK};
+    use super::{QuantActivations, Scale, BLOCK};
     use crate::kernels::Isa;
     use std::arch::x86_64::*;
 
@@ -409,11 +504,11 @@ mod x86 {
     /// `isa` runs on this CPU; `q` and `sb` hold one weight row's blocks and
     /// `act` rows `r..r + take` (take <= 4).
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn row_dot(
+    pub(super) unsafe fn row_dot<S: Scale>(
         isa: Isa,
         bits: u32,
         q: &[u8],
-        sb: &[f32],
+        sb: &[S],
         act: &QuantActivations,
         r: usize,
         take: usize,
@@ -422,22 +517,22 @@ mod x86 {
         // SAFETY: the caller's promises, passed on (every arm).
         unsafe {
             match (isa, bits, take) {
-                (Isa::Avx512, 4, 1) => row_q4_vnni::<1>(q, sb, act, r, sums),
-                (Isa::Avx512, 4, 2) => row_q4_vnni::<2>(q, sb, act, r, sums),
-                (Isa::Avx512, 4, 3) => row_q4_vnni::<3>(q, sb, act, r, sums),
-                (Isa::Avx512, 4, _) => row_q4_vnni::<4>(q, sb, act, r, sums),
-                (Isa::Avx512, _, 1) => row_q8_vnni::<1>(q, sb, act, r, sums),
-                (Isa::Avx512, _, 2) => row_q8_vnni::<2>(q, sb, act, r, sums),
-                (Isa::Avx512, _, 3) => row_q8_vnni::<3>(q, sb, act, r, sums),
-                (Isa::Avx512, _, _) => row_q8_vnni::<4>(q, sb, act, r, sums),
-                (_, 4, 1) => row_q4_avx2::<1>(q, sb, act, r, sums),
-                (_, 4, 2) => row_q4_avx2::<2>(q, sb, act, r, sums),
-                (_, 4, 3) => row_q4_avx2::<3>(q, sb, act, r, sums),
-                (_, 4, _) => row_q4_avx2::<4>(q, sb, act, r, sums),
-                (_, _, 1) => row_q8_avx2::<1>(q, sb, act, r, sums),
-                (_, _, 2) => row_q8_avx2::<2>(q, sb, act, r, sums),
-                (_, _, 3) => row_q8_avx2::<3>(q, sb, act, r, sums),
-                (_, _, _) => row_q8_avx2::<4>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, 1) => row_q4_vnni::<S, 1>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, 2) => row_q4_vnni::<S, 2>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, 3) => row_q4_vnni::<S, 3>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, _) => row_q4_vnni::<S, 4>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 1) => row_q8_vnni::<S, 1>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 2) => row_q8_vnni::<S, 2>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 3) => row_q8_vnni::<S, 3>(q, sb, act, r, sums),
+                (Isa::Avx512, _, _) => row_q8_vnni::<S, 4>(q, sb, act, r, sums),
+                (_, 4, 1) => row_q4_avx2::<S, 1>(q, sb, act, r, sums),
+                (_, 4, 2) => row_q4_avx2::<S, 2>(q, sb, act, r, sums),
+                (_, 4, 3) => row_q4_avx2::<S, 3>(q, sb, act, r, sums),
+                (_, 4, _) => row_q4_avx2::<S, 4>(q, sb, act, r, sums),
+                (_, _, 1) => row_q8_avx2::<S, 1>(q, sb, act, r, sums),
+                (_, _, 2) => row_q8_avx2::<S, 2>(q, sb, act, r, sums),
+                (_, _, 3) => row_q8_avx2::<S, 3>(q, sb, act, r, sums),
+                (_, _, _) => row_q8_avx2::<S, 4>(q, sb, act, r, sums),
             }
         }
     }
@@ -446,11 +541,11 @@ mod x86 {
     /// `isa` runs on this CPU; `q` and `sb` hold one weight row's blocks and
     /// `x` `take` (<= 4) rows of `cols`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn row_dot_f32(
+    pub(super) unsafe fn row_dot_f32<S: Scale>(
         isa: Isa,
         bits: u32,
         q: &[u8],
-        sb: &[f32],
+        sb: &[S],
         x: &[f32],
         cols: usize,
         take: usize,
@@ -459,22 +554,22 @@ mod x86 {
         // SAFETY: the caller's promises, passed on (every arm).
         unsafe {
             match (isa, bits, take) {
-                (Isa::Avx512, 4, 1) => f32_q4_avx512::<1>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, 2) => f32_q4_avx512::<2>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, 3) => f32_q4_avx512::<3>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, _) => f32_q4_avx512::<4>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 1) => f32_q8_avx512::<1>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 2) => f32_q8_avx512::<2>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 3) => f32_q8_avx512::<3>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, _) => f32_q8_avx512::<4>(q, sb, x, cols, sums),
-                (_, 4, 1) => f32_q4_avx2::<1>(q, sb, x, cols, sums),
-                (_, 4, 2) => f32_q4_avx2::<2>(q, sb, x, cols, sums),
-                (_, 4, 3) => f32_q4_avx2::<3>(q, sb, x, cols, sums),
-                (_, 4, _) => f32_q4_avx2::<4>(q, sb, x, cols, sums),
-                (_, _, 1) => f32_q8_avx2::<1>(q, sb, x, cols, sums),
-                (_, _, 2) => f32_q8_avx2::<2>(q, sb, x, cols, sums),
-                (_, _, 3) => f32_q8_avx2::<3>(q, sb, x, cols, sums),
-                (_, _, _) => f32_q8_avx2::<4>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 1) => f32_q4_avx512::<S, 1>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 2) => f32_q4_avx512::<S, 2>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 3) => f32_q4_avx512::<S, 3>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, _) => f32_q4_avx512::<S, 4>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 1) => f32_q8_avx512::<S, 1>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 2) => f32_q8_avx512::<S, 2>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 3) => f32_q8_avx512::<S, 3>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, _) => f32_q8_avx512::<S, 4>(q, sb, x, cols, sums),
+                (_, 4, 1) => f32_q4_avx2::<S, 1>(q, sb, x, cols, sums),
+                (_, 4, 2) => f32_q4_avx2::<S, 2>(q, sb, x, cols, sums),
+                (_, 4, 3) => f32_q4_avx2::<S, 3>(q, sb, x, cols, sums),
+                (_, 4, _) => f32_q4_avx2::<S, 4>(q, sb, x, cols, sums),
+                (_, _, 1) => f32_q8_avx2::<S, 1>(q, sb, x, cols, sums),
+                (_, _, 2) => f32_q8_avx2::<S, 2>(q, sb, x, cols, sums),
+                (_, _, 3) => f32_q8_avx2::<S, 3>(q, sb, x, cols, sums),
+                (_, _, _) => f32_q8_avx2::<S, 4>(q, sb, x, cols, sums),
             }
         }
     }
@@ -484,7 +579,7 @@ mod x86 {
     /// step, into four accumulators a row: one chain of dependent FMAs
     /// would leave the core waiting on their latency.
     #[target_feature(enable = "avx2,fma,avx512f")]
-    unsafe fn f32_q4_avx512<const R: usize>(q: &[u8], sb: &[f32], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_q4_avx512<S: Scale, const R: usize>(q: &[u8], sb: &[S], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
         let blocks = cols / BLOCK;
         assert!(q.len() >= blocks * 16 && sb.len() >= 2 * blocks && x.len() >= R * cols);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
@@ -492,7 +587,7 @@ mod x86 {
         // SAFETY (closure): block b of q (16 bytes) and of sb, b < blocks.
         let weights = |b: usize| unsafe {
             let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i));
-            let (s, m) = (_mm512_set1_ps(*sb.get_unchecked(2 * b)), _mm512_set1_ps(*sb.get_unchecked(2 * b + 1)));
+            let (s, m) = (_mm512_set1_ps(sb.get_unchecked(2 * b).f()), _mm512_set1_ps(sb.get_unchecked(2 * b + 1).f()));
             [
                 _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s, m),
                 _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, m),
@@ -524,7 +619,7 @@ mod x86 {
 
     /// AVX-512, 8-bit (signed, the bias holding the 128); as the 4-bit one.
     #[target_feature(enable = "avx2,fma,avx512f")]
-    unsafe fn f32_q8_avx512<const R: usize>(q: &[u8], sb: &[f32], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_q8_avx512<S: Scale, const R: usize>(q: &[u8], sb: &[S], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
         let blocks = cols / BLOCK;
         assert!(q.len() >= blocks * 32 && sb.len() >= 2 * blocks && x.len() >= R * cols);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
@@ -533,7 +628,7 @@ mod x86 {
             let p = q.as_ptr().add(b * 32);
             let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
             let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-            let (s, m) = (_mm512_set1_ps(*sb.get_unchecked(2 * b)), _mm512_set1_ps(*sb.get_unchecked(2 * b + 1)));
+            let (s, m) = (_mm512_set1_ps(sb.get_unchecked(2 * b).f()), _mm512_set1_ps(sb.get_unchecked(2 * b + 1).f()));
             [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
         };
         let mut b = 0;
@@ -562,7 +657,7 @@ mod x86 {
 
     /// AVX2, 4-bit: four vectors of 8 floats per block.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn f32_q4_avx2<const R: usize>(q: &[u8], sb: &[f32], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_q4_avx2<S: Scale, const R: usize>(q: &[u8], sb: &[S], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
         let blocks = cols / BLOCK;
         assert!(q.len() >= blocks * 16 && sb.len() >= 2 * blocks && x.len() >= R * cols);
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
@@ -573,7 +668,7 @@ mod x86 {
                 let raw = _mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i);
                 let lo = _mm_and_si128(raw, low);
                 let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-                let (s, m) = (_mm256_set1_ps(*sb.get_unchecked(2 * b)), _mm256_set1_ps(*sb.get_unchecked(2 * b + 1)));
+                let (s, m) = (_mm256_set1_ps(sb.get_unchecked(2 * b).f()), _mm256_set1_ps(sb.get_unchecked(2 * b + 1).f()));
                 let w = |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), s, m);
                 let ws = [w(lo), w(_mm_srli_si128(lo, 8)), w(hi), w(_mm_srli_si128(hi, 8))];
                 for (i, a) in acc.iter_mut().enumerate() {
@@ -591,7 +686,7 @@ mod x86 {
 
     /// AVX2, 8-bit.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn f32_q8_avx2<const R: usize>(q: &[u8], sb: &[f32], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_q8_avx2<S: Scale, const R: usize>(q: &[u8], sb: &[S], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
         let blocks = cols / BLOCK;
         assert!(q.len() >= blocks * 32 && sb.len() >= 2 * blocks && x.len() >= R * cols);
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
@@ -599,7 +694,7 @@ mod x86 {
             // SAFETY: block b of q (32 bytes), of sb, and of each x row (checked above).
             unsafe {
                 let p = q.as_ptr().add(b * 32);
-                let (s, m) = (_mm256_set1_ps(*sb.get_unchecked(2 * b)), _mm256_set1_ps(*sb.get_unchecked(2 * b + 1)));
+                let (s, m) = (_mm256_set1_ps(sb.get_unchecked(2 * b).f()), _mm256_set1_ps(sb.get_unchecked(2 * b + 1).f()));
                 let w = |k: usize| {
                     let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i));
                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), s, m)
@@ -642,7 +737,7 @@ mod x86 {
     macro_rules! row_kernel {
         ($name:ident, $features:literal, $bb:expr, |$qp:ident, $xv:ident| $dot:expr) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize>(q: &[u8], sb: &[f32], act: &QuantActivations, r: usize, sums: &mut [f32; 4]) {
+            unsafe fn $name<S: Scale, const R: usize>(q: &[u8], sb: &[S], act: &QuantActivations, r: usize, sums: &mut [f32; 4]) {
                 let blocks = act.blocks;
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut bias = [0f32; R];
@@ -651,7 +746,7 @@ mod x86 {
                     // activation row r + i (i < R): all within their slices.
                     unsafe {
                         let $qp = q.as_ptr().add(b * $bb);
-                        let (s, m) = (*sb.get_unchecked(2 * b), *sb.get_unchecked(2 * b + 1));
+                        let (s, m) = (sb.get_unchecked(2 * b).f(), sb.get_unchecked(2 * b + 1).f());
                         for i in 0..R {
                             let k = (r + i) * blocks + b;
                             let $xv = _mm256_loadu_si256(act.xq.as_ptr().add(k * BLOCK) as *const __m256i);
