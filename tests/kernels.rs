@@ -47,15 +47,21 @@ struct Mlx {
     dense: Vec<f32>,
 }
 
-/// `halves`: scales and biases that are exactly halves (as GGUF's are), so
-/// the matrix stores them as halves.
-fn mlx_weights(rng: &mut Rng, rows: usize, cols: usize, bits: u32, group: usize, halves: bool) -> Mlx {
+/// `kind` 0: float scales and biases; 1: exactly halves (as GGUF's are), so
+/// the matrix stores them as halves; 2: halves with the bias -2^(bits-1)
+/// scales (GGUF Q4_0 / Q8_0), stored as scales only.
+fn mlx_weights(rng: &mut Rng, rows: usize, cols: usize, bits: u32, group: usize, kind: u8) -> Mlx {
+    let halves = kind > 0;
     let words = cols * bits as usize / 32;
     let w: Vec<u32> = (0..rows * words).map(|_| rng.next() as u32).collect();
     let groups = cols / group;
     let round = |v: f32| if halves { (v * 4096.0).round() / 4096.0 } else { v };
     let scales: Vec<f32> = (0..rows * groups).map(|_| round(0.01 + 0.05 * rng.unit().abs())).collect();
-    let biases: Vec<f32> = (0..rows * groups).map(|_| round(0.3 * rng.unit())).collect();
+    let mut biases: Vec<f32> = (0..rows * groups).map(|_| round(0.3 * rng.unit())).collect();
+    if kind == 2 {
+        let offset = -((1u32 << (bits - 1)) as f32);
+        biases = scales.iter().map(|s| offset * s).collect();
+    }
     let mut dense = vec![0f32; rows * cols];
     let per = 32 / bits as usize;
     for r in 0..rows {
@@ -92,17 +98,18 @@ proptest! {
         n in 1usize..13,
         bits in prop::sample::select(vec![4u32, 8]),
         group_blocks in prop::sample::select(vec![1usize, 2, 4]),
-        halves in any::<bool>(),
+        kind in 0u8..3,
     ) {
         init_blas();
         let group = group_blocks * BLOCK;
         let cols = blocks.div_ceil(group_blocks) * group;
         let mut rng = Rng(seed);
-        let m = mlx_weights(&mut rng, rows, cols, bits, group, halves);
+        let m = mlx_weights(&mut rng, rows, cols, bits, group, kind);
         let qm = QuantMatrix::from_mlx(&m.w, &m.scales, &m.biases, rows, cols, bits, group).unwrap();
+        prop_assert_eq!(qm.symmetric(), kind == 2);
         // 8-bit biases absorb 128 scales; those may stop being halves.
-        if bits == 4 {
-            prop_assert_eq!(qm.half_scales(), halves);
+        if bits == 4 || kind == 2 {
+            prop_assert_eq!(qm.half_scales(), kind > 0);
         }
         let x: Vec<f32> = (0..n * cols).map(|_| rng.unit() * 2.0).collect();
         let want = reference_matmul(&x, n, &m.dense, rows, cols);

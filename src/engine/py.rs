@@ -410,7 +410,13 @@ pub fn logits_per_blas(
 /// pensieve's CPU kernels against MLX's own CPU ops on `model` (a GGUF
 /// file or model folder): the JSON report of `cpu_kernels.compare` (logit
 /// differences after prefill and along `steps` greedy decode steps).
-pub fn compare_cpu_kernels(venv: &Path, model: &str, cache_root: &Path, prompts: &[String], steps: usize) -> anyhow::Result<String> {
+pub fn compare_cpu_kernels(
+    venv: &Path,
+    model: &str,
+    cache_root: &Path,
+    prompts: &[String],
+    steps: usize,
+) -> anyhow::Result<String> {
     let (site_packages, _) = prepare(venv, crate::config::BlasChoice::Auto).map_err(anyhow::Error::msg)?;
     Python::attach(|py| {
         let shim = load_shim(py, &site_packages)?;

@@ -54,6 +54,54 @@ pub struct QuantMatrix {
 enum Scales {
     F16(Vec<Half>),
     F32(Vec<f32>),
+    /// A scale per block and a bias that is `offset * scale` in every block:
+    /// GGUF Q4_0 (bias -8 scales) and Q8_0 (bias 0 once the 128 is folded
+    /// in), whose blocks then take 18 and 34 bytes as in llama.cpp.
+    Symmetric(Vec<Half>, f32),
+}
+
+/// A weight row's block parameters as the kernels read them.
+pub trait Params: Copy + Send + Sync {
+    /// Blocks held.
+    fn blocks(self) -> usize;
+    /// Block `b`'s scale and bias.
+    ///
+    /// # Safety
+    /// `b < self.blocks()`.
+    unsafe fn sm(self, b: usize) -> (f32, f32);
+}
+
+/// (scale, bias) pairs.
+#[derive(Clone, Copy)]
+pub struct Pairs<'a, S>(&'a [S]);
+
+impl<S: Scale> Params for Pairs<'_, S> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.0.len() / 2
+    }
+    #[inline(always)]
+    unsafe fn sm(self, b: usize) -> (f32, f32) {
+        // SAFETY: b < blocks, so 2b + 1 < len (the caller's promise).
+        unsafe { (self.0.get_unchecked(2 * b).f(), self.0.get_unchecked(2 * b + 1).f()) }
+    }
+}
+
+/// Scales, with the bias a fixed multiple of each.
+#[derive(Clone, Copy)]
+pub struct Symmetric<'a>(&'a [Half], f32);
+
+impl Params for Symmetric<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    unsafe fn sm(self, b: usize) -> (f32, f32) {
+        // SAFETY: b < blocks (the caller's promise).
+        let s = unsafe { self.0.get_unchecked(b).f() };
+        (s, self.1 * s)
+    }
 }
 
 /// A scale as stored.
@@ -95,7 +143,7 @@ impl Half {
             // Normal: a 10-bit mantissa, the rest zero.
             let exp = ((bits >> 23) & 0xff) as u16;
             sign | ((exp - 112) << 10) | ((bits & 0x7f_ffff) >> 13) as u16
-        } else if a >= 5.960_464_5e-8 && a < 6.103_515_6e-5 {
+        } else if (5.960_464_5e-8..6.103_515_6e-5).contains(&a) {
             // Subnormal: a whole number of 2^-24.
             sign | (a / 5.960_464_5e-8) as u16
         } else {
@@ -103,6 +151,28 @@ impl Half {
         };
         (Half(h).f() == v).then_some(Half(h))
     }
+}
+
+/// Runs `$body` with `$p` bound to row `$row`'s block parameters, whatever
+/// their storage (one instantiation of the kernels per kind).
+macro_rules! with_params {
+    ($m:expr, $row:expr, |$p:ident| $body:expr) => {{
+        let blocks = $m.cols / BLOCK;
+        match &$m.sb {
+            Scales::F16(v) => {
+                let $p = Pairs(&v[$row * blocks * 2..($row + 1) * blocks * 2]);
+                $body
+            }
+            Scales::F32(v) => {
+                let $p = Pairs(&v[$row * blocks * 2..($row + 1) * blocks * 2]);
+                $body
+            }
+            Scales::Symmetric(v, offset) => {
+                let $p = Symmetric(&v[$row * blocks..($row + 1) * blocks], *offset);
+                $body
+            }
+        }
+    }};
 }
 
 impl QuantMatrix {
@@ -163,10 +233,16 @@ impl QuantMatrix {
                 }
             }
         }
-        let halves: Option<Vec<Half>> = sb.iter().map(|&v| Half::exact(v)).collect();
-        let sb = match halves {
-            Some(h) => Scales::F16(h),
-            None => Scales::F32(sb),
+        // 4-bit: bias -8 scales (Q4_0); 8-bit: bias 0 after the 128 (Q8_0).
+        let offset = if bits == 4 { -8.0 } else { 0.0 };
+        let symmetric: Option<Vec<Half>> =
+            sb.chunks_exact(2).map(|p| if p[1] == offset * p[0] { Half::exact(p[0]) } else { None }).collect();
+        let sb = match symmetric {
+            Some(h) => Scales::Symmetric(h, offset),
+            None => match sb.iter().map(|&v| Half::exact(v)).collect::<Option<Vec<Half>>>() {
+                Some(h) => Scales::F16(h),
+                None => Scales::F32(sb),
+            },
         };
         Ok(QuantMatrix { rows, cols, bits, q, sb })
     }
@@ -182,14 +258,19 @@ impl QuantMatrix {
     }
     /// Whether scales and biases are stored as halves.
     pub fn half_scales(&self) -> bool {
-        matches!(self.sb, Scales::F16(_))
+        matches!(self.sb, Scales::F16(_) | Scales::Symmetric(..))
+    }
+
+    /// Whether each block stores a scale only (its bias a fixed multiple).
+    pub fn symmetric(&self) -> bool {
+        matches!(self.sb, Scales::Symmetric(..))
     }
 
     /// Bytes held (packed values, scales and biases).
     pub fn bytes(&self) -> usize {
         self.q.len()
             + match &self.sb {
-                Scales::F16(v) => v.len() * 2,
+                Scales::F16(v) | Scales::Symmetric(v, _) => v.len() * 2,
                 Scales::F32(v) => v.len() * 4,
             }
     }
@@ -200,18 +281,17 @@ impl QuantMatrix {
 
     /// Row `r` as f32 into `out` (`cols` long).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        match &self.sb {
-            Scales::F16(v) => self.dequantize_row_s(v, r, out),
-            Scales::F32(v) => self.dequantize_row_s(v, r, out),
-        }
+        with_params!(self, r, |p| self.dequantize_row_p(p, r, out))
     }
 
-    fn dequantize_row_s<S: Scale>(&self, sb: &[S], r: usize, out: &mut [f32]) {
+    fn dequantize_row_p<P: Params>(&self, p: P, r: usize, out: &mut [f32]) {
         let blocks = self.blocks();
+        assert_eq!(p.blocks(), blocks);
         let bb = block_bytes(self.bits);
         for b in 0..blocks {
             let k = r * blocks + b;
-            let (s, m) = (sb[2 * k].f(), sb[2 * k + 1].f());
+            // SAFETY: b < blocks = p.blocks() (asserted).
+            let (s, m) = unsafe { p.sm(b) };
             let src = &self.q[k * bb..(k + 1) * bb];
             let dst = &mut out[b * BLOCK..(b + 1) * BLOCK];
             if self.bits == 4 {
@@ -285,18 +365,23 @@ impl QuantMatrix {
 
     /// Dot products of weight row `o` with activation rows `r..r + take`.
     fn row_dot(&self, isa: Isa, o: usize, act: &QuantActivations, r: usize, take: usize, sums: &mut [f32; 4]) {
-        match &self.sb {
-            Scales::F16(v) => self.row_dot_s(v, isa, o, act, r, take, sums),
-            Scales::F32(v) => self.row_dot_s(v, isa, o, act, r, take, sums),
-        }
+        with_params!(self, o, |p| self.row_dot_p(p, isa, o, act, r, take, sums))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn row_dot_s<S: Scale>(&self, sb: &[S], isa: Isa, o: usize, act: &QuantActivations, r: usize, take: usize, sums: &mut [f32; 4]) {
+    fn row_dot_p<P: Params>(
+        &self,
+        sb: P,
+        isa: Isa,
+        o: usize,
+        act: &QuantActivations,
+        r: usize,
+        take: usize,
+        sums: &mut [f32; 4],
+    ) {
         let blocks = self.blocks();
         let bb = block_bytes(self.bits);
         let q = &self.q[o * blocks * bb..(o + 1) * blocks * bb];
-        let sb = &sb[o * blocks * 2..(o + 1) * blocks * 2];
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512 => {
@@ -315,18 +400,14 @@ impl QuantMatrix {
     /// Dot products of weight row `o`, dequantized in registers, with float
     /// input rows `r..r + take`: the f32 model's products to rounding.
     fn row_dot_f32(&self, isa: Isa, o: usize, x: &[f32], r: usize, take: usize, sums: &mut [f32; 4]) {
-        match &self.sb {
-            Scales::F16(v) => self.row_dot_f32_s(v, isa, o, x, r, take, sums),
-            Scales::F32(v) => self.row_dot_f32_s(v, isa, o, x, r, take, sums),
-        }
+        with_params!(self, o, |p| self.row_dot_f32_p(p, isa, o, x, r, take, sums))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn row_dot_f32_s<S: Scale>(&self, sb: &[S], isa: Isa, o: usize, x: &[f32], r: usize, take: usize, sums: &mut [f32; 4]) {
+    fn row_dot_f32_p<P: Params>(&self, sb: P, isa: Isa, o: usize, x: &[f32], r: usize, take: usize, sums: &mut [f32; 4]) {
         let blocks = self.blocks();
         let bb = block_bytes(self.bits);
         let q = &self.q[o * blocks * bb..(o + 1) * blocks * bb];
-        let sb = &sb[o * blocks * 2..(o + 1) * blocks * 2];
         let xs = &x[r * self.cols..(r + take) * self.cols];
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -471,7 +552,8 @@ impl QuantActivations {
     }
 }
 
-fn row_dot_portable<S: Scale>(bits: u32, q: &[u8], sb: &[S], act: &QuantActivations, r: usize) -> f32 {
+fn row_dot_portable<P: Params>(bits: u32, q: &[u8], sb: P, act: &QuantActivations, r: usize) -> f32 {
+    assert_eq!(sb.blocks(), act.blocks);
     let blocks = act.blocks;
     let bb = block_bytes(bits);
     let mut total = 0f32;
@@ -489,14 +571,16 @@ fn row_dot_portable<S: Scale>(bits: u32, q: &[u8], sb: &[S], act: &QuantActivati
                 dot += (qb[i] as i8) as i32 * xq[i] as i32;
             }
         }
-        total += sb[2 * b].f() * act.d[k] * dot as f32 + sb[2 * b + 1].f() * act.sum[k];
+        // SAFETY: b < blocks = sb.blocks() (asserted).
+        let (s, m) = unsafe { sb.sm(b) };
+        total += s * act.d[k] * dot as f32 + m * act.sum[k];
     }
     total
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QuantActivations, Scale, BLOCK};
+    use super::{Params, QuantActivations, BLOCK};
     use crate::kernels::Isa;
     use std::arch::x86_64::*;
 
@@ -504,11 +588,11 @@ mod x86 {
     /// `isa` runs on this CPU; `q` and `sb` hold one weight row's blocks and
     /// `act` rows `r..r + take` (take <= 4).
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn row_dot<S: Scale>(
+    pub(super) unsafe fn row_dot<P: Params>(
         isa: Isa,
         bits: u32,
         q: &[u8],
-        sb: &[S],
+        sb: P,
         act: &QuantActivations,
         r: usize,
         take: usize,
@@ -517,22 +601,22 @@ mod x86 {
         // SAFETY: the caller's promises, passed on (every arm).
         unsafe {
             match (isa, bits, take) {
-                (Isa::Avx512, 4, 1) => row_q4_vnni::<S, 1>(q, sb, act, r, sums),
-                (Isa::Avx512, 4, 2) => row_q4_vnni::<S, 2>(q, sb, act, r, sums),
-                (Isa::Avx512, 4, 3) => row_q4_vnni::<S, 3>(q, sb, act, r, sums),
-                (Isa::Avx512, 4, _) => row_q4_vnni::<S, 4>(q, sb, act, r, sums),
-                (Isa::Avx512, _, 1) => row_q8_vnni::<S, 1>(q, sb, act, r, sums),
-                (Isa::Avx512, _, 2) => row_q8_vnni::<S, 2>(q, sb, act, r, sums),
-                (Isa::Avx512, _, 3) => row_q8_vnni::<S, 3>(q, sb, act, r, sums),
-                (Isa::Avx512, _, _) => row_q8_vnni::<S, 4>(q, sb, act, r, sums),
-                (_, 4, 1) => row_q4_avx2::<S, 1>(q, sb, act, r, sums),
-                (_, 4, 2) => row_q4_avx2::<S, 2>(q, sb, act, r, sums),
-                (_, 4, 3) => row_q4_avx2::<S, 3>(q, sb, act, r, sums),
-                (_, 4, _) => row_q4_avx2::<S, 4>(q, sb, act, r, sums),
-                (_, _, 1) => row_q8_avx2::<S, 1>(q, sb, act, r, sums),
-                (_, _, 2) => row_q8_avx2::<S, 2>(q, sb, act, r, sums),
-                (_, _, 3) => row_q8_avx2::<S, 3>(q, sb, act, r, sums),
-                (_, _, _) => row_q8_avx2::<S, 4>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, 1) => row_q4_vnni::<P, 1>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, 2) => row_q4_vnni::<P, 2>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, 3) => row_q4_vnni::<P, 3>(q, sb, act, r, sums),
+                (Isa::Avx512, 4, _) => row_q4_vnni::<P, 4>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 1) => row_q8_vnni::<P, 1>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 2) => row_q8_vnni::<P, 2>(q, sb, act, r, sums),
+                (Isa::Avx512, _, 3) => row_q8_vnni::<P, 3>(q, sb, act, r, sums),
+                (Isa::Avx512, _, _) => row_q8_vnni::<P, 4>(q, sb, act, r, sums),
+                (_, 4, 1) => row_q4_avx2::<P, 1>(q, sb, act, r, sums),
+                (_, 4, 2) => row_q4_avx2::<P, 2>(q, sb, act, r, sums),
+                (_, 4, 3) => row_q4_avx2::<P, 3>(q, sb, act, r, sums),
+                (_, 4, _) => row_q4_avx2::<P, 4>(q, sb, act, r, sums),
+                (_, _, 1) => row_q8_avx2::<P, 1>(q, sb, act, r, sums),
+                (_, _, 2) => row_q8_avx2::<P, 2>(q, sb, act, r, sums),
+                (_, _, 3) => row_q8_avx2::<P, 3>(q, sb, act, r, sums),
+                (_, _, _) => row_q8_avx2::<P, 4>(q, sb, act, r, sums),
             }
         }
     }
@@ -541,11 +625,11 @@ mod x86 {
     /// `isa` runs on this CPU; `q` and `sb` hold one weight row's blocks and
     /// `x` `take` (<= 4) rows of `cols`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn row_dot_f32<S: Scale>(
+    pub(super) unsafe fn row_dot_f32<P: Params>(
         isa: Isa,
         bits: u32,
         q: &[u8],
-        sb: &[S],
+        sb: P,
         x: &[f32],
         cols: usize,
         take: usize,
@@ -554,22 +638,22 @@ mod x86 {
         // SAFETY: the caller's promises, passed on (every arm).
         unsafe {
             match (isa, bits, take) {
-                (Isa::Avx512, 4, 1) => f32_q4_avx512::<S, 1>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, 2) => f32_q4_avx512::<S, 2>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, 3) => f32_q4_avx512::<S, 3>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, _) => f32_q4_avx512::<S, 4>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 1) => f32_q8_avx512::<S, 1>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 2) => f32_q8_avx512::<S, 2>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 3) => f32_q8_avx512::<S, 3>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, _) => f32_q8_avx512::<S, 4>(q, sb, x, cols, sums),
-                (_, 4, 1) => f32_q4_avx2::<S, 1>(q, sb, x, cols, sums),
-                (_, 4, 2) => f32_q4_avx2::<S, 2>(q, sb, x, cols, sums),
-                (_, 4, 3) => f32_q4_avx2::<S, 3>(q, sb, x, cols, sums),
-                (_, 4, _) => f32_q4_avx2::<S, 4>(q, sb, x, cols, sums),
-                (_, _, 1) => f32_q8_avx2::<S, 1>(q, sb, x, cols, sums),
-                (_, _, 2) => f32_q8_avx2::<S, 2>(q, sb, x, cols, sums),
-                (_, _, 3) => f32_q8_avx2::<S, 3>(q, sb, x, cols, sums),
-                (_, _, _) => f32_q8_avx2::<S, 4>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 1) => f32_q4_avx512::<P, 1>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 2) => f32_q4_avx512::<P, 2>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 3) => f32_q4_avx512::<P, 3>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, _) => f32_q4_avx512::<P, 4>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 1) => f32_q8_avx512::<P, 1>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 2) => f32_q8_avx512::<P, 2>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 3) => f32_q8_avx512::<P, 3>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, _) => f32_q8_avx512::<P, 4>(q, sb, x, cols, sums),
+                (_, 4, 1) => f32_q4_avx2::<P, 1>(q, sb, x, cols, sums),
+                (_, 4, 2) => f32_q4_avx2::<P, 2>(q, sb, x, cols, sums),
+                (_, 4, 3) => f32_q4_avx2::<P, 3>(q, sb, x, cols, sums),
+                (_, 4, _) => f32_q4_avx2::<P, 4>(q, sb, x, cols, sums),
+                (_, _, 1) => f32_q8_avx2::<P, 1>(q, sb, x, cols, sums),
+                (_, _, 2) => f32_q8_avx2::<P, 2>(q, sb, x, cols, sums),
+                (_, _, 3) => f32_q8_avx2::<P, 3>(q, sb, x, cols, sums),
+                (_, _, _) => f32_q8_avx2::<P, 4>(q, sb, x, cols, sums),
             }
         }
     }
@@ -579,19 +663,22 @@ mod x86 {
     /// step, into four accumulators a row: one chain of dependent FMAs
     /// would leave the core waiting on their latency.
     #[target_feature(enable = "avx2,fma,avx512f")]
-    unsafe fn f32_q4_avx512<S: Scale, const R: usize>(q: &[u8], sb: &[S], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_q4_avx512<P: Params, const R: usize>(q: &[u8], sb: P, x: &[f32], cols: usize, sums: &mut [f32; 4]) {
         let blocks = cols / BLOCK;
-        assert!(q.len() >= blocks * 16 && sb.len() >= 2 * blocks && x.len() >= R * cols);
+        assert!(q.len() >= blocks * 16 && sb.blocks() >= blocks && x.len() >= R * cols);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let low = _mm512_set1_epi32(15);
-        // SAFETY (closure): block b of q (16 bytes) and of sb, b < blocks.
-        let weights = |b: usize| unsafe {
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i));
-            let (s, m) = (_mm512_set1_ps(sb.get_unchecked(2 * b).f()), _mm512_set1_ps(sb.get_unchecked(2 * b + 1).f()));
-            [
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s, m),
-                _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, m),
-            ]
+        let weights = |b: usize| {
+            // SAFETY: block b of q (16 bytes) and of sb, b < blocks (checked above).
+            unsafe {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i));
+                let (s, m) = sb.sm(b);
+                let (s, m) = (_mm512_set1_ps(s), _mm512_set1_ps(m));
+                [
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s, m),
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, m),
+                ]
+            }
         };
         let mut b = 0;
         while b < blocks {
@@ -619,17 +706,20 @@ mod x86 {
 
     /// AVX-512, 8-bit (signed, the bias holding the 128); as the 4-bit one.
     #[target_feature(enable = "avx2,fma,avx512f")]
-    unsafe fn f32_q8_avx512<S: Scale, const R: usize>(q: &[u8], sb: &[S], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_q8_avx512<P: Params, const R: usize>(q: &[u8], sb: P, x: &[f32], cols: usize, sums: &mut [f32; 4]) {
         let blocks = cols / BLOCK;
-        assert!(q.len() >= blocks * 32 && sb.len() >= 2 * blocks && x.len() >= R * cols);
+        assert!(q.len() >= blocks * 32 && sb.blocks() >= blocks && x.len() >= R * cols);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        // SAFETY (closure): block b of q (32 bytes) and of sb, b < blocks.
-        let weights = |b: usize| unsafe {
-            let p = q.as_ptr().add(b * 32);
-            let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
-            let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-            let (s, m) = (_mm512_set1_ps(sb.get_unchecked(2 * b).f()), _mm512_set1_ps(sb.get_unchecked(2 * b + 1).f()));
-            [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
+        let weights = |b: usize| {
+            // SAFETY: block b of q (32 bytes) and of sb, b < blocks (checked above).
+            unsafe {
+                let p = q.as_ptr().add(b * 32);
+                let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                let (s, m) = sb.sm(b);
+                let (s, m) = (_mm512_set1_ps(s), _mm512_set1_ps(m));
+                [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
+            }
         };
         let mut b = 0;
         while b < blocks {
@@ -657,9 +747,9 @@ mod x86 {
 
     /// AVX2, 4-bit: four vectors of 8 floats per block.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn f32_q4_avx2<S: Scale, const R: usize>(q: &[u8], sb: &[S], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_q4_avx2<P: Params, const R: usize>(q: &[u8], sb: P, x: &[f32], cols: usize, sums: &mut [f32; 4]) {
         let blocks = cols / BLOCK;
-        assert!(q.len() >= blocks * 16 && sb.len() >= 2 * blocks && x.len() >= R * cols);
+        assert!(q.len() >= blocks * 16 && sb.blocks() >= blocks && x.len() >= R * cols);
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let low = _mm_set1_epi8(15);
         for b in 0..blocks {
@@ -668,7 +758,8 @@ mod x86 {
                 let raw = _mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i);
                 let lo = _mm_and_si128(raw, low);
                 let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-                let (s, m) = (_mm256_set1_ps(sb.get_unchecked(2 * b).f()), _mm256_set1_ps(sb.get_unchecked(2 * b + 1).f()));
+                let (s, m) = sb.sm(b);
+                let (s, m) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
                 let w = |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), s, m);
                 let ws = [w(lo), w(_mm_srli_si128(lo, 8)), w(hi), w(_mm_srli_si128(hi, 8))];
                 for (i, a) in acc.iter_mut().enumerate() {
@@ -686,15 +777,16 @@ mod x86 {
 
     /// AVX2, 8-bit.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn f32_q8_avx2<S: Scale, const R: usize>(q: &[u8], sb: &[S], x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_q8_avx2<P: Params, const R: usize>(q: &[u8], sb: P, x: &[f32], cols: usize, sums: &mut [f32; 4]) {
         let blocks = cols / BLOCK;
-        assert!(q.len() >= blocks * 32 && sb.len() >= 2 * blocks && x.len() >= R * cols);
+        assert!(q.len() >= blocks * 32 && sb.blocks() >= blocks && x.len() >= R * cols);
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         for b in 0..blocks {
             // SAFETY: block b of q (32 bytes), of sb, and of each x row (checked above).
             unsafe {
                 let p = q.as_ptr().add(b * 32);
-                let (s, m) = (_mm256_set1_ps(sb.get_unchecked(2 * b).f()), _mm256_set1_ps(sb.get_unchecked(2 * b + 1).f()));
+                let (s, m) = sb.sm(b);
+                let (s, m) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
                 let w = |k: usize| {
                     let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i));
                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), s, m)
@@ -737,8 +829,9 @@ mod x86 {
     macro_rules! row_kernel {
         ($name:ident, $features:literal, $bb:expr, |$qp:ident, $xv:ident| $dot:expr) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name<S: Scale, const R: usize>(q: &[u8], sb: &[S], act: &QuantActivations, r: usize, sums: &mut [f32; 4]) {
+            unsafe fn $name<P: Params, const R: usize>(q: &[u8], sb: P, act: &QuantActivations, r: usize, sums: &mut [f32; 4]) {
                 let blocks = act.blocks;
+                assert!(sb.blocks() >= blocks);
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut bias = [0f32; R];
                 for b in 0..blocks {
@@ -746,7 +839,7 @@ mod x86 {
                     // activation row r + i (i < R): all within their slices.
                     unsafe {
                         let $qp = q.as_ptr().add(b * $bb);
-                        let (s, m) = (sb.get_unchecked(2 * b).f(), sb.get_unchecked(2 * b + 1).f());
+                        let (s, m) = sb.sm(b);
                         for i in 0..R {
                             let k = (r + i) * blocks + b;
                             let $xv = _mm256_loadu_si256(act.xq.as_ptr().add(k * BLOCK) as *const __m256i);

@@ -99,11 +99,7 @@ fn threads() -> usize {
 #[pyfunction]
 fn stats() -> std::collections::HashMap<&'static str, (u64, f64)> {
     use std::sync::atomic::Ordering::Relaxed;
-    ffi::STAT_NAMES
-        .iter()
-        .zip(&ffi::STATS)
-        .map(|(n, (c, ns))| (*n, (c.load(Relaxed), ns.load(Relaxed) as f64 / 1e9)))
-        .collect()
+    ffi::STAT_NAMES.iter().zip(&ffi::STATS).map(|(n, (c, ns))| (*n, (c.load(Relaxed), ns.load(Relaxed) as f64 / 1e9))).collect()
 }
 
 /// The module, to be put in `sys.modules`.
