@@ -21,11 +21,12 @@ fn compare(model: &str, steps: usize) -> Value {
     serde_json::from_str(&report).unwrap()
 }
 
-/// SmolLM2's Q4_1/Q8_0 GGUF weights. Prefill of more than `SMALL_N` tokens
-/// (dequantized tiles through sgemm, the fused attention, swiglu) computes
-/// the float32 model's logits to rounding, so its greedy token is the
-/// reference's; decode's 8-bit activations (as llama.cpp's) stay within
-/// quantization tolerance, and so do short prompts, which take that path.
+/// SmolLM2's Q4_1/Q8_0 GGUF weights: the kernels (weights dequantized in
+/// registers for decode, in tiles through sgemm for prefill, the fused
+/// attention, swiglu) compute the float32 model's logits to rounding, after
+/// prefill and along a greedy continuation, so the greedy tokens are the
+/// reference's. (With `PENSIEVE_DECODE_PATH=integer`, decode and short
+/// prompts are held to quantization tolerance instead.)
 #[test]
 fn the_kernels_compute_what_mlx_computes_on_smollm2() {
     let r = compare(pensieve::config::BUILTIN_SMOLLM2, 16);
@@ -33,7 +34,7 @@ fn the_kernels_compute_what_mlx_computes_on_smollm2() {
     assert!(r["kernels"]["layers"].as_u64().unwrap() >= 200, "every quantized layer moved: {}", r["kernels"]);
     let mut agree = 0;
     let mut total = 0;
-    let exact = std::env::var("PENSIEVE_DECODE_PATH").as_deref() == Ok("float");
+    let exact = std::env::var("PENSIEVE_DECODE_PATH").as_deref() != Ok("integer");
     let tolerance = if exact { 1e-3 } else { 0.12 };
     for (p, text) in r["prompts"].as_array().unwrap().iter().zip(PROMPTS) {
         let (rg, kg) = (p["reference_greedy"].as_array().unwrap(), p["kernels_greedy"].as_array().unwrap());
@@ -50,8 +51,10 @@ fn the_kernels_compute_what_mlx_computes_on_smollm2() {
         total += rg.len();
     }
     eprintln!("greedy agreement along the reference's continuations: {agree}/{total}");
-    // Near-ties may fall the other way.
-    assert!(agree * 10 >= total * 9, "greedy tokens agree at {agree} of {total} steps");
+    // Exact to rounding: a near-tie could still fall the other way on
+    // another instruction set; 8-bit activations move more.
+    let want = if exact { total * 19 / 20 } else { total * 9 / 10 };
+    assert!(agree >= want, "greedy tokens agree at {agree} of {total} steps");
 }
 
 /// MLX-quantized models take the kernels too, at 4 and 8 bits and group
@@ -68,6 +71,7 @@ fn mlx_quantized_models_take_the_kernels() {
         .status()
         .unwrap();
     assert!(ok.success(), "make the random model");
+    let tolerance = if std::env::var("PENSIEVE_DECODE_PATH").as_deref() == Ok("integer") { 0.12 } else { 1e-3 };
     for (bits, group) in [(4, 64), (8, 32)] {
         let q_dir = work.join(format!("q{bits}-g{group}"));
         let script = format!(
@@ -83,9 +87,9 @@ fn mlx_quantized_models_take_the_kernels() {
         assert_eq!(r["kernels"]["layers"], 15, "{}", r["kernels"]);
         for p in r["prompts"].as_array().unwrap() {
             let (diff, range) = (p["decode_diff"].as_f64().unwrap(), p["decode_range"].as_f64().unwrap());
-            assert!(diff <= 0.12 * range.max(1e-3), "{bits}-bit decode logits off by {diff} (range {range})");
+            assert!(diff <= tolerance * range.max(1e-3), "{bits}-bit decode logits off by {diff} (range {range})");
             let (diff, range) = (p["prefill_diff"].as_f64().unwrap(), p["prefill_range"].as_f64().unwrap());
-            assert!(diff <= 0.12 * range.max(1e-3), "{bits}-bit prefill logits off by {diff} (range {range})");
+            assert!(diff <= tolerance * range.max(1e-3), "{bits}-bit prefill logits off by {diff} (range {range})");
         }
     }
     let _ = std::fs::remove_dir_all(&work);

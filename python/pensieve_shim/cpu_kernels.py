@@ -162,10 +162,11 @@ def install(model):
             swaps.append((name, QuantEmbedding(matrix)))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
-    # The rest of the model (norms, anything unquantized) in float32: MLX's
-    # CPU backend is fast for nothing else, and the kernels take float32.
-    model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
+        # The rest of a quantized model (norms, the odd unquantized layer) in
+        # float32: the kernels take float32, and it is small. An unquantized
+        # model keeps its dtype (a bfloat16 one would double in memory).
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
     _patch(True)
     # The MLX copies of the weights are gone; drop them from MLX's buffer cache.
     mx.clear_cache()

@@ -14,12 +14,13 @@
 //!
 //! Two ways to multiply, chosen by the number of input rows:
 //!
-//! - few rows (decode: one per running sequence): the activations are
-//!   quantized to 8 bits per block of 32 (a scale per block, as llama.cpp
-//!   does) and each block's dot product is an integer one — `maddubs` on
-//!   AVX2, `vpdpbusd` with AVX-512 VNNI — scaled once per block; weights are
-//!   read once per four input rows. (`Path::Float` instead dequantizes the
-//!   weights in registers against float activations: exact, ~12% slower.)
+//! - few rows (decode: one per running sequence): each block's 32 weights
+//!   are dequantized in registers (`scale * q + bias`) and multiplied into
+//!   up to four input rows at a time, so weights are read once per four
+//!   rows and the products are the float32 model's to rounding.
+//!   (`Path::Integer` instead quantizes the activations to 8 bits per block,
+//!   as llama.cpp does, for integer dot products — `maddubs` on AVX2,
+//!   `vpdpbusd` with AVX-512 VNNI: ~12% faster, less exact.)
 //! - many rows (prefill): tiles of the weights are dequantized to f32 and
 //!   multiplied by the BLAS sgemm (OpenBLAS), so the product is the f32
 //!   model's to rounding.
@@ -499,23 +500,25 @@ impl std::fmt::Debug for QuantMatrix {
 /// How a product is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// Weights dequantized in registers, float activations: exact, for
-    /// decode with `PENSIEVE_DECODE_PATH=float`.
+    /// Weights dequantized in registers, float activations: decode.
     Float,
-    /// 8-bit activations, integer dot products (llama.cpp's way): decode.
+    /// 8-bit activations, integer dot products (llama.cpp's way): decode
+    /// with `PENSIEVE_DECODE_PATH=integer`.
     Integer,
     /// Dequantized tiles through the BLAS sgemm (prefill).
     Sgemm,
 }
 
-/// The few-rows path: [`Path::Integer`] (12% faster end to end on
-/// SmolLM2 here: 33 vs 29 tok/s), or [`Path::Float`] with
-/// `PENSIEVE_DECODE_PATH=float` (the f32 model's products to rounding).
+/// The few-rows path: [`Path::Float`] (the float32 model's products to
+/// rounding), or [`Path::Integer`] with `PENSIEVE_DECODE_PATH=integer`:
+/// 12% faster end to end on SmolLM2 here (33 vs 29 tok/s), but its 8-bit
+/// activations turned SmolLM2's first answer token to "What is the capital
+/// of France?" from "The" (the float32 model's) to "L'".
 pub fn decode_path() -> Path {
     static P: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
     *P.get_or_init(|| match std::env::var("PENSIEVE_DECODE_PATH").as_deref() {
-        Ok("float") => Path::Float,
-        _ => Path::Integer,
+        Ok("integer") => Path::Integer,
+        _ => Path::Float,
     })
 }
 
