@@ -267,11 +267,16 @@ def run_server(name, cmd, env, port, dialect, health_path, args, extra):
             res["health"] = health(port)
         return res
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def stop(proc, timeout=30):
+    """SIGINT (a graceful drain), then SIGKILL after `timeout` seconds."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def inproc(model, tokens, prompt_words, runs=3):

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import health, rss, stream_one, wait_ready  # noqa: E402
+from compare import health, rss, stop, stream_one, wait_ready  # noqa: E402
 
 WORDS = "alpha bravo charlie delta echo weather city model token server river mountain garden window".split()
 STORIES = ["a dragon who learns to cook", "a lighthouse keeper and a storm", "a robot that plants a forest",
@@ -126,11 +125,7 @@ def pensieve(args, name, extra):
         res["decode8"] = statistics.median(res["decode8"])
         return res
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=60)
 
 
 def llama_cpp(args):

@@ -641,14 +641,14 @@ mod x86 {
         // SAFETY: the caller's promises, passed on (every arm).
         unsafe {
             match (isa, bits, take) {
-                (Isa::Avx512, 4, 1) => f32_q4_avx512::<P, 1>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, 2) => f32_q4_avx512::<P, 2>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, 3) => f32_q4_avx512::<P, 3>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, _) => f32_q4_avx512::<P, 4>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 1) => f32_q8_avx512::<P, 1>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 2) => f32_q8_avx512::<P, 2>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 3) => f32_q8_avx512::<P, 3>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, _) => f32_q8_avx512::<P, 4>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 1) => f32_avx512::<P, 4, 1>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 2) => f32_avx512::<P, 4, 2>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, 3) => f32_avx512::<P, 4, 3>(q, sb, x, cols, sums),
+                (Isa::Avx512, 4, _) => f32_avx512::<P, 4, 4>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 1) => f32_avx512::<P, 8, 1>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 2) => f32_avx512::<P, 8, 2>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, 3) => f32_avx512::<P, 8, 3>(q, sb, x, cols, sums),
+                (Isa::Avx512, _, _) => f32_avx512::<P, 8, 4>(q, sb, x, cols, sums),
                 (_, 4, 1) => f32_q4_avx2::<P, 1>(q, sb, x, cols, sums),
                 (_, 4, 2) => f32_q4_avx2::<P, 2>(q, sb, x, cols, sums),
                 (_, 4, 3) => f32_q4_avx2::<P, 3>(q, sb, x, cols, sums),
@@ -661,64 +661,36 @@ mod x86 {
         }
     }
 
-    /// AVX-512, 4-bit: a block's 32 weights as two vectors of 16 floats
-    /// (`scale * q + bias`), each multiplied into R input rows. Two blocks a
+    /// AVX-512: a block's 32 weights as two vectors of 16 floats
+    /// (`scale * q + bias`; 4-bit values unsigned, 8-bit ones signed with
+    /// the 128 in the bias), each multiplied into R input rows. Two blocks a
     /// step, into four accumulators a row: one chain of dependent FMAs
     /// would leave the core waiting on their latency.
     #[target_feature(enable = "avx2,fma,avx512f")]
-    unsafe fn f32_q4_avx512<P: Params, const R: usize>(q: &[u8], sb: P, x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_avx512<P: Params, const BITS: usize, const R: usize>(
+        q: &[u8],
+        sb: P,
+        x: &[f32],
+        cols: usize,
+        sums: &mut [f32; 4],
+    ) {
         let blocks = cols / BLOCK;
-        assert!(q.len() >= blocks * 16 && sb.blocks() >= blocks && x.len() >= R * cols);
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        let low = _mm512_set1_epi32(15);
-        let weights = |b: usize| {
-            // SAFETY: block b of q (16 bytes) and of sb, b < blocks (checked above).
-            unsafe {
-                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i));
-                let (s, m) = sb.sm(b);
-                let (s, m) = (_mm512_set1_ps(s), _mm512_set1_ps(m));
-                [
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s, m),
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, m),
-                ]
-            }
-        };
-        let mut b = 0;
-        while b < blocks {
-            let two = b + 1 < blocks;
-            let wa = weights(b);
-            let wb = if two { weights(b + 1) } else { [_mm512_setzero_ps(); 2] };
-            for (i, a) in acc.iter_mut().enumerate() {
-                // SAFETY: blocks b (and b + 1 when `two`) of row i of x (checked above).
-                unsafe {
-                    let xp = x.as_ptr().add(i * cols + b * BLOCK);
-                    a[0] = _mm512_fmadd_ps(wa[0], _mm512_loadu_ps(xp), a[0]);
-                    a[1] = _mm512_fmadd_ps(wa[1], _mm512_loadu_ps(xp.add(16)), a[1]);
-                    if two {
-                        a[2] = _mm512_fmadd_ps(wb[0], _mm512_loadu_ps(xp.add(32)), a[2]);
-                        a[3] = _mm512_fmadd_ps(wb[1], _mm512_loadu_ps(xp.add(48)), a[3]);
-                    }
-                }
-            }
-            b += 2;
-        }
-        for (i, a) in acc.iter().enumerate() {
-            sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
-        }
-    }
-
-    /// AVX-512, 8-bit (signed, the bias holding the 128); as the 4-bit one.
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    unsafe fn f32_q8_avx512<P: Params, const R: usize>(q: &[u8], sb: P, x: &[f32], cols: usize, sums: &mut [f32; 4]) {
-        let blocks = cols / BLOCK;
-        assert!(q.len() >= blocks * 32 && sb.blocks() >= blocks && x.len() >= R * cols);
+        let bb = BLOCK * BITS / 8;
+        assert!(q.len() >= blocks * bb && sb.blocks() >= blocks && x.len() >= R * cols);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let weights = |b: usize| {
-            // SAFETY: block b of q (32 bytes) and of sb, b < blocks (checked above).
+            // SAFETY: block b of q (bb bytes) and of sb, b < blocks (checked above).
             unsafe {
-                let p = q.as_ptr().add(b * 32);
-                let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
-                let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                let p = q.as_ptr().add(b * bb);
+                let (v0, v1) = if BITS == 4 {
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                    (_mm512_and_si512(v, _mm512_set1_epi32(15)), _mm512_srli_epi32(v, 4))
+                } else {
+                    (
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)),
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                    )
+                };
                 let (s, m) = sb.sm(b);
                 let (s, m) = (_mm512_set1_ps(s), _mm512_set1_ps(m));
                 [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
