@@ -146,12 +146,18 @@ def install(model):
     why = unavailable()
     if why:
         return {"used": False, "why": why}
-    _bind()
+    try:
+        _bind()
+    except RuntimeError as e:  # an extension built for another pensieve
+        return {"used": False, "why": str(e)}
     swaps, held, kept = [], 0, {}
     for name, m in model.named_modules():
         if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             continue
-        matrix, reason = _matrix(m)
+        try:
+            matrix, reason = _matrix(m)
+        except ValueError as e:  # a layout the kernels refuse: MLX keeps the layer
+            matrix, reason = None, str(e)
         if matrix is None:
             kept[reason] = kept.get(reason, 0) + 1
             continue
