@@ -649,14 +649,14 @@ mod x86 {
                 (Isa::Avx512, _, 2) => f32_avx512::<P, 8, 2>(q, sb, x, cols, sums),
                 (Isa::Avx512, _, 3) => f32_avx512::<P, 8, 3>(q, sb, x, cols, sums),
                 (Isa::Avx512, _, _) => f32_avx512::<P, 8, 4>(q, sb, x, cols, sums),
-                (_, 4, 1) => f32_q4_avx2::<P, 1>(q, sb, x, cols, sums),
-                (_, 4, 2) => f32_q4_avx2::<P, 2>(q, sb, x, cols, sums),
-                (_, 4, 3) => f32_q4_avx2::<P, 3>(q, sb, x, cols, sums),
-                (_, 4, _) => f32_q4_avx2::<P, 4>(q, sb, x, cols, sums),
-                (_, _, 1) => f32_q8_avx2::<P, 1>(q, sb, x, cols, sums),
-                (_, _, 2) => f32_q8_avx2::<P, 2>(q, sb, x, cols, sums),
-                (_, _, 3) => f32_q8_avx2::<P, 3>(q, sb, x, cols, sums),
-                (_, _, _) => f32_q8_avx2::<P, 4>(q, sb, x, cols, sums),
+                (_, 4, 1) => f32_avx2::<P, 4, 1>(q, sb, x, cols, sums),
+                (_, 4, 2) => f32_avx2::<P, 4, 2>(q, sb, x, cols, sums),
+                (_, 4, 3) => f32_avx2::<P, 4, 3>(q, sb, x, cols, sums),
+                (_, 4, _) => f32_avx2::<P, 4, 4>(q, sb, x, cols, sums),
+                (_, _, 1) => f32_avx2::<P, 8, 1>(q, sb, x, cols, sums),
+                (_, _, 2) => f32_avx2::<P, 8, 2>(q, sb, x, cols, sums),
+                (_, _, 3) => f32_avx2::<P, 8, 3>(q, sb, x, cols, sums),
+                (_, _, _) => f32_avx2::<P, 8, 4>(q, sb, x, cols, sums),
             }
         }
     }
@@ -720,53 +720,37 @@ mod x86 {
         }
     }
 
-    /// AVX2, 4-bit: four vectors of 8 floats per block.
+    /// AVX2: a block's 32 weights as four vectors of 8 floats (4-bit values
+    /// unsigned, 8-bit ones signed), each multiplied into R input rows.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn f32_q4_avx2<P: Params, const R: usize>(q: &[u8], sb: P, x: &[f32], cols: usize, sums: &mut [f32; 4]) {
+    unsafe fn f32_avx2<P: Params, const BITS: usize, const R: usize>(
+        q: &[u8],
+        sb: P,
+        x: &[f32],
+        cols: usize,
+        sums: &mut [f32; 4],
+    ) {
         let blocks = cols / BLOCK;
-        assert!(q.len() >= blocks * 16 && sb.blocks() >= blocks && x.len() >= R * cols);
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
-        let low = _mm_set1_epi8(15);
-        for b in 0..blocks {
-            // SAFETY: block b of q (16 bytes), of sb, and of each x row (checked above).
-            unsafe {
-                let raw = _mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i);
-                let lo = _mm_and_si128(raw, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-                let (s, m) = sb.sm(b);
-                let (s, m) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
-                let w = |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), s, m);
-                let ws = [w(lo), w(_mm_srli_si128(lo, 8)), w(hi), w(_mm_srli_si128(hi, 8))];
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xp = x.as_ptr().add(i * cols + b * BLOCK);
-                    for (k, wk) in ws.iter().enumerate() {
-                        a[k] = _mm256_fmadd_ps(*wk, _mm256_loadu_ps(xp.add(8 * k)), a[k]);
-                    }
-                }
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            sums[i] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-        }
-    }
-
-    /// AVX2, 8-bit.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn f32_q8_avx2<P: Params, const R: usize>(q: &[u8], sb: P, x: &[f32], cols: usize, sums: &mut [f32; 4]) {
-        let blocks = cols / BLOCK;
-        assert!(q.len() >= blocks * 32 && sb.blocks() >= blocks && x.len() >= R * cols);
+        let bb = BLOCK * BITS / 8;
+        assert!(q.len() >= blocks * bb && sb.blocks() >= blocks && x.len() >= R * cols);
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         for b in 0..blocks {
-            // SAFETY: block b of q (32 bytes), of sb, and of each x row (checked above).
+            // SAFETY: block b of q (bb bytes), of sb, and of each x row (checked above).
             unsafe {
-                let p = q.as_ptr().add(b * 32);
-                let (s, m) = sb.sm(b);
-                let (s, m) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
-                let w = |k: usize| {
-                    let v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i));
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), s, m)
+                let p = q.as_ptr().add(b * bb);
+                // Four groups of 8 values, as 32-bit integers.
+                let v = if BITS == 4 {
+                    let low = _mm_set1_epi8(15);
+                    let raw = _mm_loadu_si128(p as *const __m128i);
+                    let lo = _mm_and_si128(raw, low);
+                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+                    [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)].map(|g| _mm256_cvtepu8_epi32(g))
+                } else {
+                    [0, 1, 2, 3].map(|k| _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i)))
                 };
-                let ws = [w(0), w(1), w(2), w(3)];
+                let (s, m) = sb.sm(b);
+                let (s, m) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
+                let ws = v.map(|g| _mm256_fmadd_ps(_mm256_cvtepi32_ps(g), s, m));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xp = x.as_ptr().add(i * cols + b * BLOCK);
                     for (k, wk) in ws.iter().enumerate() {
