@@ -107,7 +107,7 @@ fn attention_bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3)).sample_size(10);
     // SmolLM2-135M's heads: 9 query heads over 3 key/value heads of 64.
     let (hq, hkv, d) = (9, 3, 64);
-    for (l, s) in [(512, 512), (512, 4096), (512, 8192), (1, 4096)] {
+    for (l, s) in [(512, 512), (512, 4096), (512, 8192), (1, 4096), (1, 300)] {
         let q = vec![0.1f32; hq * l * d];
         let k: Vec<f32> = (0..hkv * s * d).map(|i| (i % 7) as f32 * 0.1).collect();
         let v = k.clone();

@@ -51,6 +51,17 @@ fn the_kernels_compute_what_mlx_computes_on_smollm2() {
         total += rg.len();
     }
     eprintln!("greedy agreement along the reference's continuations: {agree}/{total}");
+    // rope and rms_norm on their own, against MLX's: strided inputs, both
+    // pairings, partial rotation, 3-d inputs, per-row offsets, custom
+    // frequencies, norms with and without a weight.
+    let ops = r["ops"].as_object().unwrap();
+    assert!(ops.len() >= 10, "{ops:?}");
+    for (case, diff) in ops {
+        // At position 4095 a float32 angle is only good to ~2.4e-4 rad
+        // (4095 * 2^-24): there the two sines part by that much.
+        let tolerance = if case.contains("offsets per row") { 3e-4 } else { 1e-5 };
+        assert!(diff.as_f64().unwrap() <= tolerance, "{case}: off by {diff} of the largest value");
+    }
     // Exact to rounding: a near-tie could still fall the other way on
     // another instruction set; 8-bit activations move more.
     let want = if exact { total * 19 / 20 } else { total * 9 / 10 };

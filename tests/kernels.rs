@@ -5,7 +5,7 @@ mod common;
 
 use pensieve::kernels::attention::{self, Mask, View};
 use pensieve::kernels::quant::{Half, Path, QuantMatrix, Scale, BLOCK};
-use pensieve::kernels::Isa;
+use pensieve::kernels::{elementwise, rope, Isa};
 use proptest::prelude::*;
 use std::sync::Once;
 
@@ -324,4 +324,100 @@ fn the_vectorized_exp_is_accurate() {
     assert_eq!(attention::exp(f32::NEG_INFINITY), 0.0);
     assert_eq!(attention::exp(-100.0), 0.0);
     assert_eq!(attention::exp(0.0), 1.0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Rope over a strided input (queries as the projection lays them out,
+    /// `[B, L, H, D]` viewed as `[B, H, L, D]`), both pairings, part of the
+    /// head rotated, one offset for all rows or one per row, custom
+    /// frequencies: against the definition in f64.
+    #[test]
+    fn rope_matches_the_definition(
+        seed in 1u64..u64::MAX,
+        b in 1usize..4,
+        h in 1usize..5,
+        l in 1usize..40,
+        d in prop::sample::select(vec![64usize, 128, 24, 80, 6]),
+        partial in any::<bool>(),
+        traditional in any::<bool>(),
+        per_row in any::<bool>(),
+        custom in any::<bool>(),
+        scale in prop::sample::select(vec![1.0f32, 0.25]),
+    ) {
+        let mut rng = Rng(seed);
+        let dims = if partial { (d / 2) & !1 } else { d }.max(2);
+        let data: Vec<f32> = (0..b * l * h * d).map(|_| rng.unit()).collect();
+        let x = View { data: &data, shape: [b, h, l, d], strides: [l * h * d, d, h * d, 1] };
+        let offsets: Vec<i32> = (0..if per_row { b } else { 1 }).map(|_| (rng.next() % 5000) as i32).collect();
+        let inv: Vec<f32> = if custom {
+            (0..dims / 2).map(|i| 1.0 / (1.0 + i as f32 * 3.7)).collect()
+        } else {
+            rope::inv_freq(dims, 10000.0)
+        };
+        let r = rope::Rope { dims, traditional, inv_freq: &inv, scale, offsets: &offsets };
+        for isa in Isa::available() {
+            let mut out = vec![0f32; b * h * l * d];
+            rope::rope(isa, x, &r, &mut out).unwrap();
+            for (bi, hi, li) in (0..b).flat_map(|bi| (0..h).flat_map(move |hi| (0..l).map(move |li| (bi, hi, li)))) {
+                let src = &data[bi * l * h * d + li * h * d + hi * d..][..d];
+                let got = &out[((bi * h + hi) * l + li) * d..][..d];
+                let pos = (li as f64 + offsets[if per_row { bi } else { 0 }] as f64) * scale as f64;
+                for (i, &f) in inv.iter().enumerate() {
+                    let t = pos * f as f64;
+                    let (a, c) = if traditional { (2 * i, 2 * i + 1) } else { (i, i + dims / 2) };
+                    let (x1, x2) = (src[a] as f64, src[c] as f64);
+                    // f32 angles of up to ~5000 rad carry ~3e-4 of rounding.
+                    let tol = 1e-5 + 1e-7 * t.abs();
+                    prop_assert!((got[a] as f64 - (x1 * t.cos() - x2 * t.sin())).abs() <= tol, "{isa:?} {bi} {hi} {li} {i}");
+                    prop_assert!((got[c] as f64 - (x1 * t.sin() + x2 * t.cos())).abs() <= tol, "{isa:?} {bi} {hi} {li} {i}");
+                }
+                prop_assert_eq!(&got[dims..], &src[dims..]);
+            }
+        }
+    }
+
+    /// RMS norm of rows of any length, with and without a weight.
+    #[test]
+    fn rms_norm_matches_the_definition(
+        seed in 1u64..u64::MAX,
+        rows in 1usize..200,
+        dims in 1usize..700,
+        weighted in any::<bool>(),
+    ) {
+        let mut rng = Rng(seed);
+        let x: Vec<f32> = (0..rows * dims).map(|_| rng.unit() * 3.0).collect();
+        let w: Vec<f32> = (0..dims).map(|_| rng.unit()).collect();
+        let eps = 1e-5f32;
+        for isa in Isa::available() {
+            let mut out = vec![0f32; rows * dims];
+            elementwise::rms_norm(isa, &x, weighted.then_some(&w[..]), dims, eps, &mut out);
+            for r in 0..rows {
+                let row = &x[r * dims..][..dims];
+                let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dims as f64;
+                let k = 1.0 / (ms + eps as f64).sqrt();
+                for (i, &v) in row.iter().enumerate() {
+                    let want = v as f64 * k * if weighted { w[i] as f64 } else { 1.0 };
+                    let got = out[r * dims + i] as f64;
+                    prop_assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{isa:?} row {r} element {i}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_rejects_what_it_cannot_compute() {
+    let data = vec![0f32; 2 * 2 * 3 * 8];
+    let x = View::contiguous(&data, [2, 2, 3, 8]);
+    let inv = rope::inv_freq(8, 10000.0);
+    let mut out = vec![0f32; data.len()];
+    let odd = rope::Rope { dims: 7, traditional: false, inv_freq: &inv, scale: 1.0, offsets: &[0] };
+    assert!(rope::rope(Isa::Portable, x, &odd, &mut out).is_err());
+    let three = rope::Rope { dims: 8, traditional: false, inv_freq: &inv, scale: 1.0, offsets: &[0, 1, 2] };
+    assert!(rope::rope(Isa::Portable, x, &three, &mut out).unwrap_err().contains("3 offsets"));
+    let strided = View { data: &data, shape: [2, 2, 3, 4], strides: [48, 24, 8, 2] };
+    let ok = rope::Rope { dims: 4, traditional: false, inv_freq: &inv[..2], scale: 1.0, offsets: &[0] };
+    assert!(rope::rope(Isa::Portable, strided, &ok, &mut out[..48]).is_err());
 }

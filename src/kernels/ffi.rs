@@ -36,6 +36,21 @@ pub struct AttentionArgs {
     pub out: *mut f32,
 }
 
+/// Must match `RopeArgs` in mlx_ops.cpp.
+#[repr(C)]
+pub struct RopeArgs {
+    pub x: View4,
+    pub dims: i32,
+    pub traditional: i32,
+    pub scale: f32,
+    /// `dims / 2` frequencies, or null for `base`'s.
+    pub freqs: *const f32,
+    pub base: f32,
+    pub offsets: *const i32,
+    pub n_offsets: i64,
+    pub out: *mut f32,
+}
+
 /// Must match `KernelTable` in mlx_ops.cpp.
 #[repr(C)]
 pub struct KernelTable {
@@ -46,9 +61,12 @@ pub struct KernelTable {
     pub gather: unsafe extern "C" fn(*const c_void, *const u32, i64, *mut f32) -> i32,
     pub attention: unsafe extern "C" fn(*const AttentionArgs) -> i32,
     pub silu_mul: unsafe extern "C" fn(*const f32, *const f32, i64, *mut f32) -> i32,
+    pub rope: unsafe extern "C" fn(*const RopeArgs) -> i32,
+    pub rms_norm: unsafe extern "C" fn(*const f32, *const f32, i64, i64, f32, *mut f32) -> i32,
 }
 
-pub static TABLE: KernelTable = KernelTable { version: 2, retain, release, qmatmul, gather, attention: attention_c, silu_mul };
+pub static TABLE: KernelTable =
+    KernelTable { version: 3, retain, release, qmatmul, gather, attention: attention_c, silu_mul, rope: rope_c, rms_norm };
 
 /// The address `pensieve_mlx.bind` takes.
 pub fn table_address() -> usize {
@@ -62,9 +80,9 @@ pub fn handle(m: &Arc<QuantMatrix>) -> usize {
 }
 
 /// Calls and nanoseconds spent per kernel kind (qmatmul, gather,
-/// attention, silu_mul), for `pensieve_kernels.stats()`.
-pub static STATS: [(AtomicU64, AtomicU64); 4] = [const { (AtomicU64::new(0), AtomicU64::new(0)) }; 4];
-pub const STAT_NAMES: [&str; 4] = ["qmatmul", "gather", "attention", "silu_mul"];
+/// attention, silu_mul, rope, rms_norm), for `pensieve_kernels.stats()`.
+pub static STATS: [(AtomicU64, AtomicU64); 6] = [const { (AtomicU64::new(0), AtomicU64::new(0)) }; 6];
+pub const STAT_NAMES: [&str; 6] = ["qmatmul", "gather", "attention", "silu_mul", "rope", "rms_norm"];
 
 fn guarded(kind: usize, f: impl FnOnce() -> Result<(), String>) -> i32 {
     let t = std::time::Instant::now();
@@ -183,6 +201,58 @@ unsafe extern "C" fn silu_mul(gate: *const f32, x: *const f32, n: i64, out: *mut
             (std::slice::from_raw_parts(gate, n), std::slice::from_raw_parts(x, n), std::slice::from_raw_parts_mut(out, n))
         };
         super::elementwise::silu_mul(Isa::best(), g, x, o);
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `args.x` is readable over its extent, `freqs` (when not null) holds
+/// `dims / 2` values, `offsets` holds `n_offsets`, and `out` has room for
+/// the input's element count.
+unsafe extern "C" fn rope_c(args: *const RopeArgs) -> i32 {
+    guarded(4, || {
+        // SAFETY: the caller's promises.
+        let a = unsafe { &*args };
+        if a.dims < 0 || a.n_offsets < 1 {
+            return Err("rope: negative dims or no offset".into());
+        }
+        let dims = a.dims as usize;
+        // SAFETY: as above.
+        let x = unsafe { view(&a.x)? };
+        let inv = if a.freqs.is_null() {
+            super::rope::inv_freq(dims, a.base)
+        } else {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts(a.freqs, dims / 2) }.iter().map(|f| 1.0 / f).collect()
+        };
+        // SAFETY: as above.
+        let offsets = unsafe { std::slice::from_raw_parts(a.offsets, a.n_offsets as usize) };
+        let n = x.shape.iter().product();
+        // SAFETY: as above.
+        let out = unsafe { std::slice::from_raw_parts_mut(a.out, n) };
+        let r = super::rope::Rope { dims, traditional: a.traditional != 0, inv_freq: &inv, scale: a.scale, offsets };
+        super::rope::rope(Isa::best(), x, &r, out)
+    })
+}
+
+/// # Safety
+/// `x` holds `rows * dims` values, `weight` (when not null) `dims`, and
+/// `out` has room for `rows * dims`.
+unsafe extern "C" fn rms_norm(x: *const f32, weight: *const f32, rows: i64, dims: i64, eps: f32, out: *mut f32) -> i32 {
+    guarded(5, || {
+        if rows < 0 || dims < 1 {
+            return Err("rms_norm: bad shape".into());
+        }
+        let (rows, dims) = (rows as usize, dims as usize);
+        // SAFETY: the caller's promises.
+        let (x, w, o) = unsafe {
+            (
+                std::slice::from_raw_parts(x, rows * dims),
+                (!weight.is_null()).then(|| std::slice::from_raw_parts(weight, dims)),
+                std::slice::from_raw_parts_mut(out, rows * dims),
+            )
+        };
+        super::elementwise::rms_norm(Isa::best(), x, w, dims, eps, o);
         Ok(())
     })
 }

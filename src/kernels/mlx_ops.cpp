@@ -46,6 +46,18 @@ struct AttentionArgs {
   float* out;
 };
 
+struct RopeArgs {
+  View4 x;
+  int32_t dims;
+  int32_t traditional;
+  float scale;
+  const float* freqs;
+  float base;
+  const int32_t* offsets;
+  int64_t n_offsets;
+  float* out;
+};
+
 struct KernelTable {
   uint32_t version;
   void (*retain)(const void*);
@@ -54,13 +66,15 @@ struct KernelTable {
   int32_t (*gather)(const void*, const uint32_t*, int64_t, float*);
   int32_t (*attention)(const AttentionArgs*);
   int32_t (*silu_mul)(const float*, const float*, int64_t, float*);
+  int32_t (*rope)(const RopeArgs*);
+  int32_t (*rms_norm)(const float*, const float*, int64_t, int64_t, float, float*);
 };
 
 static KernelTable table{};
 
 static void bind(uintptr_t addr) {
   auto t = reinterpret_cast<const KernelTable*>(addr);
-  if (t->version != 2) {
+  if (t->version != 3) {
     throw std::runtime_error("pensieve_mlx: kernel table version mismatch");
   }
   table = *t;
@@ -296,11 +310,140 @@ static mx::array attention(const mx::array& q, const mx::array& k, const mx::arr
   return mx::array(out, mx::float32, std::make_shared<Attention>(mx::default_stream(mx::Device::cpu), scale, causal, has_mask), ins);
 }
 
+class RoPE : public mx::Primitive {
+ public:
+  RoPE(mx::Stream s, int dims, bool traditional, float base, float scale, bool has_freqs)
+      : mx::Primitive(s), dims_(dims), traditional_(traditional), base_(base), scale_(scale), has_freqs_(has_freqs) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    const mx::array& xin = inputs[0];
+    bool usable = xin.strides().back() == 1 || xin.shape(-1) == 1;
+    for (auto st : xin.strides()) usable = usable && st >= 0;
+    mx::array x = usable ? xin : row_major(xin, enc);
+    mx::array off = row_major(inputs[1], enc);
+    std::optional<mx::array> freqs;
+    if (has_freqs_) freqs = row_major(inputs[2], enc);
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    RopeArgs args{};
+    args.x = view_of(x);
+    args.dims = dims_;
+    args.traditional = traditional_;
+    args.scale = scale_;
+    args.freqs = freqs ? freqs->data<float>() : nullptr;
+    args.base = base_;
+    args.offsets = off.data<int32_t>();
+    args.n_offsets = off.size();
+    args.out = out.data<float>();
+    enc.set_input_array(x);
+    enc.set_input_array(off);
+    if (freqs) enc.set_input_array(*freqs);
+    enc.set_output_array(out);
+    enc.dispatch([args]() {
+      if (table.rope(&args) != 0) throw std::runtime_error("pensieve_mlx: rope failed");
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("pensieve_mlx: CPU only");
+  }
+  const char* name() const override { return "PensieveRoPE"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto o = dynamic_cast<const RoPE*>(&other);
+    return o && o->dims_ == dims_ && o->traditional_ == traditional_ && o->base_ == base_ && o->scale_ == scale_ &&
+           o->has_freqs_ == has_freqs_;
+  }
+
+ private:
+  int dims_;
+  bool traditional_;
+  float base_, scale_;
+  bool has_freqs_;
+};
+
+class RMSNorm : public mx::Primitive {
+ public:
+  RMSNorm(mx::Stream s, float eps, bool has_weight) : mx::Primitive(s), eps_(eps), has_weight_(has_weight) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    mx::array x = row_major(inputs[0], enc);
+    std::optional<mx::array> w;
+    if (has_weight_) w = row_major(inputs[1], enc);
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    int64_t dims = x.shape(-1), rows = dims ? x.size() / dims : 0;
+    enc.set_input_array(x);
+    if (w) enc.set_input_array(*w);
+    enc.set_output_array(out);
+    enc.dispatch([x = x.data<float>(), w = w ? w->data<float>() : nullptr, rows, dims, eps = eps_, o = out.data<float>()]() {
+      if (table.rms_norm(x, w, rows, dims, eps, o) != 0) throw std::runtime_error("pensieve_mlx: rms_norm failed");
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("pensieve_mlx: CPU only");
+  }
+  const char* name() const override { return "PensieveRMSNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto o = dynamic_cast<const RMSNorm*>(&other);
+    return o && o->eps_ == eps_ && o->has_weight_ == has_weight_;
+  }
+
+ private:
+  float eps_;
+  bool has_weight_;
+};
+
+static mx::array rope(const mx::array& a, int dims, bool traditional, std::optional<float> base, float scale,
+                      std::variant<int, mx::array> offset, std::optional<mx::array> freqs) {
+  check_bound();
+  if (a.dtype() != mx::float32 || a.ndim() < 3) throw std::invalid_argument("pensieve_mlx.rope: a must be float32 with at least 3 dimensions");
+  int d = a.shape(-1);
+  if (dims <= 0 || dims % 2 || dims > d) throw std::invalid_argument("pensieve_mlx.rope: dims must be even and at most the last dimension");
+  if (base.has_value() == freqs.has_value()) throw std::invalid_argument("pensieve_mlx.rope: exactly one of base and freqs");
+  // [B, N, T, D], as MLX's own rope reads its input.
+  mx::array x = a;
+  if (a.ndim() == 3) {
+    x = mx::expand_dims(a, 1);
+  } else if (a.ndim() > 4) {
+    x = mx::flatten(a, 1, a.ndim() - 3);
+  }
+  mx::array off = std::holds_alternative<int>(offset) ? mx::array(std::get<int>(offset), mx::int32)
+                                                      : mx::astype(std::get<mx::array>(offset), mx::int32);
+  if (off.ndim() > 1 || (off.ndim() == 1 && off.size() != 1 && off.shape(0) != x.shape(0))) {
+    throw std::invalid_argument("pensieve_mlx.rope: offset must be a scalar or one per batch row");
+  }
+  if (off.ndim() == 0) off = mx::reshape(off, {1});
+  std::vector<mx::array> ins{x, off};
+  if (freqs) {
+    if (freqs->ndim() != 1 || freqs->shape(0) != dims / 2) throw std::invalid_argument("pensieve_mlx.rope: freqs must hold dims/2 values");
+    ins.push_back(mx::astype(*freqs, mx::float32));
+  }
+  auto s = mx::default_stream(mx::Device::cpu);
+  mx::array y(x.shape(), mx::float32, std::make_shared<RoPE>(s, dims, traditional, base.value_or(0.0f), scale, freqs.has_value()), ins);
+  return a.ndim() == 4 ? y : mx::reshape(y, a.shape());
+}
+
+static mx::array rms_norm(const mx::array& x, std::optional<mx::array> weight, float eps) {
+  check_bound();
+  if (x.dtype() != mx::float32 || x.ndim() < 1) throw std::invalid_argument("pensieve_mlx.rms_norm: x must be float32");
+  std::vector<mx::array> ins{x};
+  if (weight) {
+    if (weight->dtype() != mx::float32 || weight->ndim() != 1 || weight->shape(0) != x.shape(-1)) {
+      throw std::invalid_argument("pensieve_mlx.rms_norm: weight must be float32 with one value per feature");
+    }
+    ins.push_back(*weight);
+  }
+  auto s = mx::default_stream(mx::Device::cpu);
+  return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(s, eps, weight.has_value()), ins);
+}
+
 NB_MODULE(pensieve_mlx, m) {
   m.doc() = "pensieve's CPU kernels as MLX primitives (built by pensieve's build.rs)";
   m.def("bind", &bind, nb::arg("table"));
   m.def("qmatmul", &qmatmul, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"));
   m.def("gather", &gather, nb::arg("ids"), nb::arg("handle"), nb::arg("cols"));
   m.def("silu_mul", &silu_mul, nb::arg("gate"), nb::arg("x"));
+  m.def("rope", &rope, nb::arg("a"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base").none(), nb::arg("scale"),
+        nb::arg("offset"), nb::arg("freqs").none() = nb::none());
+  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight").none(), nb::arg("eps"));
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"), nb::arg("mask").none() = nb::none());
 }

@@ -17,6 +17,7 @@ pub mod attention;
 pub mod ffi;
 mod pool;
 pub mod quant;
+pub mod rope;
 
 pub(crate) use pool::parallel_for;
 pub use pool::threads;

@@ -149,8 +149,17 @@ impl Pool {
             self.wake.notify_all();
         }
         job.work();
+        // A worker still on a task may have lost its core (to the Python
+        // thread building the next step): after a short spin, yield ours so
+        // it can finish rather than burn the rest of a time slice waiting.
+        let mut spins = 0u32;
         while job.done.load(Acquire) < n {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins < 256 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         self.job.store(std::ptr::null_mut(), SeqCst);
         while self.in_job.load(SeqCst) != 0 {
