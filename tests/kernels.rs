@@ -291,6 +291,12 @@ proptest! {
                 if !w.is_finite() { continue; }
                 prop_assert!((*g as f64 - w).abs() <= 2e-5, "{isa:?} element {i}: {g} vs {w}");
             }
+            // The same, laid out [B, L, Hq, D] (for the output projection).
+            let mut blhd = vec![0f32; b * hq * l * d];
+            attention::attention_into(isa, q, k, v, scale, mask, &mut blhd, true).unwrap();
+            for (bi, hi, li) in (0..b).flat_map(|bi| (0..hq).flat_map(move |hi| (0..l).map(move |li| (bi, hi, li)))) {
+                prop_assert_eq!(&blhd[((bi * l + li) * hq + hi) * d..][..d], &out[((bi * hq + hi) * l + li) * d..][..d]);
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ MLX's own kernels are the fast path — nothing here is used."""
 
 import json
 import sys
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -86,6 +87,130 @@ class QuantEmbedding(nn.Module):
     def as_linear(self, x):
         m = self._matrix
         return ext.qmatmul(x.astype(mx.float32), m.handle, m.rows, m.cols)
+
+
+def _rope_args(rope):
+    """(dims, traditional, base, scale, freqs) of a rope module whose call is
+    exactly one mx.fast.rope, or None (the fused q/k/v product then stays off)."""
+    if type(rope) is nn.RoPE:
+        return rope.dims, rope.traditional, rope.base, rope.scale, None
+    freqs = getattr(rope, "_freqs", None)
+    if type(rope).__name__ == "Llama3RoPE" and isinstance(freqs, mx.array):
+        return rope.dims, rope.traditional, None, 1.0, freqs.astype(mx.float32)
+    return None
+
+
+class FusedAttention(nn.Module):
+    """mlx-lm's llama/qwen2 attention with q, k and v as one product over
+    their stacked rows, rope and the head layout applied in the same kernel,
+    and the attention written in the layout the output projection reads:
+    four graph nodes where mlx-lm's has fifteen."""
+
+    def __init__(self, attn, matrix, rope, bias):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = attn.n_heads, attn.n_kv_heads
+        self.head_dim = attn.q_proj.weight.shape[0] // attn.n_heads
+        self.scale = attn.scale
+        self._matrix, self._rope = matrix, rope
+        if bias is not None:
+            self.qkv_bias = bias
+        self.o_proj = attn.o_proj
+
+    def __call__(self, x, mask=None, cache=None):
+        B, L, _ = x.shape
+        m = self._matrix
+        dims, traditional, base, scale, freqs = self._rope
+        offset = cache.offset if cache is not None else 0
+        bias = self.qkv_bias if "qkv_bias" in self else None
+        q, k, v = ext.qkv_rope(x.astype(mx.float32), m.handle, m.rows, m.cols, self.n_heads, self.n_kv_heads,
+                               self.head_dim, dims, traditional, base, scale, offset, freqs, bias)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if not hasattr(cache, "bits") and k.dtype == v.dtype == mx.float32 and (
+            mask is None or isinstance(mask, mx.array) or mask == "causal"
+        ):
+            out = ext.attention(q, k, v, self.scale, mask, True)
+        else:  # a quantized KV cache: mlx-lm's own attention for it
+            from mlx_lm.models.base import scaled_dot_product_attention
+
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+            out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out)
+
+
+class FusedMLP(nn.Module):
+    """A gated MLP (silu(gate(x)) * up(x), then down) with gate and up as one
+    product over their stacked rows and the activation in the same kernel."""
+
+    def __init__(self, mlp, matrix):
+        super().__init__()
+        self._matrix = matrix
+        self.down_proj = mlp.down_proj
+
+    def __call__(self, x):
+        m = self._matrix
+        return self.down_proj(ext.gate_up_silu(x.astype(mx.float32), m.handle, m.rows, m.cols))
+
+
+def _stacked(mods):
+    """One Rust-side matrix of several quantized layers' rows (same input,
+    same format), or None."""
+    if not all(isinstance(m, nn.QuantizedLinear) for m in mods):
+        return None
+    first = mods[0]
+    key = lambda m: (m.bits, m.group_size, getattr(m, "mode", "affine"), m.weight.shape[1])  # noqa: E731
+    if any(key(m) != key(first) for m in mods):
+        return None
+    if any("bias" in m for m in mods) and not all("bias" in m for m in mods):
+        return None
+    cat = SimpleNamespace(
+        bits=first.bits, group_size=first.group_size, mode=getattr(first, "mode", "affine"),
+        **{name: mx.concatenate([getattr(m, name) for m in mods]) for name in ("weight", "scales", "biases")},
+    )
+    try:
+        matrix, _ = _matrix(cat)
+    except ValueError:
+        return None
+    return matrix
+
+
+def _fusions(model):
+    """The llama/qwen2 attention and MLP modules that can run fused: {module
+    name: replacement builder}, and the names of the projections they absorb."""
+    import os
+
+    if os.environ.get("PENSIEVE_CPU_FUSE", "on") == "off":
+        return {}, set()
+    try:
+        from mlx_lm.models import llama, qwen2
+    except ImportError:
+        return {}, set()
+    attentions = (llama.Attention, qwen2.Attention)
+    mlps = (llama.MLP, qwen2.MLP)
+    out, absorbed = {}, set()
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if type(mod) in attentions:
+            rope = _rope_args(mod.rope)
+            projs = [mod.q_proj, mod.k_proj, mod.v_proj]
+            if rope is None or projs[0].weight.shape[0] % mod.n_heads:
+                continue
+            matrix = _stacked(projs)
+            if matrix is None:
+                continue
+            bias = mx.concatenate([p.bias for p in projs]).astype(mx.float32) if "bias" in projs[0] else None
+            out[name] = (lambda mod=mod, matrix=matrix, rope=rope, bias=bias: FusedAttention(mod, matrix, rope, bias), matrix)
+            absorbed |= {prefix + n for n in ("q_proj", "k_proj", "v_proj")}
+        elif type(mod) in mlps:
+            projs = [mod.gate_proj, mod.up_proj]
+            if "bias" in projs[0] or "bias" in projs[1]:
+                continue
+            matrix = _stacked(projs)
+            if matrix is None:
+                continue
+            out[name] = (lambda mod=mod, matrix=matrix: FusedMLP(mod, matrix), matrix)
+            absorbed |= {prefix + n for n in ("gate_proj", "up_proj")}
+    return out, absorbed
 
 
 def _matrix(m):
@@ -173,9 +298,10 @@ def install(model):
         _bind()
     except RuntimeError as e:  # an extension built for another pensieve
         return {"used": False, "why": str(e)}
+    fusions, absorbed = _fusions(model)
     swaps, held, kept = [], 0, {}
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or name in absorbed:
             continue
         try:
             matrix, reason = _matrix(m)
@@ -191,6 +317,13 @@ def install(model):
             swaps.append((name, QuantEmbedding(matrix)))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
+    if fusions:
+        # Built after the swap above, so their o_proj / down_proj are the
+        # kernels' layers; the MLX q/k/v and gate/up go with the old modules.
+        fused = [(name, build()) for name, (build, _) in fusions.items()]
+        held += sum(matrix.nbytes for _, matrix in fusions.values())
+        model.update_modules(tree_unflatten(fused))
+    if swaps or fusions:
         # The rest of a quantized model (norms, the odd unquantized layer) in
         # float32: the kernels take float32, and it is small. An unquantized
         # model keeps its dtype (a bfloat16 one would double in memory).
@@ -203,7 +336,8 @@ def install(model):
         "used": True,
         "isa": kernels.isa(),
         "threads": kernels.threads(),
-        "layers": len(swaps),
+        "layers": len(swaps) + len(absorbed),
+        "fused": len(fusions),
         "bytes": held,
         "kept": kept,
     }

@@ -76,6 +76,22 @@ pub enum Mask<'a> {
 
 /// `out` (`[B, Hq, L, Dv]`, contiguous) = softmax(scale * q k^T + mask) v.
 pub fn attention(isa: Isa, q: View, k: View, v: View, scale: f32, mask: Mask, out: &mut [f32]) -> Result<(), String> {
+    attention_into(isa, q, k, v, scale, mask, out, false)
+}
+
+/// [`attention`], with `out` laid out `[B, L, Hq, Dv]` when `blhd` (what
+/// the output projection reads: no transpose and copy after).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_into(
+    isa: Isa,
+    q: View,
+    k: View,
+    v: View,
+    scale: f32,
+    mask: Mask,
+    out: &mut [f32],
+    blhd: bool,
+) -> Result<(), String> {
     let [b, hq, l, d] = q.shape;
     let [kb, hkv, s, kd] = k.shape;
     let [vb, vh, vs, dv] = v.shape;
@@ -116,7 +132,7 @@ pub fn attention(isa: Isa, q: View, k: View, v: View, scale: f32, mask: Mask, ou
     }
     let g = hq / hkv;
     let qblocks = l.div_ceil(BQ);
-    let job = Job { q, k, v, scale, mask, g, out: SharedOut(out.as_mut_ptr()) };
+    let job = Job { q, k, v, scale, mask, g, out: SharedOut(out.as_mut_ptr()), blhd };
     parallel_for(b * hkv * qblocks, |item| {
         let (bi, rest) = (item / (hkv * qblocks), item % (hkv * qblocks));
         let (h, qb) = (rest / qblocks, rest % qblocks);
@@ -133,6 +149,8 @@ struct Job<'a> {
     mask: Mask<'a>,
     g: usize,
     out: SharedOut,
+    /// `out` is `[B, L, Hq, Dv]` rather than `[B, Hq, L, Dv]`.
+    blhd: bool,
 }
 
 // SAFETY: the views are shared reads; `out` is written at disjoint rows per
@@ -321,7 +339,8 @@ impl Job<'_> {
             for qi in 0..nq {
                 let row = gi * nq + qi;
                 let inv = if den[row] > 0.0 { 1.0 / den[row] } else { 0.0 };
-                let at = ((b * hq + h * self.g + gi) * l + q0 + qi) * dv;
+                let head = h * self.g + gi;
+                let at = if self.blhd { ((b * l + q0 + qi) * hq + head) * dv } else { ((b * hq + head) * l + q0 + qi) * dv };
                 for c in 0..dv {
                     // SAFETY: row (b, head, q0 + qi) of `out` ([B, Hq, L, Dv]),
                     // written by this item only: items own distinct (b, h,

@@ -34,6 +34,8 @@ pub struct AttentionArgs {
     pub causal: i32,
     pub scale: f32,
     pub out: *mut f32,
+    /// `out` is `[B, L, Hq, Dv]` rather than `[B, Hq, L, Dv]`.
+    pub blhd: i32,
 }
 
 /// Must match `RopeArgs` in mlx_ops.cpp.
@@ -187,7 +189,7 @@ unsafe extern "C" fn attention_c(args: *const AttentionArgs) -> i32 {
         let n = q.shape[0] * q.shape[1] * q.shape[2] * v.shape[3];
         // SAFETY: as above.
         let out = unsafe { std::slice::from_raw_parts_mut(a.out, n) };
-        attention::attention(Isa::best(), q, k, v, a.scale, mask, out)
+        attention::attention_into(Isa::best(), q, k, v, a.scale, mask, out, a.blhd != 0)
     })
 }
 

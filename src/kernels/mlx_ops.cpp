@@ -20,6 +20,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
@@ -44,6 +45,7 @@ struct AttentionArgs {
   int32_t causal;
   float scale;
   float* out;
+  int32_t blhd;
 };
 
 struct RopeArgs {
@@ -184,8 +186,8 @@ static View4 view_of(const mx::array& a) {
 
 class Attention : public mx::Primitive {
  public:
-  Attention(mx::Stream s, float scale, bool causal, bool has_mask)
-      : mx::Primitive(s), scale_(scale), causal_(causal), has_mask_(has_mask) {}
+  Attention(mx::Stream s, float scale, bool causal, bool has_mask, bool blhd)
+      : mx::Primitive(s), scale_(scale), causal_(causal), has_mask_(has_mask), blhd_(blhd) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     // The kernel reads any non-negative strides with a contiguous last dim.
@@ -207,6 +209,7 @@ class Attention : public mx::Primitive {
     args.causal = causal_;
     args.scale = scale_;
     args.out = out.data<float>();
+    args.blhd = blhd_;
     for (auto& a : ins) enc.set_input_array(a);
     enc.set_output_array(out);
     enc.dispatch([args]() {
@@ -222,6 +225,7 @@ class Attention : public mx::Primitive {
   float scale_;
   bool causal_;
   bool has_mask_;
+  bool blhd_;
 };
 
 class SiluMul : public mx::Primitive {
@@ -275,7 +279,7 @@ static mx::array gather(const mx::array& ids, uintptr_t handle, int cols) {
 }
 
 static mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
-                           std::variant<std::monostate, std::string, mx::array> mask) {
+                           std::variant<std::monostate, std::string, mx::array> mask, bool blhd) {
   check_bound();
   for (auto* a : {&q, &k, &v}) {
     if (a->dtype() != mx::float32 || a->ndim() != 4) throw std::invalid_argument("pensieve_mlx.attention: q, k, v must be 4-D float32");
@@ -306,8 +310,9 @@ static mx::array attention(const mx::array& q, const mx::array& k, const mx::arr
     ins.push_back(a);
     has_mask = true;
   }
-  mx::Shape out{q.shape(0), q.shape(1), q.shape(2), v.shape(3)};
-  return mx::array(out, mx::float32, std::make_shared<Attention>(mx::default_stream(mx::Device::cpu), scale, causal, has_mask), ins);
+  // [B, L, Hq * Dv] when blhd: the layout the output projection reads.
+  mx::Shape out = blhd ? mx::Shape{q.shape(0), q.shape(2), q.shape(1) * v.shape(3)} : mx::Shape{q.shape(0), q.shape(1), q.shape(2), v.shape(3)};
+  return mx::array(out, mx::float32, std::make_shared<Attention>(mx::default_stream(mx::Device::cpu), scale, causal, has_mask, blhd), ins);
 }
 
 class RoPE : public mx::Primitive {
@@ -436,6 +441,164 @@ static mx::array rms_norm(const mx::array& x, std::optional<mx::array> weight, f
   return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(s, eps, weight.has_value()), ins);
 }
 
+// A layer's q/k/v projections as one product over their stacked rows, with
+// the bias, rope on q and k, and the [B, L, H, D] -> [B, H, L, D] layout
+// change done in the same task: what takes mlx-lm's attention eleven ops
+// (three products, six reshapes and transposes, two ropes).
+class QkvRope : public mx::Primitive {
+ public:
+  QkvRope(mx::Stream s, std::shared_ptr<Matrix> m, int hq, int hkv, int hd, int dims, bool traditional, float base,
+          float scale, bool has_freqs, bool has_bias)
+      : mx::Primitive(s), m_(std::move(m)), hq_(hq), hkv_(hkv), hd_(hd), dims_(dims), traditional_(traditional),
+        base_(base), scale_(scale), has_freqs_(has_freqs), has_bias_(has_bias) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    mx::array x = row_major(inputs[0], enc);
+    mx::array off = row_major(inputs[1], enc);
+    int next = 2;
+    std::optional<mx::array> freqs, bias;
+    if (has_freqs_) freqs = row_major(inputs[next++], enc);
+    if (has_bias_) bias = row_major(inputs[next++], enc);
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    int64_t b = x.shape(0), l = x.shape(1);
+    enc.set_input_array(x);
+    enc.set_input_array(off);
+    if (freqs) enc.set_input_array(*freqs);
+    if (bias) enc.set_input_array(*bias);
+    for (auto& o : outputs) enc.set_output_array(o);
+    enc.dispatch([m = m_, x = x.data<float>(), off = off.data<int32_t>(), n_off = (int64_t)off.size(),
+                  freqs = freqs ? freqs->data<float>() : nullptr, bias = bias ? bias->data<float>() : nullptr, b, l,
+                  hq = hq_, hkv = hkv_, hd = hd_, dims = dims_, traditional = traditional_, base = base_, scale = scale_,
+                  qo = outputs[0].data<float>(), ko = outputs[1].data<float>(), vo = outputs[2].data<float>()]() {
+      int64_t r = (int64_t)(hq + 2 * hkv) * hd, n = b * l;
+      std::vector<float> tmp(n * r);
+      if (table.qmatmul(m->ptr, x, n, tmp.data()) != 0) throw std::runtime_error("pensieve_mlx: q/k/v product failed");
+      if (bias) {
+        for (int64_t i = 0; i < n; i++)
+          for (int64_t c = 0; c < r; c++) tmp[i * r + c] += bias[c];
+      }
+      RopeArgs a{};
+      a.dims = dims;
+      a.traditional = traditional;
+      a.scale = scale;
+      a.freqs = freqs;
+      a.base = base;
+      a.offsets = off;
+      a.n_offsets = n_off;
+      // The product's rows of one head, [B, L, H, D], read as [B, H, L, D].
+      auto heads = [&](int64_t first, int64_t h) {
+        View4 v{};
+        v.data = tmp.data() + first;
+        int64_t shape[4] = {b, h, l, hd}, strides[4] = {l * r, hd, r, 1};
+        std::memcpy(v.shape, shape, sizeof shape);
+        std::memcpy(v.strides, strides, sizeof strides);
+        return v;
+      };
+      a.x = heads(0, hq);
+      a.out = qo;
+      if (table.rope(&a) != 0) throw std::runtime_error("pensieve_mlx: rope failed");
+      a.x = heads((int64_t)hq * hd, hkv);
+      a.out = ko;
+      if (table.rope(&a) != 0) throw std::runtime_error("pensieve_mlx: rope failed");
+      for (int64_t bi = 0; bi < b; bi++)
+        for (int64_t h = 0; h < hkv; h++)
+          for (int64_t li = 0; li < l; li++)
+            std::memcpy(vo + ((bi * hkv + h) * l + li) * hd, tmp.data() + (bi * l + li) * r + (int64_t)(hq + hkv) * hd + h * hd,
+                        hd * sizeof(float));
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("pensieve_mlx: CPU only");
+  }
+  const char* name() const override { return "PensieveQkvRope"; }
+
+ private:
+  std::shared_ptr<Matrix> m_;
+  int hq_, hkv_, hd_, dims_;
+  bool traditional_;
+  float base_, scale_;
+  bool has_freqs_, has_bias_;
+};
+
+// A gated MLP's gate and up projections as one product over their stacked
+// rows, and silu(gate) * up on it in the same task.
+class GateUpSilu : public mx::Primitive {
+ public:
+  GateUpSilu(mx::Stream s, std::shared_ptr<Matrix> m, int hidden) : mx::Primitive(s), m_(std::move(m)), hidden_(hidden) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    mx::array x = row_major(inputs[0], enc);
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    int64_t n = x.size() / x.shape(-1);
+    enc.set_input_array(x);
+    enc.set_output_array(out);
+    enc.dispatch([m = m_, x = x.data<float>(), n, f = (int64_t)hidden_, o = out.data<float>()]() {
+      std::vector<float> tmp(n * 2 * f);
+      if (table.qmatmul(m->ptr, x, n, tmp.data()) != 0) throw std::runtime_error("pensieve_mlx: gate/up product failed");
+      for (int64_t i = 0; i < n; i++) {
+        if (table.silu_mul(tmp.data() + i * 2 * f, tmp.data() + i * 2 * f + f, f, o + i * f) != 0)
+          throw std::runtime_error("pensieve_mlx: silu_mul failed");
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("pensieve_mlx: CPU only");
+  }
+  const char* name() const override { return "PensieveGateUpSilu"; }
+
+ private:
+  std::shared_ptr<Matrix> m_;
+  int hidden_;
+};
+
+static std::vector<mx::array> qkv_rope(const mx::array& x, uintptr_t handle, int rows, int cols, int hq, int hkv, int hd,
+                                       int dims, bool traditional, std::optional<float> base, float scale,
+                                       std::variant<int, mx::array> offset, std::optional<mx::array> freqs,
+                                       std::optional<mx::array> bias) {
+  check_bound();
+  if (x.dtype() != mx::float32 || x.ndim() != 3 || x.shape(-1) != cols) {
+    throw std::invalid_argument("pensieve_mlx.qkv_rope: x must be float32 [B, L, " + std::to_string(cols) + "]");
+  }
+  if (hq <= 0 || hkv <= 0 || hd <= 0 || (int64_t)(hq + 2 * hkv) * hd != rows) {
+    throw std::invalid_argument("pensieve_mlx.qkv_rope: heads do not match the stacked rows");
+  }
+  if (dims <= 0 || dims % 2 || dims > hd) throw std::invalid_argument("pensieve_mlx.qkv_rope: rope dims must be even and at most the head size");
+  if (base.has_value() == freqs.has_value()) throw std::invalid_argument("pensieve_mlx.qkv_rope: exactly one of base and freqs");
+  mx::array off = std::holds_alternative<int>(offset) ? mx::array(std::get<int>(offset), mx::int32)
+                                                      : mx::astype(std::get<mx::array>(offset), mx::int32);
+  if (off.ndim() > 1 || (off.ndim() == 1 && off.size() != 1 && off.shape(0) != x.shape(0))) {
+    throw std::invalid_argument("pensieve_mlx.qkv_rope: offset must be a scalar or one per batch row");
+  }
+  if (off.ndim() == 0) off = mx::reshape(off, {1});
+  std::vector<mx::array> ins{x, off};
+  if (freqs) {
+    if (freqs->ndim() != 1 || freqs->shape(0) != dims / 2) throw std::invalid_argument("pensieve_mlx.qkv_rope: freqs must hold dims/2 values");
+    ins.push_back(mx::astype(*freqs, mx::float32));
+  }
+  if (bias) {
+    if (bias->ndim() != 1 || bias->shape(0) != rows) throw std::invalid_argument("pensieve_mlx.qkv_rope: bias must hold one value per row");
+    ins.push_back(mx::astype(*bias, mx::float32));
+  }
+  int b = x.shape(0), l = x.shape(1);
+  auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
+  auto p = std::make_shared<QkvRope>(mx::default_stream(mx::Device::cpu), m, hq, hkv, hd, dims, traditional,
+                                     base.value_or(0.0f), scale, freqs.has_value(), bias.has_value());
+  return mx::array::make_arrays({{b, hq, l, hd}, {b, hkv, l, hd}, {b, hkv, l, hd}}, {mx::float32, mx::float32, mx::float32}, p, ins);
+}
+
+static mx::array gate_up_silu(const mx::array& x, uintptr_t handle, int rows, int cols) {
+  check_bound();
+  if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != cols) {
+    throw std::invalid_argument("pensieve_mlx.gate_up_silu: x must be float32 with a last dimension of " + std::to_string(cols));
+  }
+  if (rows <= 0 || rows % 2) throw std::invalid_argument("pensieve_mlx.gate_up_silu: the stacked rows must be gate and up, equally many");
+  auto shape = x.shape();
+  shape.back() = rows / 2;
+  auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
+  return mx::array(shape, mx::float32, std::make_shared<GateUpSilu>(mx::default_stream(mx::Device::cpu), m, rows / 2), {x});
+}
+
 NB_MODULE(pensieve_mlx, m) {
   m.doc() = "pensieve's CPU kernels as MLX primitives (built by pensieve's build.rs)";
   m.def("bind", &bind, nb::arg("table"));
@@ -444,6 +607,11 @@ NB_MODULE(pensieve_mlx, m) {
   m.def("silu_mul", &silu_mul, nb::arg("gate"), nb::arg("x"));
   m.def("rope", &rope, nb::arg("a"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base").none(), nb::arg("scale"),
         nb::arg("offset"), nb::arg("freqs").none() = nb::none());
+  m.def("qkv_rope", &qkv_rope, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"), nb::arg("n_heads"),
+        nb::arg("n_kv_heads"), nb::arg("head_dim"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base").none(),
+        nb::arg("scale"), nb::arg("offset"), nb::arg("freqs").none() = nb::none(), nb::arg("bias").none() = nb::none());
+  m.def("gate_up_silu", &gate_up_silu, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"));
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight").none(), nb::arg("eps"));
-  m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"), nb::arg("mask").none() = nb::none());
+  m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"), nb::arg("mask").none() = nb::none(),
+        nb::arg("blhd") = false);
 }
