@@ -32,6 +32,9 @@ fn the_kernels_compute_what_mlx_computes_on_smollm2() {
     let r = compare(pensieve::config::BUILTIN_SMOLLM2, 16);
     assert_eq!(r["kernels"]["used"], true, "{}", r["kernels"]);
     assert!(r["kernels"]["layers"].as_u64().unwrap() >= 200, "every quantized layer moved: {}", r["kernels"]);
+    // Every decoder layer runs fused (q/k/v + rope, attention, gate/up +
+    // swiglu, norms and skip connections inside the products).
+    assert_eq!(r["kernels"]["fused_layers"], 30, "{}", r["kernels"]);
     let mut agree = 0;
     let mut total = 0;
     let exact = std::env::var("PENSIEVE_DECODE_PATH").as_deref() != Ok("integer");
@@ -96,6 +99,7 @@ fn mlx_quantized_models_take_the_kernels() {
         assert_eq!(r["kernels"]["used"], true, "{}", r["kernels"]);
         // Every linear layer and the embedding: 7 a layer, 2 layers, 1.
         assert_eq!(r["kernels"]["layers"], 15, "{}", r["kernels"]);
+        assert_eq!(r["kernels"]["fused_layers"], 2, "both decoder layers fused: {}", r["kernels"]);
         for p in r["prompts"].as_array().unwrap() {
             let (diff, range) = (p["decode_diff"].as_f64().unwrap(), p["decode_range"].as_f64().unwrap());
             assert!(diff <= tolerance * range.max(1e-3), "{bits}-bit decode logits off by {diff} (range {range})");

@@ -116,14 +116,17 @@ class FusedAttention(nn.Module):
             self.qkv_bias = bias
         self.o_proj = attn.o_proj
 
-    def __call__(self, x, mask=None, cache=None):
+    def __call__(self, x, mask=None, cache=None, norm=None, residual=None):
+        """mlx-lm's attention; with `norm` (an RMSNorm) it normalizes `x`
+        first, and with `residual` adds it to the output (FusedBlock)."""
         B, L, _ = x.shape
         m = self._matrix
         dims, traditional, base, scale, freqs = self._rope
         offset = cache.offset if cache is not None else 0
         bias = self.qkv_bias if "qkv_bias" in self else None
+        nw, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
         q, k, v = ext.qkv_rope(x.astype(mx.float32), m.handle, m.rows, m.cols, self.n_heads, self.n_kv_heads,
-                               self.head_dim, dims, traditional, base, scale, offset, freqs, bias)
+                               self.head_dim, dims, traditional, base, scale, offset, freqs, bias, nw, eps)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if not hasattr(cache, "bits") and k.dtype == v.dtype == mx.float32 and (
@@ -135,7 +138,7 @@ class FusedAttention(nn.Module):
 
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
             out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out)
+        return _project(self.o_proj, out, residual)
 
 
 class FusedMLP(nn.Module):
@@ -147,9 +150,40 @@ class FusedMLP(nn.Module):
         self._matrix = matrix
         self.down_proj = mlp.down_proj
 
-    def __call__(self, x):
+    def __call__(self, x, norm=None, residual=None):
         m = self._matrix
-        return self.down_proj(ext.gate_up_silu(x.astype(mx.float32), m.handle, m.rows, m.cols))
+        nw, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+        return _project(self.down_proj, ext.gate_up_silu(x.astype(mx.float32), m.handle, m.rows, m.cols, nw, eps), residual)
+
+
+def _project(proj, x, residual):
+    """`residual + proj(x)`, as one node when `proj` is a kernels layer."""
+    if residual is None:
+        return proj(x)
+    if isinstance(proj, QuantLinear) and "bias" not in proj and residual.dtype == mx.float32:
+        m = proj._matrix
+        return ext.qmatmul_add(x, m.handle, m.rows, m.cols, residual)
+    return residual + proj(x)
+
+
+class FusedBlock(nn.Module):
+    """mlx-lm's llama/qwen2 decoder layer over a FusedAttention and a
+    FusedMLP, with each RMSNorm done inside the products that read it and
+    each skip connection added inside the projection before it: a layer is
+    the attention's four nodes, the KV cache's update, and two for the MLP."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.self_attn, self.mlp = block.self_attn, block.mlp
+        self.input_layernorm, self.post_attention_layernorm = block.input_layernorm, block.post_attention_layernorm
+        # What the model reads of its layers (use_sliding, args, ...).
+        for k, v in vars(block).items():
+            if not k.startswith("_"):
+                setattr(self, k, v)
+
+    def __call__(self, x, mask=None, cache=None):
+        h = self.self_attn(x, mask, cache, norm=self.input_layernorm, residual=x)
+        return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
 
 
 def _stacked(mods):
@@ -211,6 +245,22 @@ def _fusions(model):
             out[name] = (lambda mod=mod, matrix=matrix: FusedMLP(mod, matrix), matrix)
             absorbed |= {prefix + n for n in ("gate_proj", "up_proj")}
     return out, absorbed
+
+
+def _fusable_block(mod):
+    """A llama/qwen2 decoder layer whose attention and MLP run fused and
+    whose norms are plain RMSNorms: FusedBlock computes exactly what it does."""
+    try:
+        from mlx_lm.models import llama, qwen2
+    except ImportError:
+        return False
+    return (
+        type(mod) in (llama.TransformerBlock, qwen2.TransformerBlock)
+        and isinstance(mod.self_attn, FusedAttention)
+        and isinstance(mod.mlp, FusedMLP)
+        and type(mod.input_layernorm) is nn.RMSNorm
+        and type(mod.post_attention_layernorm) is nn.RMSNorm
+    )
 
 
 def _matrix(m):
@@ -323,6 +373,9 @@ def install(model):
         fused = [(name, build()) for name, (build, _) in fusions.items()]
         held += sum(matrix.nbytes for _, matrix in fusions.values())
         model.update_modules(tree_unflatten(fused))
+        blocks = [(name, FusedBlock(mod)) for name, mod in model.named_modules() if _fusable_block(mod)]
+        if blocks:
+            model.update_modules(tree_unflatten(blocks))
     if swaps or fusions:
         # The rest of a quantized model (norms, the odd unquantized layer) in
         # float32: the kernels take float32, and it is small. An unquantized
@@ -338,6 +391,7 @@ def install(model):
         "threads": kernels.threads(),
         "layers": len(swaps) + len(absorbed),
         "fused": len(fusions),
+        "fused_layers": sum(isinstance(m, FusedBlock) for _, m in model.named_modules()),
         "bytes": held,
         "kept": kept,
     }

@@ -121,19 +121,29 @@ static mx::array row_major(const mx::array& a, mx::cpu::CommandEncoder& enc) {
   return c;
 }
 
+// x times a quantized matrix's rows, plus a residual when given (a
+// layer's output projection and the skip connection around it, one node).
 class QuantMatmul : public mx::Primitive {
  public:
-  QuantMatmul(mx::Stream s, std::shared_ptr<Matrix> m) : mx::Primitive(s), m_(std::move(m)) {}
+  QuantMatmul(mx::Stream s, std::shared_ptr<Matrix> m, bool residual = false)
+      : mx::Primitive(s), m_(std::move(m)), residual_(residual) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     mx::array x = row_major(inputs[0], enc);
+    std::optional<mx::array> res;
+    if (residual_) res = row_major(inputs[1], enc);
     auto& out = outputs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     int64_t n = x.size() / x.shape(-1);
     enc.set_input_array(x);
+    if (res) enc.set_input_array(*res);
     enc.set_output_array(out);
-    enc.dispatch([m = m_, x = x.data<float>(), n, o = out.data<float>()]() {
+    enc.dispatch([m = m_, x = x.data<float>(), n, r = res ? res->data<float>() : nullptr, size = (int64_t)out.size(),
+                  o = out.data<float>()]() {
       if (table.qmatmul(m->ptr, x, n, o) != 0) throw std::runtime_error("pensieve_mlx: quantized matmul failed");
+      if (r) {
+        for (int64_t i = 0; i < size; i++) o[i] += r[i];
+      }
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -142,11 +152,12 @@ class QuantMatmul : public mx::Primitive {
   const char* name() const override { return "PensieveQuantMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto o = dynamic_cast<const QuantMatmul*>(&other);
-    return o && o->m_->ptr == m_->ptr;
+    return o && o->m_->ptr == m_->ptr && o->residual_ == residual_;
   }
 
  private:
   std::shared_ptr<Matrix> m_;
+  bool residual_;
 };
 
 class QuantGather : public mx::Primitive {
@@ -267,6 +278,17 @@ static mx::array qmatmul(const mx::array& x, uintptr_t handle, int rows, int col
   shape.back() = rows;
   auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
   return mx::array(shape, mx::float32, std::make_shared<QuantMatmul>(mx::default_stream(mx::Device::cpu), m), {x});
+}
+
+static mx::array qmatmul_add(const mx::array& x, uintptr_t handle, int rows, int cols, const mx::array& residual) {
+  check_bound();
+  if (x.dtype() != mx::float32 || residual.dtype() != mx::float32) throw std::invalid_argument("pensieve_mlx.qmatmul_add: x and residual must be float32");
+  if (x.ndim() < 1 || x.shape(-1) != cols) throw std::invalid_argument("pensieve_mlx.qmatmul_add: x's last dimension must be " + std::to_string(cols));
+  auto shape = x.shape();
+  shape.back() = rows;
+  if (residual.shape() != shape) throw std::invalid_argument("pensieve_mlx.qmatmul_add: residual must have the product's shape");
+  auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
+  return mx::array(shape, mx::float32, std::make_shared<QuantMatmul>(mx::default_stream(mx::Device::cpu), m, true), {x, residual});
 }
 
 static mx::array gather(const mx::array& ids, uintptr_t handle, int cols) {
@@ -448,31 +470,40 @@ static mx::array rms_norm(const mx::array& x, std::optional<mx::array> weight, f
 class QkvRope : public mx::Primitive {
  public:
   QkvRope(mx::Stream s, std::shared_ptr<Matrix> m, int hq, int hkv, int hd, int dims, bool traditional, float base,
-          float scale, bool has_freqs, bool has_bias)
+          float scale, bool has_freqs, bool has_bias, bool has_norm, float eps)
       : mx::Primitive(s), m_(std::move(m)), hq_(hq), hkv_(hkv), hd_(hd), dims_(dims), traditional_(traditional),
-        base_(base), scale_(scale), has_freqs_(has_freqs), has_bias_(has_bias) {}
+        base_(base), scale_(scale), has_freqs_(has_freqs), has_bias_(has_bias), has_norm_(has_norm), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     mx::array x = row_major(inputs[0], enc);
     mx::array off = row_major(inputs[1], enc);
     int next = 2;
-    std::optional<mx::array> freqs, bias;
+    std::optional<mx::array> freqs, bias, norm;
     if (has_freqs_) freqs = row_major(inputs[next++], enc);
     if (has_bias_) bias = row_major(inputs[next++], enc);
+    if (has_norm_) norm = row_major(inputs[next++], enc);
     for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
     int64_t b = x.shape(0), l = x.shape(1);
     enc.set_input_array(x);
     enc.set_input_array(off);
     if (freqs) enc.set_input_array(*freqs);
     if (bias) enc.set_input_array(*bias);
+    if (norm) enc.set_input_array(*norm);
     for (auto& o : outputs) enc.set_output_array(o);
-    enc.dispatch([m = m_, x = x.data<float>(), off = off.data<int32_t>(), n_off = (int64_t)off.size(),
+    enc.dispatch([m = m_, x = x.data<float>(), cols = (int64_t)x.shape(-1), norm = norm ? norm->data<float>() : nullptr,
+                  eps = eps_, off = off.data<int32_t>(), n_off = (int64_t)off.size(),
                   freqs = freqs ? freqs->data<float>() : nullptr, bias = bias ? bias->data<float>() : nullptr, b, l,
                   hq = hq_, hkv = hkv_, hd = hd_, dims = dims_, traditional = traditional_, base = base_, scale = scale_,
                   qo = outputs[0].data<float>(), ko = outputs[1].data<float>(), vo = outputs[2].data<float>()]() {
       int64_t r = (int64_t)(hq + 2 * hkv) * hd, n = b * l;
-      std::vector<float> tmp(n * r);
-      if (table.qmatmul(m->ptr, x, n, tmp.data()) != 0) throw std::runtime_error("pensieve_mlx: q/k/v product failed");
+      std::vector<float> tmp(n * r), normed;
+      const float* in = x;
+      if (norm) {  // the layer's input norm, which only these products read
+        normed.resize(n * cols);
+        if (table.rms_norm(x, norm, n, cols, eps, normed.data()) != 0) throw std::runtime_error("pensieve_mlx: rms_norm failed");
+        in = normed.data();
+      }
+      if (table.qmatmul(m->ptr, in, n, tmp.data()) != 0) throw std::runtime_error("pensieve_mlx: q/k/v product failed");
       if (bias) {
         for (int64_t i = 0; i < n; i++)
           for (int64_t c = 0; c < r; c++) tmp[i * r + c] += bias[c];
@@ -517,25 +548,37 @@ class QkvRope : public mx::Primitive {
   int hq_, hkv_, hd_, dims_;
   bool traditional_;
   float base_, scale_;
-  bool has_freqs_, has_bias_;
+  bool has_freqs_, has_bias_, has_norm_;
+  float eps_;
 };
 
 // A gated MLP's gate and up projections as one product over their stacked
 // rows, and silu(gate) * up on it in the same task.
 class GateUpSilu : public mx::Primitive {
  public:
-  GateUpSilu(mx::Stream s, std::shared_ptr<Matrix> m, int hidden) : mx::Primitive(s), m_(std::move(m)), hidden_(hidden) {}
+  GateUpSilu(mx::Stream s, std::shared_ptr<Matrix> m, int hidden, bool has_norm, float eps)
+      : mx::Primitive(s), m_(std::move(m)), hidden_(hidden), has_norm_(has_norm), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     mx::array x = row_major(inputs[0], enc);
+    std::optional<mx::array> norm;
+    if (has_norm_) norm = row_major(inputs[1], enc);
     auto& out = outputs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    int64_t n = x.size() / x.shape(-1);
+    int64_t cols = x.shape(-1), n = x.size() / cols;
     enc.set_input_array(x);
+    if (norm) enc.set_input_array(*norm);
     enc.set_output_array(out);
-    enc.dispatch([m = m_, x = x.data<float>(), n, f = (int64_t)hidden_, o = out.data<float>()]() {
-      std::vector<float> tmp(n * 2 * f);
-      if (table.qmatmul(m->ptr, x, n, tmp.data()) != 0) throw std::runtime_error("pensieve_mlx: gate/up product failed");
+    enc.dispatch([m = m_, x = x.data<float>(), n, cols, norm = norm ? norm->data<float>() : nullptr, eps = eps_,
+                  f = (int64_t)hidden_, o = out.data<float>()]() {
+      std::vector<float> tmp(n * 2 * f), normed;
+      const float* in = x;
+      if (norm) {  // the MLP's input norm, which only these products read
+        normed.resize(n * cols);
+        if (table.rms_norm(x, norm, n, cols, eps, normed.data()) != 0) throw std::runtime_error("pensieve_mlx: rms_norm failed");
+        in = normed.data();
+      }
+      if (table.qmatmul(m->ptr, in, n, tmp.data()) != 0) throw std::runtime_error("pensieve_mlx: gate/up product failed");
       for (int64_t i = 0; i < n; i++) {
         if (table.silu_mul(tmp.data() + i * 2 * f, tmp.data() + i * 2 * f + f, f, o + i * f) != 0)
           throw std::runtime_error("pensieve_mlx: silu_mul failed");
@@ -550,12 +593,14 @@ class GateUpSilu : public mx::Primitive {
  private:
   std::shared_ptr<Matrix> m_;
   int hidden_;
+  bool has_norm_;
+  float eps_;
 };
 
 static std::vector<mx::array> qkv_rope(const mx::array& x, uintptr_t handle, int rows, int cols, int hq, int hkv, int hd,
                                        int dims, bool traditional, std::optional<float> base, float scale,
                                        std::variant<int, mx::array> offset, std::optional<mx::array> freqs,
-                                       std::optional<mx::array> bias) {
+                                       std::optional<mx::array> bias, std::optional<mx::array> norm, float eps) {
   check_bound();
   if (x.dtype() != mx::float32 || x.ndim() != 3 || x.shape(-1) != cols) {
     throw std::invalid_argument("pensieve_mlx.qkv_rope: x must be float32 [B, L, " + std::to_string(cols) + "]");
@@ -580,23 +625,33 @@ static std::vector<mx::array> qkv_rope(const mx::array& x, uintptr_t handle, int
     if (bias->ndim() != 1 || bias->shape(0) != rows) throw std::invalid_argument("pensieve_mlx.qkv_rope: bias must hold one value per row");
     ins.push_back(mx::astype(*bias, mx::float32));
   }
+  if (norm) {
+    if (norm->dtype() != mx::float32 || norm->ndim() != 1 || norm->shape(0) != cols) throw std::invalid_argument("pensieve_mlx.qkv_rope: norm must be float32 with one value per input feature");
+    ins.push_back(*norm);
+  }
   int b = x.shape(0), l = x.shape(1);
   auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
   auto p = std::make_shared<QkvRope>(mx::default_stream(mx::Device::cpu), m, hq, hkv, hd, dims, traditional,
-                                     base.value_or(0.0f), scale, freqs.has_value(), bias.has_value());
+                                     base.value_or(0.0f), scale, freqs.has_value(), bias.has_value(), norm.has_value(), eps);
   return mx::array::make_arrays({{b, hq, l, hd}, {b, hkv, l, hd}, {b, hkv, l, hd}}, {mx::float32, mx::float32, mx::float32}, p, ins);
 }
 
-static mx::array gate_up_silu(const mx::array& x, uintptr_t handle, int rows, int cols) {
+static mx::array gate_up_silu(const mx::array& x, uintptr_t handle, int rows, int cols, std::optional<mx::array> norm, float eps) {
   check_bound();
   if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != cols) {
     throw std::invalid_argument("pensieve_mlx.gate_up_silu: x must be float32 with a last dimension of " + std::to_string(cols));
   }
   if (rows <= 0 || rows % 2) throw std::invalid_argument("pensieve_mlx.gate_up_silu: the stacked rows must be gate and up, equally many");
+  std::vector<mx::array> ins{x};
+  if (norm) {
+    if (norm->dtype() != mx::float32 || norm->ndim() != 1 || norm->shape(0) != cols) throw std::invalid_argument("pensieve_mlx.gate_up_silu: norm must be float32 with one value per input feature");
+    ins.push_back(*norm);
+  }
   auto shape = x.shape();
   shape.back() = rows / 2;
   auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
-  return mx::array(shape, mx::float32, std::make_shared<GateUpSilu>(mx::default_stream(mx::Device::cpu), m, rows / 2), {x});
+  auto p = std::make_shared<GateUpSilu>(mx::default_stream(mx::Device::cpu), m, rows / 2, norm.has_value(), eps);
+  return mx::array(shape, mx::float32, p, ins);
 }
 
 NB_MODULE(pensieve_mlx, m) {
@@ -609,8 +664,11 @@ NB_MODULE(pensieve_mlx, m) {
         nb::arg("offset"), nb::arg("freqs").none() = nb::none());
   m.def("qkv_rope", &qkv_rope, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"), nb::arg("n_heads"),
         nb::arg("n_kv_heads"), nb::arg("head_dim"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base").none(),
-        nb::arg("scale"), nb::arg("offset"), nb::arg("freqs").none() = nb::none(), nb::arg("bias").none() = nb::none());
-  m.def("gate_up_silu", &gate_up_silu, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"));
+        nb::arg("scale"), nb::arg("offset"), nb::arg("freqs").none() = nb::none(), nb::arg("bias").none() = nb::none(),
+        nb::arg("norm").none() = nb::none(), nb::arg("eps") = 0.0f);
+  m.def("gate_up_silu", &gate_up_silu, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"),
+        nb::arg("norm").none() = nb::none(), nb::arg("eps") = 0.0f);
+  m.def("qmatmul_add", &qmatmul_add, nb::arg("x"), nb::arg("handle"), nb::arg("rows"), nb::arg("cols"), nb::arg("residual"));
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight").none(), nb::arg("eps"));
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"), nb::arg("mask").none() = nb::none(),
         nb::arg("blhd") = false);
