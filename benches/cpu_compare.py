@@ -8,7 +8,8 @@ Systems, each on the same file:
   pensieve-f32      the server with --cpu-kernels off (MLX's own ops, weights dequantized to f32)
 Figures: single-stream decode tok/s (greedy, after a short prompt), aggregate decode tok/s with
 8 concurrent streams, prefill tok/s at each prompt length (a fresh prompt each time: no prefix
-cache), resident memory. Each is the median of --passes runs. Prints a markdown table and the
+cache), resident memory. Each is the median of --passes runs; single-stream decode is measured in
+turns (pensieve, llama.cpp, pensieve, ...), as this VM's speed drifts. Prints a markdown table and the
 ratios against the targets; exits 1 when a target is missed.
 """
 
@@ -99,10 +100,14 @@ def pensieve(args, name, extra):
         wait_ready(port, "/health", proc, timeout=600)
         warm = {}
         stream_one(port, "anthropic", [{"role": "user", "content": "warm up"}], 8, warm)
-        res = {"decode": [], "decode8": [], "prefill": {}}
+        res = {"decode": [], "decode8": [], "prefill": {}, "llama.cpp decode": []}
         for p in range(args.passes):
             res["decode"].append(decode(port, 1, args.tokens, p)["stream"])
             print(f"   decode: {res['decode'][-1]:.1f} tok/s", file=sys.stderr, flush=True)
+            if args.alternate:
+                # llama.cpp's decode in turns with ours (this server idles
+                # meanwhile): the VM's speed drifts by tens of percent over minutes.
+                res["llama.cpp decode"].append(llama_cpp(args, "decode", 1)["decode_tok_s"])
         for p in range(args.passes):
             d = decode(port, 8, args.tokens, p)
             res["decode8"].append(d["agg"])
@@ -128,14 +133,15 @@ def pensieve(args, name, extra):
         stop(proc, timeout=60)
 
 
-def llama_cpp(args):
+def llama_cpp(args, only=None, passes=None):
     # ES modules resolve packages from the script's own folder: run a copy
     # beside the node_modules that holds node-llama-cpp.
     import shutil
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(os.path.dirname(args.node_path), "llama_cpp.mjs")
     shutil.copy(os.path.join(here, "llama_cpp.mjs"), script)
-    cmd = ["node", script, os.path.abspath(args.gguf), str(args.threads), *map(str, args.lengths), "--passes", str(args.passes)]
+    cmd = ["node", script, os.path.abspath(args.gguf), str(args.threads), *map(str, args.lengths),
+           "--passes", str(passes or args.passes)] + ([f"--{only}-only"] if only else [])
     print(f"== llama.cpp: {' '.join(cmd)}", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -163,12 +169,17 @@ def main():
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     skip = set(args.skip.split(","))
     r = {"gguf": args.gguf, "threads": args.threads}
+    args.alternate = "llama.cpp" not in skip and "pensieve" not in skip
     if "llama.cpp" not in skip:
-        r["llama.cpp"] = llama_cpp(args)
+        r["llama.cpp"] = llama_cpp(args, "prefill" if args.alternate else None)
     if "pensieve" not in skip:
         r["pensieve"] = pensieve(args, "pensieve", [])
+        turns = r["pensieve"].pop("llama.cpp decode")
+        if turns:
+            r["llama.cpp"]["decode_tok_s"] = statistics.median(turns)
+            r["llama.cpp"]["decode_turns"] = turns
     if "pensieve-f32" not in skip:
-        f32 = argparse.Namespace(**{**vars(args), "lengths": [int(x) for x in args.f32_lengths.split(",") if x]})
+        f32 = argparse.Namespace(**{**vars(args), "lengths": [int(x) for x in args.f32_lengths.split(",") if x], "alternate": False})
         r["pensieve-f32"] = pensieve(f32, "pensieve-f32", ["--cpu-kernels", "off"])
     with open(args.out, "w") as f:
         json.dump(r, f, indent=1)

@@ -12,6 +12,11 @@ import { getLlama } from "node-llama-cpp";
 const args = process.argv.slice(2);
 const passesAt = args.indexOf("--passes");
 const passes = passesAt >= 0 ? Number(args.splice(passesAt, 2)[1]) : 3;
+// --decode-only / --prefill-only: one measure (benches/cpu_compare.py takes
+// llama.cpp's decode in turns with pensieve's, the VM's speed drifting).
+const flag = (f) => (args.includes(f) ? (args.splice(args.indexOf(f), 1), true) : false);
+const decodeOnly = flag("--decode-only");
+const prefillOnly = flag("--prefill-only");
 const [modelPath, threadsArg, ...lens] = args;
 const threads = Number(threadsArg || 2);
 const lengths = (lens.length ? lens : ["512", "4096", "8000"]).map(Number);
@@ -35,7 +40,7 @@ async function freshSequence() {
 }
 
 // Decode: a short prompt, then 128 greedy tokens.
-{
+if (!prefillOnly) {
   const rates = [];
   for (let p = 0; p < passes; p++) {
     const seq = await freshSequence();
@@ -54,7 +59,7 @@ async function freshSequence() {
   out.decode_tok_s = median(rates);
 }
 
-for (const len of lengths) {
+for (const len of decodeOnly ? [] : lengths) {
   const rates = [];
   for (let p = 0; p < passes; p++) {
     const seq = await freshSequence();
