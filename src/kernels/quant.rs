@@ -666,6 +666,9 @@ mod x86 {
     /// the 128 in the bias), each multiplied into R input rows. Two blocks a
     /// step, into four accumulators a row: one chain of dependent FMAs
     /// would leave the core waiting on their latency.
+    /// How far ahead (bytes) the decode kernels prefetch weights.
+    const PREFETCH: usize = 1024;
+
     #[target_feature(enable = "avx2,fma,avx512f")]
     unsafe fn f32_avx512<P: Params, const BITS: usize, const R: usize>(
         q: &[u8],
@@ -682,6 +685,10 @@ mod x86 {
             // SAFETY: block b of q (bb bytes) and of sb, b < blocks (checked above).
             unsafe {
                 let p = q.as_ptr().add(b * bb);
+                // The weights stream from memory once per token: ask for
+                // them a few blocks early (wrapping_add: a hint past the end
+                // is harmless).
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
                 let (v0, v1) = if BITS == 4 {
                     let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
                     (_mm512_and_si512(v, _mm512_set1_epi32(15)), _mm512_srli_epi32(v, 4))
