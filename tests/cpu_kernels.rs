@@ -109,3 +109,34 @@ fn mlx_quantized_models_take_the_kernels() {
     }
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// The fused layers in the continuous batch: prompts of different lengths
+/// decoded together (a batch cache: left padding, a position per row, a
+/// mask) give each the greedy text it gets alone, through the real server.
+#[test]
+fn batched_greedy_decoding_matches_each_alone() {
+    let mut cfg = pensieve::Config::default_for_tests();
+    cfg.model = Some(pensieve::config::BUILTIN_SMOLLM2.into());
+    let s = common::start(cfg);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let h = rt.block_on(s.get("/health")).1;
+    assert_eq!(h["model"]["cpu_kernels"]["fused_layers"], 30, "{h}");
+    let questions =
+        ["What is the capital of France?", "Name three colors.", "Write a haiku about rain, please, in English.", "What is 2+2?"];
+    let ask = |q: &str| {
+        let body =
+            serde_json::json!({"model": "x", "max_tokens": 40, "temperature": 0, "messages": [{"role": "user", "content": q}]});
+        let s = &s;
+        async move {
+            let (status, v) = s.post("/v1/messages", &body).await;
+            assert_eq!(status, 200, "{v}");
+            v["content"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let alone: Vec<String> = questions.iter().map(|q| rt.block_on(ask(q))).collect();
+    let together = rt.block_on(futures_util::future::join_all(questions.iter().map(|q| ask(q))));
+    let h = rt.block_on(s.get("/health")).1;
+    assert!(h["slots"]["peak_batch"].as_u64().unwrap() >= 2, "the requests shared decode steps: {}", h["slots"]);
+    assert_eq!(together, alone);
+    assert_eq!(alone[0], "The capital of France is Paris.");
+}
