@@ -419,6 +419,22 @@ class RMSNorm : public mx::Primitive {
   bool has_weight_;
 };
 
+// Rope's inputs after the rotated array: the offsets as int32 (one, or one
+// per batch row) and the frequencies when given, checked.
+static void rope_inputs(const char* who, int batch, int dims, const std::variant<int, mx::array>& offset,
+                        const std::optional<mx::array>& freqs, std::vector<mx::array>& ins) {
+  auto fail = [who](const char* what) { throw std::invalid_argument(std::string("pensieve_mlx.") + who + ": " + what); };
+  mx::array off = std::holds_alternative<int>(offset) ? mx::array(std::get<int>(offset), mx::int32)
+                                                      : mx::astype(std::get<mx::array>(offset), mx::int32);
+  if (off.ndim() > 1 || (off.ndim() == 1 && off.size() != 1 && off.shape(0) != batch)) fail("offset must be a scalar or one per batch row");
+  if (off.ndim() == 0) off = mx::reshape(off, {1});
+  ins.push_back(off);
+  if (freqs) {
+    if (freqs->ndim() != 1 || freqs->shape(0) != dims / 2) fail("freqs must hold dims/2 values");
+    ins.push_back(mx::astype(*freqs, mx::float32));
+  }
+}
+
 static mx::array rope(const mx::array& a, int dims, bool traditional, std::optional<float> base, float scale,
                       std::variant<int, mx::array> offset, std::optional<mx::array> freqs) {
   check_bound();
@@ -433,17 +449,8 @@ static mx::array rope(const mx::array& a, int dims, bool traditional, std::optio
   } else if (a.ndim() > 4) {
     x = mx::flatten(a, 1, a.ndim() - 3);
   }
-  mx::array off = std::holds_alternative<int>(offset) ? mx::array(std::get<int>(offset), mx::int32)
-                                                      : mx::astype(std::get<mx::array>(offset), mx::int32);
-  if (off.ndim() > 1 || (off.ndim() == 1 && off.size() != 1 && off.shape(0) != x.shape(0))) {
-    throw std::invalid_argument("pensieve_mlx.rope: offset must be a scalar or one per batch row");
-  }
-  if (off.ndim() == 0) off = mx::reshape(off, {1});
-  std::vector<mx::array> ins{x, off};
-  if (freqs) {
-    if (freqs->ndim() != 1 || freqs->shape(0) != dims / 2) throw std::invalid_argument("pensieve_mlx.rope: freqs must hold dims/2 values");
-    ins.push_back(mx::astype(*freqs, mx::float32));
-  }
+  std::vector<mx::array> ins{x};
+  rope_inputs("rope", x.shape(0), dims, offset, freqs, ins);
   auto s = mx::default_stream(mx::Device::cpu);
   mx::array y(x.shape(), mx::float32, std::make_shared<RoPE>(s, dims, traditional, base.value_or(0.0f), scale, freqs.has_value()), ins);
   return a.ndim() == 4 ? y : mx::reshape(y, a.shape());
@@ -610,17 +617,8 @@ static std::vector<mx::array> qkv_rope(const mx::array& x, uintptr_t handle, int
   }
   if (dims <= 0 || dims % 2 || dims > hd) throw std::invalid_argument("pensieve_mlx.qkv_rope: rope dims must be even and at most the head size");
   if (base.has_value() == freqs.has_value()) throw std::invalid_argument("pensieve_mlx.qkv_rope: exactly one of base and freqs");
-  mx::array off = std::holds_alternative<int>(offset) ? mx::array(std::get<int>(offset), mx::int32)
-                                                      : mx::astype(std::get<mx::array>(offset), mx::int32);
-  if (off.ndim() > 1 || (off.ndim() == 1 && off.size() != 1 && off.shape(0) != x.shape(0))) {
-    throw std::invalid_argument("pensieve_mlx.qkv_rope: offset must be a scalar or one per batch row");
-  }
-  if (off.ndim() == 0) off = mx::reshape(off, {1});
-  std::vector<mx::array> ins{x, off};
-  if (freqs) {
-    if (freqs->ndim() != 1 || freqs->shape(0) != dims / 2) throw std::invalid_argument("pensieve_mlx.qkv_rope: freqs must hold dims/2 values");
-    ins.push_back(mx::astype(*freqs, mx::float32));
-  }
+  std::vector<mx::array> ins{x};
+  rope_inputs("qkv_rope", x.shape(0), dims, offset, freqs, ins);
   if (bias) {
     if (bias->ndim() != 1 || bias->shape(0) != rows) throw std::invalid_argument("pensieve_mlx.qkv_rope: bias must hold one value per row");
     ins.push_back(mx::astype(*bias, mx::float32));
