@@ -181,6 +181,11 @@ fn halves_convert_exactly() {
         let want = if exp == 0 { man * 2f64.powi(-24) } else { (1.0 + man / 1024.0) * 2f64.powi(exp - 15) };
         let want = if sign == 1 { -want } else { want };
         assert_eq!(v as f64, want, "half {bits:#06x}");
+        // The kernels' F16C conversion gives the same value.
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("f16c") {
+            assert_eq!(h.f_x86().to_bits(), v.to_bits(), "F16C on half {bits:#06x}");
+        }
         assert_eq!(Half::exact(v).map(|h| h.0), Some(if v == 0.0 { bits & 0x8000 } else { bits }), "back from {v}");
     }
     assert!(Half::exact(0.1).is_none(), "0.1 is no half");

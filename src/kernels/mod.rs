@@ -30,7 +30,7 @@ pub enum Isa {
     /// Plain Rust: whatever the target baseline allows (SSE2 on x86-64, NEON
     /// on arm64, where LLVM vectorizes the loops by itself).
     Portable,
-    /// x86-64 with AVX2 and FMA (Haswell and later, Zen).
+    /// x86-64 with AVX2, FMA and F16C (Haswell and later, Zen).
     Avx2,
     /// x86-64 with AVX-512 F/BW/VL and VNNI (Ice Lake and later, Zen 4).
     Avx512,
@@ -57,7 +57,7 @@ impl Isa {
         let mut v = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 v.push(Isa::Avx2);
                 if is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")

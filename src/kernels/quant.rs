@@ -70,6 +70,14 @@ pub trait Params: Copy + Send + Sync {
     /// # Safety
     /// `b < self.blocks()`.
     unsafe fn sm(self, b: usize) -> (f32, f32);
+
+    /// [`Params::sm`] with halves converted by F16C: only for kernels
+    /// compiled with it (the x86 ones; `Isa::Avx2` requires it).
+    ///
+    /// # Safety
+    /// As `sm`, and the CPU has F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn sm_x86(self, b: usize) -> (f32, f32);
 }
 
 /// (scale, bias) pairs.
@@ -85,6 +93,12 @@ impl<S: Scale> Params for Pairs<'_, S> {
     unsafe fn sm(self, b: usize) -> (f32, f32) {
         // SAFETY: b < blocks, so 2b + 1 < len (the caller's promise).
         unsafe { (self.0.get_unchecked(2 * b).f(), self.0.get_unchecked(2 * b + 1).f()) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn sm_x86(self, b: usize) -> (f32, f32) {
+        // SAFETY: as in `sm`; F16C is the caller's promise.
+        unsafe { (self.0.get_unchecked(2 * b).f_x86(), self.0.get_unchecked(2 * b + 1).f_x86()) }
     }
 }
 
@@ -103,11 +117,24 @@ impl Params for Symmetric<'_> {
         let s = unsafe { self.0.get_unchecked(b).f() };
         (s, self.1 * s)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn sm_x86(self, b: usize) -> (f32, f32) {
+        // SAFETY: as in `sm`; F16C is the caller's promise.
+        let s = unsafe { self.0.get_unchecked(b).f_x86() };
+        (s, self.1 * s)
+    }
 }
 
 /// A scale as stored.
 pub trait Scale: Copy + Send + Sync + 'static {
     fn f(self) -> f32;
+    /// `f`, in kernels compiled with F16C (exactly the same value).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn f_x86(self) -> f32 {
+        self.f()
+    }
 }
 
 impl Scale for f32 {
@@ -129,6 +156,15 @@ impl Scale for Half {
     fn f(self) -> f32 {
         let magnitude = f32::from_bits(((self.0 & 0x7fff) as u32) << 13) * f32::from_bits(0x7780_0000);
         f32::from_bits(magnitude.to_bits() | (((self.0 & 0x8000) as u32) << 16))
+    }
+    /// One `vcvtph2ps` (exact for every half, as `f` is).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn f_x86(self) -> f32 {
+        use std::arch::x86_64::{_mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32};
+        // SAFETY: called only from kernels compiled with F16C, which run on
+        // CPUs that have it (Isa::available).
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(self.0 as i32))) }
     }
 }
 
@@ -669,7 +705,7 @@ mod x86 {
     /// How far ahead (bytes) the decode kernels prefetch weights.
     const PREFETCH: usize = 1024;
 
-    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
     unsafe fn f32_avx512<P: Params, const BITS: usize, const R: usize>(
         q: &[u8],
         sb: P,
@@ -698,7 +734,7 @@ mod x86 {
                         _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)),
                     )
                 };
-                let (s, m) = sb.sm(b);
+                let (s, m) = sb.sm_x86(b);
                 let (s, m) = (_mm512_set1_ps(s), _mm512_set1_ps(m));
                 [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
             }
@@ -729,7 +765,7 @@ mod x86 {
 
     /// AVX2: a block's 32 weights as four vectors of 8 floats (4-bit values
     /// unsigned, 8-bit ones signed), each multiplied into R input rows.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f32_avx2<P: Params, const BITS: usize, const R: usize>(
         q: &[u8],
         sb: P,
@@ -755,7 +791,7 @@ mod x86 {
                 } else {
                     [0, 1, 2, 3].map(|k| _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i)))
                 };
-                let (s, m) = sb.sm(b);
+                let (s, m) = sb.sm_x86(b);
                 let (s, m) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
                 let ws = v.map(|g| _mm256_fmadd_ps(_mm256_cvtepi32_ps(g), s, m));
                 for (i, a) in acc.iter_mut().enumerate() {
@@ -805,7 +841,7 @@ mod x86 {
                     // activation row r + i (i < R): all within their slices.
                     unsafe {
                         let $qp = q.as_ptr().add(b * $bb);
-                        let (s, m) = sb.sm(b);
+                        let (s, m) = sb.sm_x86(b);
                         for i in 0..R {
                             let k = (r + i) * blocks + b;
                             let $xv = _mm256_loadu_si256(act.xq.as_ptr().add(k * BLOCK) as *const __m256i);
@@ -824,23 +860,23 @@ mod x86 {
     }
 
     // AVX2: u8 x i8 pairs summed to i16 (maddubs), then pairs to i32.
-    row_kernel!(row_q4_avx2, "avx2,fma", 16, |qp, xv| {
+    row_kernel!(row_q4_avx2, "avx2,fma,f16c", 16, |qp, xv| {
         let qv = q4_block(qp);
         _mm256_madd_epi16(_mm256_maddubs_epi16(qv, xv), _mm256_set1_epi16(1))
     });
     // 8-bit values are signed: |q| times x with q's sign (|q| <= 128,
     // |x| <= 127, so a pair's sum fits i16).
-    row_kernel!(row_q8_avx2, "avx2,fma", 32, |qp, xv| {
+    row_kernel!(row_q8_avx2, "avx2,fma,f16c", 32, |qp, xv| {
         let qv = _mm256_loadu_si256(qp as *const __m256i);
         let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv));
         _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
     });
     // AVX-512 VNNI: four u8 x i8 products summed into i32 in one instruction.
-    row_kernel!(row_q4_vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", 16, |qp, xv| {
+    row_kernel!(row_q4_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 16, |qp, xv| {
         let qv = q4_block(qp);
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), qv, xv)
     });
-    row_kernel!(row_q8_vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", 32, |qp, xv| {
+    row_kernel!(row_q8_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 32, |qp, xv| {
         let qv = _mm256_loadu_si256(qp as *const __m256i);
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv))
     });
