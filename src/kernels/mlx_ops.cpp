@@ -470,6 +470,29 @@ static mx::array rms_norm(const mx::array& x, std::optional<mx::array> weight, f
   return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(s, eps, weight.has_value()), ins);
 }
 
+// `x` (n rows of cols) times a quantized matrix into `out`, through the
+// RMS norm with weight `norm` first when given: a layer's input norm, which
+// only the products after it read. Runs inside a dispatched task.
+static void normed_product(const void* m, const float* x, int64_t n, int64_t cols, const float* norm, float eps,
+                           float* out, const char* what) {
+  std::vector<float> normed;
+  if (norm) {
+    normed.resize(n * cols);
+    if (table.rms_norm(x, norm, n, cols, eps, normed.data()) != 0) throw std::runtime_error("pensieve_mlx: rms_norm failed");
+    x = normed.data();
+  }
+  if (table.qmatmul(m, x, n, out) != 0) throw std::runtime_error(std::string("pensieve_mlx: ") + what + " product failed");
+}
+
+// A fused product's norm weight, checked and appended to its inputs.
+static void norm_input(const char* who, const std::optional<mx::array>& norm, int cols, std::vector<mx::array>& ins) {
+  if (!norm) return;
+  if (norm->dtype() != mx::float32 || norm->ndim() != 1 || norm->shape(0) != cols) {
+    throw std::invalid_argument(std::string("pensieve_mlx.") + who + ": norm must be float32 with one value per input feature");
+  }
+  ins.push_back(*norm);
+}
+
 // A layer's q/k/v projections as one product over their stacked rows, with
 // the bias, rope on q and k, and the [B, L, H, D] -> [B, H, L, D] layout
 // change done in the same task: what takes mlx-lm's attention eleven ops
@@ -503,14 +526,8 @@ class QkvRope : public mx::Primitive {
                   hq = hq_, hkv = hkv_, hd = hd_, dims = dims_, traditional = traditional_, base = base_, scale = scale_,
                   qo = outputs[0].data<float>(), ko = outputs[1].data<float>(), vo = outputs[2].data<float>()]() {
       int64_t r = (int64_t)(hq + 2 * hkv) * hd, n = b * l;
-      std::vector<float> tmp(n * r), normed;
-      const float* in = x;
-      if (norm) {  // the layer's input norm, which only these products read
-        normed.resize(n * cols);
-        if (table.rms_norm(x, norm, n, cols, eps, normed.data()) != 0) throw std::runtime_error("pensieve_mlx: rms_norm failed");
-        in = normed.data();
-      }
-      if (table.qmatmul(m->ptr, in, n, tmp.data()) != 0) throw std::runtime_error("pensieve_mlx: q/k/v product failed");
+      std::vector<float> tmp(n * r);
+      normed_product(m->ptr, x, n, cols, norm, eps, tmp.data(), "q/k/v");
       if (bias) {
         for (int64_t i = 0; i < n; i++)
           for (int64_t c = 0; c < r; c++) tmp[i * r + c] += bias[c];
@@ -578,14 +595,8 @@ class GateUpSilu : public mx::Primitive {
     enc.set_output_array(out);
     enc.dispatch([m = m_, x = x.data<float>(), n, cols, norm = norm ? norm->data<float>() : nullptr, eps = eps_,
                   f = (int64_t)hidden_, o = out.data<float>()]() {
-      std::vector<float> tmp(n * 2 * f), normed;
-      const float* in = x;
-      if (norm) {  // the MLP's input norm, which only these products read
-        normed.resize(n * cols);
-        if (table.rms_norm(x, norm, n, cols, eps, normed.data()) != 0) throw std::runtime_error("pensieve_mlx: rms_norm failed");
-        in = normed.data();
-      }
-      if (table.qmatmul(m->ptr, in, n, tmp.data()) != 0) throw std::runtime_error("pensieve_mlx: gate/up product failed");
+      std::vector<float> tmp(n * 2 * f);
+      normed_product(m->ptr, x, n, cols, norm, eps, tmp.data(), "gate/up");
       for (int64_t i = 0; i < n; i++) {
         if (table.silu_mul(tmp.data() + i * 2 * f, tmp.data() + i * 2 * f + f, f, o + i * f) != 0)
           throw std::runtime_error("pensieve_mlx: silu_mul failed");
@@ -623,10 +634,7 @@ static std::vector<mx::array> qkv_rope(const mx::array& x, uintptr_t handle, int
     if (bias->ndim() != 1 || bias->shape(0) != rows) throw std::invalid_argument("pensieve_mlx.qkv_rope: bias must hold one value per row");
     ins.push_back(mx::astype(*bias, mx::float32));
   }
-  if (norm) {
-    if (norm->dtype() != mx::float32 || norm->ndim() != 1 || norm->shape(0) != cols) throw std::invalid_argument("pensieve_mlx.qkv_rope: norm must be float32 with one value per input feature");
-    ins.push_back(*norm);
-  }
+  norm_input("qkv_rope", norm, cols, ins);
   int b = x.shape(0), l = x.shape(1);
   auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
   auto p = std::make_shared<QkvRope>(mx::default_stream(mx::Device::cpu), m, hq, hkv, hd, dims, traditional,
@@ -641,10 +649,7 @@ static mx::array gate_up_silu(const mx::array& x, uintptr_t handle, int rows, in
   }
   if (rows <= 0 || rows % 2) throw std::invalid_argument("pensieve_mlx.gate_up_silu: the stacked rows must be gate and up, equally many");
   std::vector<mx::array> ins{x};
-  if (norm) {
-    if (norm->dtype() != mx::float32 || norm->ndim() != 1 || norm->shape(0) != cols) throw std::invalid_argument("pensieve_mlx.gate_up_silu: norm must be float32 with one value per input feature");
-    ins.push_back(*norm);
-  }
+  norm_input("gate_up_silu", norm, cols, ins);
   auto shape = x.shape();
   shape.back() = rows / 2;
   auto m = std::make_shared<Matrix>(reinterpret_cast<const void*>(handle));
