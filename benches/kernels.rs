@@ -73,7 +73,7 @@ fn matvec(c: &mut Criterion) {
     for (rows, cols) in [(1536, 576), (8192, 2048), (49152, 576)] {
         for bits in [4u32, 8] {
             let m = matrix(rows, cols, bits);
-            for n in [1usize, 8] {
+            for n in [1usize, 2, 4, 8] {
                 let x = vec![0.5f32; n * cols];
                 let mut out = vec![0f32; n * rows];
                 g.throughput(Throughput::Bytes(m.bytes() as u64));

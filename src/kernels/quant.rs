@@ -15,9 +15,11 @@
 //! Two ways to multiply, chosen by the number of input rows:
 //!
 //! - few rows (decode: one per running sequence): each block's 32 weights
-//!   are dequantized in registers (`scale * q + bias`) and multiplied into
-//!   up to four input rows at a time, so weights are read once per four
-//!   rows and the products are the float32 model's to rounding.
+//!   are dequantized in registers (`scale * q + bias`; 4-bit values looked
+//!   up in a 16-entry table of those) and multiplied into up to eight input
+//!   rows at a time (four with AVX2), so weights are read once per eight
+//!   rows and the products are the float32 model's to rounding. Columns go
+//!   in tiles that keep those input rows in L1.
 //!   (`Path::Integer` instead quantizes the activations to 8 bits per block,
 //!   as llama.cpp does, for integer dot products — `maddubs` on AVX2,
 //!   `vpdpbusd` with AVX-512 VNNI: ~12% faster, less exact.)
@@ -36,6 +38,13 @@ pub const BLOCK: usize = 32;
 /// Input rows up to which the integer path is used; above it, dequantized
 /// tiles through sgemm.
 pub const SMALL_N: usize = 8;
+
+/// Input rows the float few-rows kernels take per pass over the weights
+/// (the integer ones take up to 4).
+const ROWS: usize = 8;
+
+/// Bytes of input rows a column tile of the few-rows products holds.
+const TILE_BYTES: usize = 32 << 10;
 
 /// A quantized weight matrix (`rows` outputs by `cols` inputs), repacked.
 pub struct QuantMatrix {
@@ -61,10 +70,29 @@ enum Scales {
     Symmetric(Vec<Half>, f32),
 }
 
+/// How a row's block parameters lie in memory (vector kernels load 16
+/// blocks' worth at once).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// (scale, bias) pairs of halves.
+    PairsHalf,
+    /// (scale, bias) pairs of floats.
+    PairsF32,
+    /// One half scale a block; the bias is `offset() * scale`.
+    Symmetric,
+}
+
 /// A weight row's block parameters as the kernels read them.
 pub trait Params: Copy + Send + Sync {
+    const LAYOUT: Layout;
     /// Blocks held.
     fn blocks(self) -> usize;
+    /// The first block's parameters, laid out as `LAYOUT` says.
+    fn base(self) -> *const u8;
+    /// The bias per unit of scale ([`Layout::Symmetric`]; else 0).
+    fn offset(self) -> f32;
+    /// Blocks `b0..b1` alone.
+    fn range(self, b0: usize, b1: usize) -> Self;
     /// Block `b`'s scale and bias.
     ///
     /// # Safety
@@ -85,9 +113,22 @@ pub trait Params: Copy + Send + Sync {
 pub struct Pairs<'a, S>(&'a [S]);
 
 impl<S: Scale> Params for Pairs<'_, S> {
+    const LAYOUT: Layout = if S::HALF { Layout::PairsHalf } else { Layout::PairsF32 };
     #[inline(always)]
     fn blocks(self) -> usize {
         self.0.len() / 2
+    }
+    #[inline(always)]
+    fn base(self) -> *const u8 {
+        self.0.as_ptr() as *const u8
+    }
+    #[inline(always)]
+    fn offset(self) -> f32 {
+        0.0
+    }
+    #[inline(always)]
+    fn range(self, b0: usize, b1: usize) -> Self {
+        Pairs(&self.0[2 * b0..2 * b1])
     }
     #[inline(always)]
     unsafe fn sm(self, b: usize) -> (f32, f32) {
@@ -107,9 +148,22 @@ impl<S: Scale> Params for Pairs<'_, S> {
 pub struct Symmetric<'a>(&'a [Half], f32);
 
 impl Params for Symmetric<'_> {
+    const LAYOUT: Layout = Layout::Symmetric;
     #[inline(always)]
     fn blocks(self) -> usize {
         self.0.len()
+    }
+    #[inline(always)]
+    fn base(self) -> *const u8 {
+        self.0.as_ptr() as *const u8
+    }
+    #[inline(always)]
+    fn offset(self) -> f32 {
+        self.1
+    }
+    #[inline(always)]
+    fn range(self, b0: usize, b1: usize) -> Self {
+        Symmetric(&self.0[b0..b1], self.1)
     }
     #[inline(always)]
     unsafe fn sm(self, b: usize) -> (f32, f32) {
@@ -128,6 +182,8 @@ impl Params for Symmetric<'_> {
 
 /// A scale as stored.
 pub trait Scale: Copy + Send + Sync + 'static {
+    /// Stored as a half (else as an f32).
+    const HALF: bool;
     fn f(self) -> f32;
     /// `f`, in kernels compiled with F16C (exactly the same value).
     #[cfg(target_arch = "x86_64")]
@@ -138,6 +194,7 @@ pub trait Scale: Copy + Send + Sync + 'static {
 }
 
 impl Scale for f32 {
+    const HALF: bool = false;
     #[inline(always)]
     fn f(self) -> f32 {
         self
@@ -150,6 +207,7 @@ impl Scale for f32 {
 pub struct Half(pub u16);
 
 impl Scale for Half {
+    const HALF: bool = true;
     /// Exact for finite halves, subnormals included: the half's exponent
     /// and mantissa shifted into a float's, rescaled by 2^112.
     #[inline(always)]
@@ -371,37 +429,57 @@ impl QuantMatrix {
         }
     }
 
-    /// The few-rows paths: each weight row against every input row, four
-    /// input rows per pass over the weights.
+    /// The few-rows paths: each weight row against every input row, up to
+    /// eight input rows per pass over the weights (four on the integer path
+    /// and with AVX2).
     fn matmul_rows(&self, isa: Isa, x: &[f32], n: usize, out: &mut [f32], act: Option<&QuantActivations>) {
+        let step = if act.is_none() && isa == Isa::Avx512 { ROWS } else { 4 };
         let chunk = (self.rows / (super::threads() * 8)).clamp(16, 256);
         let chunks = self.rows.div_ceil(chunk);
         let dst = SharedOut(out.as_mut_ptr());
-        let rows = self.rows;
+        let (rows, blocks) = (self.rows, self.blocks());
         parallel_for(chunks, |c| {
-            for o in c * chunk..((c + 1) * chunk).min(rows) {
-                let mut r = 0;
-                while r < n {
-                    let take = (n - r).min(4);
-                    let mut sums = [0f32; 4];
-                    match act {
-                        Some(act) => self.row_dot(isa, o, act, r, take, &mut sums),
-                        None => self.row_dot_f32(isa, o, x, r, take, &mut sums),
+            let weight_rows = c * chunk..((c + 1) * chunk).min(rows);
+            let mut r = 0;
+            while r < n {
+                let take = (n - r).min(step);
+                // Column tiles small enough that the `take` input rows stay
+                // in L1 while every weight row of the chunk passes over them
+                // (eight rows of a 2048-wide input are 64 KiB: read whole
+                // for each weight row, they came from L2, and eight rows
+                // cost four times what four did). Multiples of 16 blocks.
+                let tile = match act {
+                    Some(_) => blocks,
+                    None => (TILE_BYTES / (take * BLOCK * 4)).max(16) / 16 * 16,
+                };
+                let mut b0 = 0;
+                while b0 < blocks {
+                    let b1 = (b0 + tile).min(blocks);
+                    for o in weight_rows.clone() {
+                        let mut sums = [0f32; ROWS];
+                        match act {
+                            Some(act) => self.row_dot(isa, o, act, r, take, &mut sums),
+                            None => self.row_dot_f32(isa, o, x, r, take, b0..b1, &mut sums),
+                        }
+                        for (i, s) in sums[..take].iter().enumerate() {
+                            // SAFETY: element (r + i, o) of `out`, which has n x
+                            // rows elements; each `o` belongs to one chunk, so
+                            // no two threads touch the same element.
+                            unsafe {
+                                let p = dst.at((r + i) * rows + o);
+                                *p = if b0 == 0 { *s } else { *p + *s };
+                            }
+                        }
                     }
-                    for (i, s) in sums[..take].iter().enumerate() {
-                        // SAFETY: element (r + i, o) of `out`, which has n x rows
-                        // elements; each `o` belongs to one chunk, so no two
-                        // threads write the same element.
-                        unsafe { *dst.at((r + i) * rows + o) = *s };
-                    }
-                    r += take;
+                    b0 = b1;
                 }
+                r += take;
             }
         });
     }
 
     /// Dot products of weight row `o` with activation rows `r..r + take`.
-    fn row_dot(&self, isa: Isa, o: usize, act: &QuantActivations, r: usize, take: usize, sums: &mut [f32; 4]) {
+    fn row_dot(&self, isa: Isa, o: usize, act: &QuantActivations, r: usize, take: usize, sums: &mut [f32; ROWS]) {
         with_params!(self, o, |p| self.row_dot_p(p, isa, o, act, r, take, sums))
     }
 
@@ -414,7 +492,7 @@ impl QuantMatrix {
         act: &QuantActivations,
         r: usize,
         take: usize,
-        sums: &mut [f32; 4],
+        sums: &mut [f32; ROWS],
     ) {
         let blocks = self.blocks();
         let bb = block_bytes(self.bits);
@@ -436,28 +514,51 @@ impl QuantMatrix {
 
     /// Dot products of weight row `o`, dequantized in registers, with float
     /// input rows `r..r + take`: the f32 model's products to rounding.
-    fn row_dot_f32(&self, isa: Isa, o: usize, x: &[f32], r: usize, take: usize, sums: &mut [f32; 4]) {
-        with_params!(self, o, |p| self.row_dot_f32_p(p, isa, o, x, r, take, sums))
+    #[allow(clippy::too_many_arguments)]
+    fn row_dot_f32(
+        &self,
+        isa: Isa,
+        o: usize,
+        x: &[f32],
+        r: usize,
+        take: usize,
+        cols: std::ops::Range<usize>,
+        sums: &mut [f32; ROWS],
+    ) {
+        with_params!(self, o, |p| self.row_dot_f32_p(p, isa, o, x, r, take, cols, sums))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn row_dot_f32_p<P: Params>(&self, sb: P, isa: Isa, o: usize, x: &[f32], r: usize, take: usize, sums: &mut [f32; 4]) {
-        let blocks = self.blocks();
+    fn row_dot_f32_p<P: Params>(
+        &self,
+        sb: P,
+        isa: Isa,
+        o: usize,
+        x: &[f32],
+        r: usize,
+        take: usize,
+        tile: std::ops::Range<usize>,
+        sums: &mut [f32; ROWS],
+    ) {
+        let (blocks, cols) = (self.blocks(), self.cols);
         let bb = block_bytes(self.bits);
-        let q = &self.q[o * blocks * bb..(o + 1) * blocks * bb];
-        let xs = &x[r * self.cols..(r + take) * self.cols];
+        let q = &self.q[(o * blocks + tile.start) * bb..(o * blocks + tile.end) * bb];
+        // Rows r..r + take of x, from the tile's first column.
+        let xs = &x[r * cols + tile.start * BLOCK..(r + take - 1) * cols + tile.end * BLOCK];
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512 => {
                 // SAFETY: `isa` was checked to run on this CPU (matmul_path);
-                // q and sb hold this row's blocks, xs `take` rows of cols.
-                unsafe { x86::row_dot_f32(isa, self.bits, q, sb, xs, self.cols, take, sums) }
+                // q and sb hold the tile's blocks of this weight row, xs
+                // `take` rows of the tile, `cols` apart.
+                unsafe { x86::row_dot_f32(isa, self.bits, q, sb.range(tile.start, tile.end), xs, cols, take, sums) }
             }
             _ => {
-                let mut w = vec![0f32; self.cols];
+                let mut w = vec![0f32; cols];
                 self.dequantize_row(o, &mut w);
+                let w = &w[tile.start * BLOCK..tile.end * BLOCK];
                 for i in 0..take {
-                    let xr = &xs[i * self.cols..(i + 1) * self.cols];
+                    let xr = &xs[i * cols..i * cols + w.len()];
                     // 16 lanes, so the compiler may vectorize the sum.
                     let mut acc = [0f32; 16];
                     for (wc, xc) in w.chunks_exact(16).zip(xr.chunks_exact(16)) {
@@ -619,7 +720,7 @@ fn row_dot_portable<P: Params>(bits: u32, q: &[u8], sb: P, act: &QuantActivation
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Params, QuantActivations, BLOCK};
+    use super::{Layout, Params, QuantActivations, BLOCK, ROWS};
     use crate::kernels::Isa;
     use std::arch::x86_64::*;
 
@@ -635,7 +736,7 @@ mod x86 {
         act: &QuantActivations,
         r: usize,
         take: usize,
-        sums: &mut [f32; 4],
+        sums: &mut [f32; ROWS],
     ) {
         // SAFETY: the caller's promises, passed on (every arm).
         unsafe {
@@ -661,8 +762,9 @@ mod x86 {
     }
 
     /// # Safety
-    /// `isa` runs on this CPU; `q` and `sb` hold one weight row's blocks and
-    /// `x` `take` (<= 4) rows of `cols`.
+    /// `isa` runs on this CPU; `q` and `sb` hold `sb.blocks()` blocks of one
+    /// weight row and `x` as many blocks of `take` (<= 8; <= 4 for AVX2)
+    /// input rows, `stride` floats apart.
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn row_dot_f32<P: Params>(
         isa: Isa,
@@ -670,93 +772,159 @@ mod x86 {
         q: &[u8],
         sb: P,
         x: &[f32],
-        cols: usize,
+        stride: usize,
         take: usize,
-        sums: &mut [f32; 4],
+        sums: &mut [f32; ROWS],
     ) {
+        macro_rules! by_rows {
+            ($f:ident, $bits:literal, [$($r:literal)*]) => {
+                match take {
+                    $($r => $f::<P, $bits, $r>(q, sb, x, stride, sums),)*
+                    _ => unreachable!("{take} rows"),
+                }
+            };
+        }
         // SAFETY: the caller's promises, passed on (every arm).
         unsafe {
-            match (isa, bits, take) {
-                (Isa::Avx512, 4, 1) => f32_avx512::<P, 4, 1>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, 2) => f32_avx512::<P, 4, 2>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, 3) => f32_avx512::<P, 4, 3>(q, sb, x, cols, sums),
-                (Isa::Avx512, 4, _) => f32_avx512::<P, 4, 4>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 1) => f32_avx512::<P, 8, 1>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 2) => f32_avx512::<P, 8, 2>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, 3) => f32_avx512::<P, 8, 3>(q, sb, x, cols, sums),
-                (Isa::Avx512, _, _) => f32_avx512::<P, 8, 4>(q, sb, x, cols, sums),
-                (_, 4, 1) => f32_avx2::<P, 4, 1>(q, sb, x, cols, sums),
-                (_, 4, 2) => f32_avx2::<P, 4, 2>(q, sb, x, cols, sums),
-                (_, 4, 3) => f32_avx2::<P, 4, 3>(q, sb, x, cols, sums),
-                (_, 4, _) => f32_avx2::<P, 4, 4>(q, sb, x, cols, sums),
-                (_, _, 1) => f32_avx2::<P, 8, 1>(q, sb, x, cols, sums),
-                (_, _, 2) => f32_avx2::<P, 8, 2>(q, sb, x, cols, sums),
-                (_, _, 3) => f32_avx2::<P, 8, 3>(q, sb, x, cols, sums),
-                (_, _, _) => f32_avx2::<P, 8, 4>(q, sb, x, cols, sums),
+            match (isa, bits) {
+                (Isa::Avx512, 4) => by_rows!(f32_avx512, 4, [1 2 3 4 5 6 7 8]),
+                (Isa::Avx512, _) => by_rows!(f32_avx512, 8, [1 2 3 4 5 6 7 8]),
+                (_, 4) => by_rows!(f32_avx2, 4, [1 2 3 4]),
+                (_, _) => by_rows!(f32_avx2, 8, [1 2 3 4]),
             }
         }
     }
 
-    /// AVX-512: a block's 32 weights as two vectors of 16 floats
-    /// (`scale * q + bias`; 4-bit values unsigned, 8-bit ones signed with
-    /// the 128 in the bias), each multiplied into R input rows. Two blocks a
-    /// step, into four accumulators a row: one chain of dependent FMAs
-    /// would leave the core waiting on their latency.
     /// How far ahead (bytes) the decode kernels prefetch weights.
     const PREFETCH: usize = 1024;
 
+    /// Scales and biases of blocks `b..b + 16`, as floats: one load and
+    /// conversion for sixteen blocks instead of one a block.
+    ///
+    /// # Safety
+    /// `b + 16 <= sb.blocks()`; the CPU has AVX-512F and F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn params16<P: Params>(sb: P, b: usize) -> (__m512, __m512) {
+        // SAFETY: blocks b..b + 16 lie within the row's parameters (the
+        // caller's promise), laid out as P::LAYOUT says.
+        unsafe {
+            let base = sb.base();
+            let pairs = |lo: __m512, hi: __m512| {
+                // (s0, m0, s1, m1, ...) over two vectors: evens and odds.
+                let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+                (_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi))
+            };
+            match P::LAYOUT {
+                Layout::Symmetric => {
+                    let s = _mm512_cvtph_ps(_mm256_loadu_si256((base as *const u16).add(b) as *const __m256i));
+                    (s, _mm512_mul_ps(s, _mm512_set1_ps(sb.offset())))
+                }
+                Layout::PairsHalf => {
+                    let p = (base as *const u16).add(2 * b);
+                    pairs(
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16) as *const __m256i)),
+                    )
+                }
+                Layout::PairsF32 => {
+                    let p = (base as *const f32).add(2 * b);
+                    pairs(_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                }
+            }
+        }
+    }
+
+    /// AVX-512: a block's 32 weights as two vectors of 16 floats, each
+    /// multiplied into R input rows.
+    ///
+    /// 4-bit values are looked up rather than converted: a table of the
+    /// sixteen `scale * q + bias` (one FMA a block) indexed by the nibbles
+    /// (`vpermps` reads an index's low four bits, so the low nibble needs no
+    /// mask) — three shuffles and one FMA a block where converting took two
+    /// masks, two conversions and two FMAs. 8-bit values are converted
+    /// (signed; the 128 is in the bias). Scales and biases are converted
+    /// sixteen blocks at a time.
+    ///
+    /// Two blocks a step; up to two rows keep four accumulators each (one
+    /// chain of dependent FMAs would leave the core waiting on their
+    /// latency), more rows two each (the rows are the independent chains).
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
     unsafe fn f32_avx512<P: Params, const BITS: usize, const R: usize>(
         q: &[u8],
         sb: P,
         x: &[f32],
-        cols: usize,
-        sums: &mut [f32; 4],
+        stride: usize,
+        sums: &mut [f32; ROWS],
     ) {
-        let blocks = cols / BLOCK;
+        let blocks = sb.blocks();
         let bb = BLOCK * BITS / 8;
-        assert!(q.len() >= blocks * bb && sb.blocks() >= blocks && x.len() >= R * cols);
+        assert!(q.len() >= blocks * bb && x.len() >= (R - 1) * stride + blocks * BLOCK);
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        let weights = |b: usize| {
-            // SAFETY: block b of q (bb bytes) and of sb, b < blocks (checked above).
+        let values = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+        let weights = |b: usize, s: __m512, m: __m512| {
+            // SAFETY: block b of q (bb bytes), b < blocks (checked above).
             unsafe {
                 let p = q.as_ptr().add(b * bb);
                 // The weights stream from memory once per token: ask for
                 // them a few blocks early (wrapping_add: a hint past the end
                 // is harmless).
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-                let (v0, v1) = if BITS == 4 {
+                if BITS == 4 {
                     let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                    (_mm512_and_si512(v, _mm512_set1_epi32(15)), _mm512_srli_epi32(v, 4))
+                    let table = _mm512_fmadd_ps(values, s, m);
+                    [_mm512_permutexvar_ps(v, table), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table)]
                 } else {
-                    (
-                        _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)),
-                        _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)),
-                    )
-                };
-                let (s, m) = sb.sm_x86(b);
-                let (s, m) = (_mm512_set1_ps(s), _mm512_set1_ps(m));
-                [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
-            }
-        };
-        let mut b = 0;
-        while b < blocks {
-            let two = b + 1 < blocks;
-            let wa = weights(b);
-            let wb = if two { weights(b + 1) } else { [_mm512_setzero_ps(); 2] };
-            for (i, a) in acc.iter_mut().enumerate() {
-                // SAFETY: blocks b (and b + 1 when `two`) of row i of x (checked above).
-                unsafe {
-                    let xp = x.as_ptr().add(i * cols + b * BLOCK);
-                    a[0] = _mm512_fmadd_ps(wa[0], _mm512_loadu_ps(xp), a[0]);
-                    a[1] = _mm512_fmadd_ps(wa[1], _mm512_loadu_ps(xp.add(16)), a[1]);
-                    if two {
-                        a[2] = _mm512_fmadd_ps(wb[0], _mm512_loadu_ps(xp.add(32)), a[2]);
-                        a[3] = _mm512_fmadd_ps(wb[1], _mm512_loadu_ps(xp.add(48)), a[3]);
-                    }
+                    let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
+                    let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                    [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
                 }
             }
-            b += 2;
+        };
+        // A macro, not a closure: a closure holding `acc` was not inlined,
+        // and every FMA went through memory.
+        macro_rules! step {
+            ($b:expr, $wa:expr, $wb:expr) => {{
+                let (b, wa, wb): (usize, [__m512; 2], Option<[__m512; 2]>) = ($b, $wa, $wb);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: blocks b (and b + 1 with wb) of row i of x (checked above).
+                    unsafe {
+                        let xp = x.as_ptr().add(i * stride + b * BLOCK);
+                        a[0] = _mm512_fmadd_ps(wa[0], _mm512_loadu_ps(xp), a[0]);
+                        a[1] = _mm512_fmadd_ps(wa[1], _mm512_loadu_ps(xp.add(16)), a[1]);
+                        if let Some(wb) = wb {
+                            let k = if R > 2 { 0 } else { 2 };
+                            a[k] = _mm512_fmadd_ps(wb[0], _mm512_loadu_ps(xp.add(32)), a[k]);
+                            a[k + 1] = _mm512_fmadd_ps(wb[1], _mm512_loadu_ps(xp.add(48)), a[k + 1]);
+                        }
+                    }
+                }
+            }};
+        }
+        let mut b = 0;
+        let mut s16 = [0f32; 16];
+        let mut m16 = [0f32; 16];
+        while b + 16 <= blocks {
+            // SAFETY: blocks b..b + 16 exist (loop condition).
+            unsafe {
+                let (s, m) = params16(sb, b);
+                _mm512_storeu_ps(s16.as_mut_ptr(), s);
+                _mm512_storeu_ps(m16.as_mut_ptr(), m);
+            }
+            for j in (0..16).step_by(2) {
+                let wa = weights(b + j, _mm512_set1_ps(s16[j]), _mm512_set1_ps(m16[j]));
+                let wb = weights(b + j + 1, _mm512_set1_ps(s16[j + 1]), _mm512_set1_ps(m16[j + 1]));
+                step!(b + j, wa, Some(wb));
+            }
+            b += 16;
+        }
+        while b < blocks {
+            // SAFETY: b < blocks <= sb.blocks(); F16C is enabled here.
+            let (s, m) = unsafe { sb.sm_x86(b) };
+            let wa = weights(b, _mm512_set1_ps(s), _mm512_set1_ps(m));
+            step!(b, wa, None);
+            b += 1;
         }
         for (i, a) in acc.iter().enumerate() {
             sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
@@ -770,12 +938,12 @@ mod x86 {
         q: &[u8],
         sb: P,
         x: &[f32],
-        cols: usize,
-        sums: &mut [f32; 4],
+        stride: usize,
+        sums: &mut [f32; ROWS],
     ) {
-        let blocks = cols / BLOCK;
+        let blocks = sb.blocks();
         let bb = BLOCK * BITS / 8;
-        assert!(q.len() >= blocks * bb && sb.blocks() >= blocks && x.len() >= R * cols);
+        assert!(q.len() >= blocks * bb && x.len() >= (R - 1) * stride + blocks * BLOCK);
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         for b in 0..blocks {
             // SAFETY: block b of q (bb bytes), of sb, and of each x row (checked above).
@@ -795,7 +963,7 @@ mod x86 {
                 let (s, m) = (_mm256_set1_ps(s), _mm256_set1_ps(m));
                 let ws = v.map(|g| _mm256_fmadd_ps(_mm256_cvtepi32_ps(g), s, m));
                 for (i, a) in acc.iter_mut().enumerate() {
-                    let xp = x.as_ptr().add(i * cols + b * BLOCK);
+                    let xp = x.as_ptr().add(i * stride + b * BLOCK);
                     for (k, wk) in ws.iter().enumerate() {
                         a[k] = _mm256_fmadd_ps(*wk, _mm256_loadu_ps(xp.add(8 * k)), a[k]);
                     }
@@ -831,7 +999,13 @@ mod x86 {
     macro_rules! row_kernel {
         ($name:ident, $features:literal, $bb:expr, |$qp:ident, $xv:ident| $dot:expr) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name<P: Params, const R: usize>(q: &[u8], sb: P, act: &QuantActivations, r: usize, sums: &mut [f32; 4]) {
+            unsafe fn $name<P: Params, const R: usize>(
+                q: &[u8],
+                sb: P,
+                act: &QuantActivations,
+                r: usize,
+                sums: &mut [f32; ROWS],
+            ) {
                 let blocks = act.blocks;
                 assert!(sb.blocks() >= blocks);
                 let mut acc = [_mm256_setzero_ps(); R];
