@@ -918,6 +918,11 @@ mod x86 {
         let blocks = sb.blocks();
         let bb = BLOCK * BITS / 8;
         assert!(q.len() >= blocks * bb && x.len() >= (R - 1) * stride + blocks * BLOCK);
+        // Prefetch the weights this kernel reads next: further along the
+        // row, or, in a column tile, the same blocks two rows on (the
+        // caller goes row by row through a tile; further along this row is
+        // the next tile, not read until every row of the chunk has passed).
+        let ahead = if blocks * BLOCK < stride { 2 * (stride / BLOCK) * bb } else { PREFETCH };
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let values = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
         let weights = |b: usize, s: __m512, m: __m512| {
@@ -925,9 +930,8 @@ mod x86 {
             unsafe {
                 let p = q.as_ptr().add(b * bb);
                 // The weights stream from memory once per token: ask for
-                // them a few blocks early (wrapping_add: a hint past the end
-                // is harmless).
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                // them early (wrapping_add: a hint past the end is harmless).
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
                 if BITS == 4 {
                     let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
                     let table = _mm512_fmadd_ps(values, s, m);
@@ -1033,6 +1037,8 @@ mod x86 {
         assert!(sbs.iter().all(|p| p.blocks() == blocks));
         assert!(q.len() >= 3 * row_bytes + blocks * bb && x.len() >= (R - 1) * stride + blocks * BLOCK);
         let values = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+        // As in f32_avx512, with the next four rows in a column tile.
+        let ahead = if blocks * BLOCK < stride { 4 * row_bytes } else { PREFETCH };
         let mut acc = [[[_mm512_setzero_ps(); 2]; R]; 4];
         let mut s16 = [[0f32; 16]; 4];
         let mut m16 = [[0f32; 16]; 4];
@@ -1067,7 +1073,7 @@ mod x86 {
                         (_mm512_set1_ps(s), _mm512_set1_ps(m))
                     };
                     let p = q.as_ptr().add(w * row_bytes + b * bb);
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
                     let wv = if BITS == 4 {
                         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
                         let table = _mm512_fmadd_ps(values, s, m);
