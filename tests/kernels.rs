@@ -259,7 +259,7 @@ proptest! {
         b in 1usize..3,
         hkv in 1usize..3,
         g in 1usize..4,
-        l in 1usize..40,
+        l in 1usize..140, // past BQ = 64: the keys are then transposed once for all query blocks
         extra in 0usize..90,
         d in prop::sample::select(vec![64usize, 128, 24, 80]),
         spare in 0usize..5,

@@ -132,13 +132,49 @@ pub fn attention_into(
     }
     let g = hq / hkv;
     let qblocks = l.div_ceil(BQ);
-    let job = Job { q, k, v, scale, mask, g, out: SharedOut(out.as_mut_ptr()), blhd };
-    parallel_for(b * hkv * qblocks, |item| {
-        let (bi, rest) = (item / (hkv * qblocks), item % (hkv * qblocks));
-        let (h, qb) = (rest / qblocks, rest % qblocks);
-        job.run(isa, bi, h, qb * BQ, ((qb + 1) * BQ).min(l), d, dv);
+    // With several query blocks, the keys are transposed once per call, a
+    // block of BK at a time (`[b][h][block][c * BK + j]`, zero-padded to DP
+    // columns and BK keys), for every query block to share (each used to
+    // transpose its own copy: 2k-token prefill attention 182 -> 201
+    // GFLOP/s). One query block (decode) transposes as it goes: a separate
+    // pass over the keys cost it 20%.
+    let dp = padded_head(d, dv);
+    let kblocks = if qblocks > 1 { s.div_ceil(BK) } else { 0 };
+    thread_local! {
+        static KT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    KT.with_borrow_mut(|kt| {
+        let need = b * hkv * kblocks * dp * BK;
+        if kt.len() < need {
+            *kt = vec![0f32; need];
+        }
+        let dst = SharedOut(kt.as_mut_ptr());
+        parallel_for(b * hkv * kblocks, |item| {
+            let (bh, blk) = (item / kblocks, item % kblocks);
+            // SAFETY: block `item` of kt (dp * BK values), this item's alone.
+            let t = unsafe { std::slice::from_raw_parts_mut(dst.at(item * dp * BK), dp * BK) };
+            t.fill(0.0);
+            for j in 0..BK.min(s - blk * BK) {
+                let src = &k.data[k.offset(bh / hkv, bh % hkv, blk * BK + j)..][..d];
+                for (c, x) in src.iter().enumerate() {
+                    t[c * BK + j] = *x;
+                }
+            }
+        });
+        let job = Job { q, k, v, scale, mask, g, out: SharedOut(out.as_mut_ptr()), blhd, kt: &kt[..need], kblocks };
+        parallel_for(b * hkv * qblocks, |item| {
+            let (bi, rest) = (item / (hkv * qblocks), item % (hkv * qblocks));
+            let (h, qb) = (rest / qblocks, rest % qblocks);
+            job.run(isa, bi, h, qb * BQ, ((qb + 1) * BQ).min(l), d, dv);
+        });
     });
     Ok(())
+}
+
+/// The head size the loops are compiled for: `d` and `dv` rounded up to a
+/// multiple of 32 (at most [`MAX_HEAD`]).
+fn padded_head(d: usize, dv: usize) -> usize {
+    d.max(dv).div_ceil(32) * 32
 }
 
 struct Job<'a> {
@@ -151,6 +187,9 @@ struct Job<'a> {
     out: SharedOut,
     /// `out` is `[B, L, Hq, Dv]` rather than `[B, Hq, L, Dv]`.
     blhd: bool,
+    /// The keys transposed, by block (see `attention_into`), or empty.
+    kt: &'a [f32],
+    kblocks: usize,
 }
 
 // SAFETY: the views are shared reads; `out` is written at disjoint rows per
@@ -190,7 +229,7 @@ impl Job<'_> {
     /// the AVX-512 micro-kernels.
     #[inline(always)]
     fn run_sized<const F: bool, const W: bool>(&self, b: usize, h: usize, q0: usize, q1: usize, d: usize, dv: usize) {
-        match d.max(dv).div_ceil(32) * 32 {
+        match padded_head(d, dv) {
             32 => self.item::<F, W, 32>(b, h, q0, q1, d, dv),
             64 => self.item::<F, W, 64>(b, h, q0, q1, d, dv),
             96 => self.item::<F, W, 96>(b, h, q0, q1, d, dv),
@@ -215,8 +254,8 @@ impl Job<'_> {
         let nq = q1 - q0;
         let rows = self.g * nq;
         let padded = rows.div_ceil(4) * 4;
-        let mut kt = vec![0f32; DP * BK];
         let mut vb = vec![0f32; BK * DP];
+        let mut own_kt = if self.kt.is_empty() { vec![0f32; DP * BK] } else { Vec::new() };
         let mut o = vec![0f32; padded * DP];
         let mut m = vec![f32::NEG_INFINITY; padded];
         let mut den = vec![0f32; padded];
@@ -237,22 +276,30 @@ impl Job<'_> {
         let mut j0 = 0;
         while j0 < key_end {
             let bk = BK.min(key_end - j0);
-            // kt[c * BK + j] = k[j0 + j][c]; vb[j * DP + c] = v[j0 + j][c];
-            // zero past bk (padding columns stay zero from the start).
+            // kt[c * BK + j] = k[j0 + j][c] (transposed up front);
+            // vb[j * DP + c] = v[j0 + j][c], zero past bk (padding columns
+            // stay zero from the start).
+            let shared = !self.kt.is_empty();
             for j in 0..BK {
                 if j < bk {
-                    let src = &self.k.data[self.k.offset(b, h, j0 + j)..][..d];
-                    for (c, x) in src.iter().enumerate() {
-                        kt[c * BK + j] = *x;
+                    if !shared {
+                        let src = &self.k.data[self.k.offset(b, h, j0 + j)..][..d];
+                        for (c, x) in src.iter().enumerate() {
+                            own_kt[c * BK + j] = *x;
+                        }
                     }
                     vb[j * DP..][..dv].copy_from_slice(&self.v.data[self.v.offset(b, h, j0 + j)..][..dv]);
                 } else {
-                    for c in 0..d {
-                        kt[c * BK + j] = 0.0;
+                    if !shared {
+                        for c in 0..d {
+                            own_kt[c * BK + j] = 0.0;
+                        }
                     }
                     vb[j * DP..][..dv].fill(0.0);
                 }
             }
+            let hkv = self.k.shape[1];
+            let kt = if shared { &self.kt[((b * hkv + h) * self.kblocks + j0 / BK) * DP * BK..][..DP * BK] } else { &own_kt[..] };
             for r0 in (0..padded).step_by(4) {
                 let mut sc = [[0f32; BK]; 4];
                 // Scores: 4 rows x BK keys.
@@ -260,7 +307,7 @@ impl Job<'_> {
                 if W {
                     // SAFETY: W is only set where AVX-512 runs (run_avx512);
                     // qs has four rows of DP from r0, kt DP rows of BK.
-                    unsafe { x86::scores4::<DP>(&qs[r0 * DP..][..4 * DP], &kt, &mut sc) };
+                    unsafe { x86::scores4::<DP>(&qs[r0 * DP..][..4 * DP], kt, &mut sc) };
                 }
                 for c in 0..DP {
                     if W && cfg!(target_arch = "x86_64") {
@@ -294,13 +341,26 @@ impl Job<'_> {
                             *x += mv.data[base + ix(3, j0 + j)];
                         }
                     }
-                    let mnew = m[rr].max(lanes_max(row));
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: W is only set where AVX-512 runs (run_avx512).
+                    let row_max = if W { unsafe { x86::row_max(row) } } else { lanes_max(row) };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let row_max = lanes_max(row);
+                    let mnew = m[rr].max(row_max);
                     if mnew == f32::NEG_INFINITY {
                         row.fill(0.0); // nothing visible yet
                         continue;
                     }
-                    corr[r] = exp(m[rr] - mnew);
+                    // (A max that did not move needs no rescaling: skip
+                    // the scalar polynomial, exactly 1 anyway.)
+                    corr[r] = if mnew == m[rr] { 1.0 } else { exp(m[rr] - mnew) };
                     m[rr] = mnew;
+                    #[cfg(target_arch = "x86_64")]
+                    if W {
+                        // SAFETY: as above.
+                        den[rr] = den[rr] * corr[r] + unsafe { x86::exp_row(row, mnew) };
+                        continue;
+                    }
                     for x in row.iter_mut() {
                         *x = exp(*x - mnew);
                     }
@@ -419,6 +479,59 @@ pub fn exp(x: f32) -> f32 {
 mod x86 {
     use super::BK;
     use std::arch::x86_64::*;
+
+    /// The largest of a block of scores.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn row_max(row: &[f32; BK]) -> f32 {
+        let p = row.as_ptr();
+        // SAFETY: four vectors of 16 in a row of BK = 64.
+        unsafe {
+            let a = _mm512_max_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+            let b = _mm512_max_ps(_mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48)));
+            _mm512_reduce_max_ps(_mm512_max_ps(a, b))
+        }
+    }
+
+    /// `row[j] = e^(row[j] - max)`, returning their sum: [`super::exp`]
+    /// sixteen lanes at a time (the portable loop compiled to scalar code:
+    /// `f32::max` and the float-to-int conversion kept LLVM from
+    /// vectorizing it), with `vscalefps` for the power of two.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_row(row: &mut [f32; BK], max: f32) -> f32 {
+        let p = row.as_mut_ptr();
+        let mut sum = _mm512_setzero_ps();
+        for i in 0..BK / 16 {
+            // SAFETY: vector i of a row of BK = 64.
+            unsafe {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i)), _mm512_set1_ps(max)));
+                _mm512_storeu_ps(p.add(16 * i), e);
+                sum = _mm512_add_ps(sum, e);
+            }
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
+    /// [`super::exp`] in 16 lanes: the same reduction and polynomial.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x: __m512) -> __m512 {
+        let xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            xc,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), xc);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut poly = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
+        }
+        let e = _mm512_scalef_ps(poly, n);
+        // Below -87 (and -inf): 0.
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.0)), e)
+    }
 
     /// `sc[r][j] = sum_c q[r * DP + c] * kt[c * BK + j]` for four rows.
     #[inline]
