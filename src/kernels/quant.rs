@@ -273,25 +273,25 @@ macro_rules! with_params {
     }};
 }
 
-/// [`with_params!`] for four consecutive rows from `$row`, each limited to
-/// the blocks in `$tile`: `$p` is an array of four.
-macro_rules! with_params4 {
-    ($m:expr, $row:expr, $tile:expr, |$p:ident| $body:expr) => {{
+/// [`with_params!`] for `$n` consecutive rows from `$row`, each limited to
+/// the blocks in `$tile`: `$p` is an array of `$n`.
+macro_rules! with_params_n {
+    ($m:expr, $row:expr, $n:expr, $tile:expr, |$p:ident| $body:expr) => {{
         let blocks = $m.cols / BLOCK;
         let (b0, b1) = ($tile.start, $tile.end);
         match &$m.sb {
             Scales::F16(v) => {
-                let $p: [_; 4] =
+                let $p: [_; $n] =
                     std::array::from_fn(|w| Pairs(&v[($row + w) * blocks * 2..($row + w + 1) * blocks * 2]).range(b0, b1));
                 $body
             }
             Scales::F32(v) => {
-                let $p: [_; 4] =
+                let $p: [_; $n] =
                     std::array::from_fn(|w| Pairs(&v[($row + w) * blocks * 2..($row + w + 1) * blocks * 2]).range(b0, b1));
                 $body
             }
             Scales::Symmetric(v, offset) => {
-                let $p: [_; 4] =
+                let $p: [_; $n] =
                     std::array::from_fn(|w| Symmetric(&v[($row + w) * blocks..($row + w + 1) * blocks], *offset).range(b0, b1));
                 $body
             }
@@ -484,33 +484,16 @@ impl QuantMatrix {
                 let mut b0 = 0;
                 while b0 < blocks {
                     let b1 = (b0 + tile).min(blocks);
-                    // Four weight rows at a time for one or two input rows.
+                    // Several weight rows at a time: four for one or two
+                    // input rows, two for more.
                     #[allow(unused_mut)]
                     let mut o = weight_rows.start;
                     #[cfg(target_arch = "x86_64")]
-                    if act.is_none() && isa == Isa::Avx512 && take <= 2 {
-                        while o + 4 <= weight_rows.end {
-                            let mut sums = [[0f32; 2]; 4];
-                            with_params4!(self, o, b0..b1, |ps| {
-                                let bb = block_bytes(self.bits);
-                                let q = &self.q[(o * blocks + b0) * bb..((o + 3) * blocks + b1) * bb];
-                                let xs = &x[r * self.cols + b0 * BLOCK..(r + take - 1) * self.cols + b1 * BLOCK];
-                                // SAFETY: AVX-512 runs here (matmul_path checked
-                                // isa); q holds four rows' tile blocks, blocks *
-                                // bb bytes apart, ps their parameters, xs `take`
-                                // input rows of the tile, cols apart.
-                                unsafe { x86::rows4_f32(self.bits, q, blocks * bb, ps, xs, self.cols, take, &mut sums) }
-                            });
-                            for (w, ws) in sums.iter().enumerate() {
-                                for (i, s) in ws[..take].iter().enumerate() {
-                                    // SAFETY: as below, for element (r + i, o + w).
-                                    unsafe {
-                                        let p = dst.at((r + i) * rows + o + w);
-                                        *p = if b0 == 0 { *s } else { *p + *s };
-                                    }
-                                }
-                            }
-                            o += 4;
+                    if act.is_none() && isa == Isa::Avx512 {
+                        if take <= 2 {
+                            o = self.rows_f32::<4>(o..weight_rows.end, x, r, take, b0..b1, dst);
+                        } else {
+                            o = self.rows_f32::<2>(o..weight_rows.end, x, r, take, b0..b1, dst);
                         }
                     }
                     for o in o..weight_rows.end {
@@ -534,6 +517,47 @@ impl QuantMatrix {
                 r += take;
             }
         });
+    }
+
+    /// Weight rows `w` (as many whole groups of W as there are) against
+    /// input rows `r..r + take`, over the blocks of `tile`: sums added into
+    /// `dst` (set on the first tile). Returns the first row not done.
+    #[cfg(target_arch = "x86_64")]
+    fn rows_f32<const W: usize>(
+        &self,
+        w: std::ops::Range<usize>,
+        x: &[f32],
+        r: usize,
+        take: usize,
+        tile: std::ops::Range<usize>,
+        dst: SharedOut,
+    ) -> usize {
+        let (blocks, bb, rows) = (self.blocks(), block_bytes(self.bits), self.rows);
+        let mut o = w.start;
+        while o + W <= w.end {
+            let mut sums = [[0f32; ROWS]; W];
+            with_params_n!(self, o, W, tile, |ps| {
+                let q = &self.q[(o * blocks + tile.start) * bb..((o + W - 1) * blocks + tile.end) * bb];
+                let xs = &x[r * self.cols + tile.start * BLOCK..(r + take - 1) * self.cols + tile.end * BLOCK];
+                // SAFETY: the caller runs this with AVX-512 only (matmul_path
+                // checked isa); q holds W rows' tile blocks, blocks * bb
+                // bytes apart, ps their parameters, xs `take` input rows of
+                // the tile, cols apart.
+                unsafe { x86::rows_f32(self.bits, q, blocks * bb, ps, xs, self.cols, take, &mut sums) }
+            });
+            for (k, ws) in sums.iter().enumerate() {
+                for (i, s) in ws[..take].iter().enumerate() {
+                    // SAFETY: element (r + i, o + k) of `out` (n x rows);
+                    // rows o..o + W belong to this chunk alone.
+                    unsafe {
+                        let p = dst.at((r + i) * rows + o + k);
+                        *p = if tile.start == 0 { *s } else { *p + *s };
+                    }
+                }
+            }
+            o += W;
+        }
+        o
     }
 
     /// Dot products of weight row `o` with activation rows `r..r + take`.
@@ -1010,63 +1034,76 @@ mod x86 {
         }
     }
 
-    /// Four weight rows against `take` (1 or 2) input rows: for one input
-    /// row (decode), four rows' weights are in flight at once, each input
-    /// vector is loaded once for four rows, and the per-row costs (scales,
-    /// the final sums) are shared.
+    /// W weight rows against `take` input rows: W = 4 for one or two input
+    /// rows (decode: four rows' weights in flight at once, each input
+    /// vector loaded once for four rows), W = 2 for up to eight (each input
+    /// vector loaded once for two rows); the per-row costs (scales, the
+    /// final sums, the call) are shared.
     ///
     /// # Safety
-    /// The CPU has AVX-512F and F16C; `q` holds four weight rows' blocks
-    /// (as many as `sbs[w].blocks()`), `row_bytes` apart; `x` `take` input
-    /// rows of those blocks, `stride` floats apart.
+    /// The CPU has AVX-512F and F16C; `q` holds W weight rows' blocks (as
+    /// many as `sbs[w].blocks()`), `row_bytes` apart; `x` `take` input rows
+    /// of those blocks, `stride` floats apart; take <= 2 when W > 2.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn rows4_f32<P: Params>(
+    pub(super) unsafe fn rows_f32<P: Params, const W: usize>(
         bits: u32,
         q: &[u8],
         row_bytes: usize,
-        sbs: [P; 4],
+        sbs: [P; W],
         x: &[f32],
         stride: usize,
         take: usize,
-        sums: &mut [[f32; 2]; 4],
+        sums: &mut [[f32; ROWS]; W],
     ) {
+        macro_rules! by_rows {
+            ($bits:literal, [$($r:literal)*]) => {
+                match take {
+                    $($r => rows_avx512::<P, $bits, $r, W>(q, row_bytes, sbs, x, stride, sums),)*
+                    _ => unreachable!("{take} rows"),
+                }
+            };
+        }
         // SAFETY: the caller's promises, passed on.
         unsafe {
-            match (bits, take) {
-                (4, 1) => rows4_avx512::<P, 4, 1>(q, row_bytes, sbs, x, stride, sums),
-                (4, _) => rows4_avx512::<P, 4, 2>(q, row_bytes, sbs, x, stride, sums),
-                (_, 1) => rows4_avx512::<P, 8, 1>(q, row_bytes, sbs, x, stride, sums),
-                (_, _) => rows4_avx512::<P, 8, 2>(q, row_bytes, sbs, x, stride, sums),
+            match (bits, W) {
+                (4, 4) => by_rows!(4, [1 2]),
+                (_, 4) => by_rows!(8, [1 2]),
+                (4, _) => by_rows!(4, [1 2 3 4 5 6 7 8]),
+                (_, _) => by_rows!(8, [1 2 3 4 5 6 7 8]),
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-    unsafe fn rows4_avx512<P: Params, const BITS: usize, const R: usize>(
+    unsafe fn rows_avx512<P: Params, const BITS: usize, const R: usize, const W: usize>(
         q: &[u8],
         row_bytes: usize,
-        sbs: [P; 4],
+        sbs: [P; W],
         x: &[f32],
         stride: usize,
-        sums: &mut [[f32; 2]; 4],
+        sums: &mut [[f32; ROWS]; W],
     ) {
         let blocks = sbs[0].blocks();
         let bb = BLOCK * BITS / 8;
-        assert!(sbs.iter().all(|p| p.blocks() == blocks));
-        assert!(q.len() >= 3 * row_bytes + blocks * bb && x.len() >= (R - 1) * stride + blocks * BLOCK);
+        assert!(R * W <= 16 && sbs.iter().all(|p| p.blocks() == blocks));
+        assert!(q.len() >= (W - 1) * row_bytes + blocks * bb && x.len() >= (R - 1) * stride + blocks * BLOCK);
         let values = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
-        // As in f32_avx512, with the next four rows in a column tile.
-        let ahead = if blocks * BLOCK < stride { 4 * row_bytes } else { PREFETCH };
-        let mut acc = [[[_mm512_setzero_ps(); 2]; R]; 4];
-        let mut s16 = [[0f32; 16]; 4];
-        let mut m16 = [[0f32; 16]; 4];
+        // As in f32_avx512, with the next W rows in a column tile.
+        let ahead = if blocks * BLOCK < stride { W * row_bytes } else { PREFETCH };
+        // Two accumulators a (weight row, input row) pair while there are
+        // few pairs (independent chains for the FMAs' latency), one when
+        // there are many (registers).
+        let split = R * W <= 8;
+        let mut acc = [[[_mm512_setzero_ps(); 2]; R]; W];
+        let mut s16 = [[0f32; 16]; W];
+        let mut m16 = [[0f32; 16]; W];
         let mut b = 0;
         while b < blocks {
             // In a whole group of 16 blocks, the parameters come from the
             // group's conversion.
             let group = b - b % 16 + 16 <= blocks;
             if group && b % 16 == 0 {
-                for w in 0..4 {
+                for w in 0..W {
                     // SAFETY: blocks b..b + 16 exist (group).
                     unsafe {
                         let (s, m) = params16(sbs[w], b);
@@ -1075,15 +1112,13 @@ mod x86 {
                     }
                 }
             }
-            // SAFETY: x holds block b of each of its R rows (checked above).
-            let xv: [[__m512; 2]; R] = std::array::from_fn(|i| unsafe {
-                let xp = x.as_ptr().add(i * stride + b * BLOCK);
-                [_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))]
-            });
-            for w in 0..4 {
+            // (A loop, not array::from_fn: the closure was not inlined, and
+            // took every intrinsic out of line with it.)
+            let mut wv = [[_mm512_setzero_ps(); 2]; W];
+            for (w, wv) in wv.iter_mut().enumerate() {
                 // SAFETY: block b of weight row w (b < blocks, checked
                 // above); its parameters likewise.
-                unsafe {
+                *wv = unsafe {
                     let (s, m) = if group {
                         (_mm512_set1_ps(s16[w][b % 16]), _mm512_set1_ps(m16[w][b % 16]))
                     } else {
@@ -1092,7 +1127,7 @@ mod x86 {
                     };
                     let p = q.as_ptr().add(w * row_bytes + b * bb);
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
-                    let wv = if BITS == 4 {
+                    if BITS == 4 {
                         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
                         let table = _mm512_fmadd_ps(values, s, m);
                         [_mm512_permutexvar_ps(v, table), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table)]
@@ -1100,16 +1135,25 @@ mod x86 {
                         let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
                         let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
                         [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
-                    };
-                    for i in 0..R {
-                        acc[w][i][0] = _mm512_fmadd_ps(wv[0], xv[i][0], acc[w][i][0]);
-                        acc[w][i][1] = _mm512_fmadd_ps(wv[1], xv[i][1], acc[w][i][1]);
                     }
+                };
+            }
+            for i in 0..R {
+                // SAFETY: x holds block b of each of its R rows (checked above).
+                let (x0, x1) = unsafe {
+                    let xp = x.as_ptr().add(i * stride + b * BLOCK);
+                    (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)))
+                };
+                for w in 0..W {
+                    let a = &mut acc[w][i];
+                    a[0] = _mm512_fmadd_ps(wv[w][0], x0, a[0]);
+                    let k = if split { 1 } else { 0 };
+                    a[k] = _mm512_fmadd_ps(wv[w][1], x1, a[k]);
                 }
             }
             b += 1;
         }
-        for w in 0..4 {
+        for w in 0..W {
             for i in 0..R {
                 sums[w][i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[w][i][0], acc[w][i][1]));
             }
