@@ -254,7 +254,10 @@ impl Job<'_> {
         let nq = q1 - q0;
         let rows = self.g * nq;
         let padded = rows.div_ceil(4) * 4;
-        let mut vb = vec![0f32; BK * DP];
+        // Value rows as they lie when they are DP wide and one after the
+        // other (a cache's [B, H, S, D] buffer): no copy into vb.
+        let v_in_place = dv == DP && self.v.strides[2] == DP;
+        let mut vb = if v_in_place { Vec::new() } else { vec![0f32; BK * DP] };
         let mut own_kt = if self.kt.is_empty() { vec![0f32; DP * BK] } else { Vec::new() };
         let mut o = vec![0f32; padded * DP];
         let mut m = vec![f32::NEG_INFINITY; padded];
@@ -288,16 +291,21 @@ impl Job<'_> {
                             own_kt[c * BK + j] = *x;
                         }
                     }
-                    vb[j * DP..][..dv].copy_from_slice(&self.v.data[self.v.offset(b, h, j0 + j)..][..dv]);
+                    if !v_in_place {
+                        vb[j * DP..][..dv].copy_from_slice(&self.v.data[self.v.offset(b, h, j0 + j)..][..dv]);
+                    }
                 } else {
                     if !shared {
                         for c in 0..d {
                             own_kt[c * BK + j] = 0.0;
                         }
                     }
-                    vb[j * DP..][..dv].fill(0.0);
+                    if !v_in_place {
+                        vb[j * DP..][..dv].fill(0.0);
+                    }
                 }
             }
+            let vb: &[f32] = if v_in_place { &self.v.data[self.v.offset(b, h, j0)..][..bk * DP] } else { &vb };
             let hkv = self.k.shape[1];
             let kt = if shared { &self.kt[((b * hkv + h) * self.kblocks + j0 / BK) * DP * BK..][..DP * BK] } else { &own_kt[..] };
             for r0 in (0..padded).step_by(4) {
@@ -371,7 +379,7 @@ impl Job<'_> {
                 if W {
                     // SAFETY: as for scores4: four rows of DP in o from r0,
                     // bk rows of DP in vb.
-                    unsafe { x86::accumulate4::<DP>(&mut o[r0 * DP..][..4 * DP], corr, &sc, &vb, bk) };
+                    unsafe { x86::accumulate4::<DP>(&mut o[r0 * DP..][..4 * DP], corr, &sc, vb, bk) };
                     continue;
                 }
                 let mut acc = [[0f32; DP]; 4];
@@ -567,11 +575,14 @@ mod x86 {
         assert!(o.len() >= 4 * DP && vb.len() >= bk * DP && bk <= BK && DP.is_multiple_of(16));
         // Up to 256 columns: 16 vectors a row; unused ones are never touched.
         let n = DP / 16;
-        // Two rows at a time keeps the accumulators in registers for DP up to 256.
-        for pair in 0..2 {
-            let mut a = [[_mm512_setzero_ps(); 16]; 2];
-            for (r, ar) in a.iter_mut().enumerate() {
-                let row = 2 * pair + r;
+        // All four rows at once up to 64 columns (16 accumulators: each
+        // value vector loaded once for four rows), else two rows at a time,
+        // which keeps the accumulators in registers up to 256.
+        let per = if DP <= 64 { 4 } else { 2 };
+        for pass in 0..4 / per {
+            let mut a = [[_mm512_setzero_ps(); 16]; 4];
+            for (r, ar) in a.iter_mut().enumerate().take(per) {
+                let row = per * pass + r;
                 let c = _mm512_set1_ps(corr[row]);
                 for (i, acc) in ar.iter_mut().enumerate().take(n) {
                     // SAFETY: 16 values of row `row` of o (4 x DP, checked).
@@ -579,17 +590,16 @@ mod x86 {
                 }
             }
             for j in 0..bk {
-                let x0 = _mm512_set1_ps(p[2 * pair][j]);
-                let x1 = _mm512_set1_ps(p[2 * pair + 1][j]);
                 for i in 0..n {
                     // SAFETY: 16 values of row j of vb (bk x DP, checked).
                     let v = unsafe { _mm512_loadu_ps(vb.as_ptr().add(j * DP + 16 * i)) };
-                    a[0][i] = _mm512_fmadd_ps(x0, v, a[0][i]);
-                    a[1][i] = _mm512_fmadd_ps(x1, v, a[1][i]);
+                    for r in 0..per {
+                        a[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[per * pass + r][j]), v, a[r][i]);
+                    }
                 }
             }
-            for (r, ar) in a.iter().enumerate() {
-                let row = 2 * pair + r;
+            for (r, ar) in a.iter().enumerate().take(per) {
+                let row = per * pass + r;
                 for (i, acc) in ar.iter().enumerate().take(n) {
                     // SAFETY: as above.
                     unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(row * DP + 16 * i), *acc) };
