@@ -935,16 +935,39 @@ mod x86 {
         }
     }
 
+    /// The 32 weights of the block at `p` (`BITS` wide) as two vectors of
+    /// 16 floats, `s * q + m`: 4-bit values looked up in a table of the
+    /// sixteen (one FMA a block; `vpermps` reads an index's low four bits,
+    /// so the low nibble needs no mask), 8-bit ones (signed; the 128 is in
+    /// the bias) converted.
+    ///
+    /// # Safety
+    /// `p` points at one block (BITS * 4 bytes).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn block_weights<const BITS: usize>(p: *const u8, s: __m512, m: __m512) -> [__m512; 2] {
+        // SAFETY: the block's bytes (the caller's promise).
+        unsafe {
+            if BITS == 4 {
+                let values = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let table = _mm512_fmadd_ps(values, s, m);
+                [_mm512_permutexvar_ps(v, table), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table)]
+            } else {
+                let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+                [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
+            }
+        }
+    }
+
     /// AVX-512: a block's 32 weights as two vectors of 16 floats, each
     /// multiplied into R input rows.
     ///
-    /// 4-bit values are looked up rather than converted: a table of the
-    /// sixteen `scale * q + bias` (one FMA a block) indexed by the nibbles
-    /// (`vpermps` reads an index's low four bits, so the low nibble needs no
-    /// mask) — three shuffles and one FMA a block where converting took two
-    /// masks, two conversions and two FMAs. 8-bit values are converted
-    /// (signed; the 128 is in the bias). Scales and biases are converted
-    /// sixteen blocks at a time.
+    /// Weights as [`block_weights`] makes them (the 4-bit lookup: three
+    /// shuffles and one FMA a block where converting took two masks, two
+    /// conversions and two FMAs); scales and biases converted sixteen
+    /// blocks at a time.
     ///
     /// Two blocks a step; up to two rows keep four accumulators each (one
     /// chain of dependent FMAs would leave the core waiting on their
@@ -966,7 +989,6 @@ mod x86 {
         // the next tile, not read until every row of the chunk has passed).
         let ahead = if blocks * BLOCK < stride { 2 * (stride / BLOCK) * bb } else { PREFETCH };
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        let values = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
         let weights = |b: usize, s: __m512, m: __m512| {
             // SAFETY: block b of q (bb bytes), b < blocks (checked above).
             unsafe {
@@ -974,15 +996,7 @@ mod x86 {
                 // The weights stream from memory once per token: ask for
                 // them early (wrapping_add: a hint past the end is harmless).
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
-                if BITS == 4 {
-                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                    let table = _mm512_fmadd_ps(values, s, m);
-                    [_mm512_permutexvar_ps(v, table), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table)]
-                } else {
-                    let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
-                    let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-                    [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
-                }
+                block_weights::<BITS>(p, s, m)
             }
         };
         // A macro, not a closure: a closure holding `acc` was not inlined,
@@ -1087,7 +1101,6 @@ mod x86 {
         let bb = BLOCK * BITS / 8;
         assert!(R * W <= 16 && sbs.iter().all(|p| p.blocks() == blocks));
         assert!(q.len() >= (W - 1) * row_bytes + blocks * bb && x.len() >= (R - 1) * stride + blocks * BLOCK);
-        let values = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
         // As in f32_avx512, with the next W rows in a column tile.
         let ahead = if blocks * BLOCK < stride { W * row_bytes } else { PREFETCH };
         // Two accumulators a (weight row, input row) pair while there are
@@ -1127,15 +1140,7 @@ mod x86 {
                     };
                     let p = q.as_ptr().add(w * row_bytes + b * bb);
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
-                    if BITS == 4 {
-                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                        let table = _mm512_fmadd_ps(values, s, m);
-                        [_mm512_permutexvar_ps(v, table), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table)]
-                    } else {
-                        let v0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
-                        let v1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-                        [_mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), s, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), s, m)]
-                    }
+                    block_weights::<BITS>(p, s, m)
                 };
             }
             for i in 0..R {
