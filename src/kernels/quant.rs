@@ -595,7 +595,8 @@ impl QuantMatrix {
     }
 
     /// Dot products of weight row `o`, dequantized in registers, with float
-    /// input rows `r..r + take`: the f32 model's products to rounding.
+    /// input rows `r..r + take` over the blocks of `tile`: the f32 model's
+    /// products to rounding.
     #[allow(clippy::too_many_arguments)]
     fn row_dot_f32(
         &self,
@@ -604,10 +605,10 @@ impl QuantMatrix {
         x: &[f32],
         r: usize,
         take: usize,
-        cols: std::ops::Range<usize>,
+        tile: std::ops::Range<usize>,
         sums: &mut [f32; ROWS],
     ) {
-        with_params!(self, o, |p| self.row_dot_f32_p(p, isa, o, x, r, take, cols, sums))
+        with_params!(self, o, |p| self.row_dot_f32_p(p, isa, o, x, r, take, tile, sums))
     }
 
     #[allow(clippy::too_many_arguments)]
