@@ -32,6 +32,7 @@
 //! - [`request`]: the internal request and output types both dialects and the engine share.
 //! - [`engine`]: the engine thread, admission control, the token stream; its
 //!   `py` module is the only code that touches pyo3.
+//! - [`constrain`]: structured outputs: grammars (llguidance) and per-sequence token masks.
 //! - [`stop`]: text-level stop sequences across token boundaries.
 //! - [`sse`]: event-stream encoding.
 //! - [`blas`]: routes MLX's CPU matmuls to OpenBLAS on Linux.
@@ -47,6 +48,7 @@ pub mod api;
 pub mod blas;
 pub mod cli;
 pub mod config;
+pub mod constrain;
 pub mod demo;
 pub mod engine;
 pub mod error;

@@ -54,6 +54,11 @@ fn describe() {
     describe_gauge!("pensieve_process_rss_bytes", "resident set size of the process");
     describe_gauge!("pensieve_mlx_active_bytes", "MLX active memory");
     describe_gauge!("pensieve_mlx_peak_bytes", "MLX peak memory");
+    describe_histogram!(
+        "pensieve_constraint_mask_seconds",
+        Unit::Seconds,
+        "time to compute one constrained sequence's token mask (grammar advance + mask)"
+    );
     describe_gauge!("pensieve_engine_up", "1 while the engine is ready, else 0");
 }
 
@@ -95,6 +100,11 @@ pub fn render(s: &Snapshot) -> String {
 pub fn request(route: &'static str, status: u16, seconds: f64) {
     counter!("pensieve_requests_total", "route" => route, "status" => status.to_string()).increment(1);
     histogram!("pensieve_request_duration_seconds", "route" => route).record(seconds);
+}
+
+/// One constrained sequence's token mask was computed.
+pub fn constraint_mask(seconds: f64) {
+    histogram!("pensieve_constraint_mask_seconds").record(seconds);
 }
 
 pub fn rejected(reason: &'static str) {

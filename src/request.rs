@@ -95,6 +95,25 @@ pub struct GenerateRequest {
     pub thinking_budget: Option<u32>,
     /// `any` or a named tool: the model must call one.
     pub force_tool: Option<ForceTool>,
+    /// The answer must be JSON (of a schema).
+    pub format: Option<ResponseFormat>,
+    /// Tools whose calls must follow their input schema.
+    pub strict_tools: Vec<String>,
+    /// The compiled grammar of `format`, `strict_tools` and `force_tool`
+    /// (set by the engine handle before the request reaches the engine).
+    pub constraint: Option<crate::constrain::Constraint>,
+    /// OpenAI `logprobs`: report each token's log-probability and this many
+    /// alternatives (`Some(0)`: the chosen token's only).
+    pub logprobs: Option<u8>,
+}
+
+/// A structured-output request (`response_format`, `output_config.format`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid under this schema.
+    JsonSchema(Value),
 }
 
 /// Failures the tests inject (see `--enable-fault-injection`).
@@ -136,6 +155,10 @@ impl GenerateRequest {
             thinking: false,
             thinking_budget: None,
             force_tool: None,
+            format: None,
+            strict_tools: vec![],
+            constraint: None,
+            logprobs: None,
         }
     }
 }
@@ -171,8 +194,31 @@ pub enum GenEvent {
     Text(String),
     Thinking(String),
     ToolCall(OutputToolCall),
-    Done { reason: StopReason, output_tokens: u32 },
+    /// A generated token's log-probability (requests that ask), before the
+    /// text it produced.
+    Logprob(TokenLogprob),
+    Done {
+        reason: StopReason,
+        output_tokens: u32,
+    },
     Error(ApiError),
+}
+
+/// A token's log-probability under the distribution it was sampled from
+/// (after grammar masks, before temperature), with the most likely
+/// alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: Alternative,
+    pub top: Vec<Alternative>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alternative {
+    /// The token's text (invalid UTF-8 replaced; `bytes` has it exactly).
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 /// A tool call the model made. Each dialect gives it the id its clients
@@ -188,10 +234,16 @@ pub struct OutputToolCall {
 pub struct Collected {
     /// Output blocks in order; adjacent pieces of one kind are merged.
     pub blocks: Vec<GenEvent>,
+    /// Per-token log-probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 impl Collected {
     pub(crate) fn push(&mut self, ev: GenEvent) {
+        if let GenEvent::Logprob(lp) = ev {
+            self.logprobs.push(lp);
+            return;
+        }
         match (self.blocks.last_mut(), ev) {
             (Some(GenEvent::Text(a)), GenEvent::Text(b)) => a.push_str(&b),
             (Some(GenEvent::Thinking(a)), GenEvent::Thinking(b)) => a.push_str(&b),

@@ -42,6 +42,9 @@ pub struct TemplateInfo {
     pub tool_call_end: Option<String>,
     #[serde(default)]
     pub tool_parser: Option<String>,
+    /// One tool call's text around its name and arguments (constrained calls).
+    #[serde(default)]
+    pub tool_call_shape: Option<crate::constrain::CallShape>,
 }
 
 pub struct PromptTokenizer {

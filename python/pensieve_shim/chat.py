@@ -147,7 +147,53 @@ class ChatTemplate:
             "tool_call_start": tk.tool_call_start,
             "tool_call_end": tk.tool_call_end,
             "tool_parser": self.tool_parser_type(),
+            "tool_call_shape": self.tool_call_shape(),
         }
+
+    def tool_call_shape(self):
+        """How one tool call is spelled in this model's format, as its
+        template renders one: {"start", "head", "mid", "tail"} such that a
+        call reads head + name + mid + arguments JSON + tail (head begins
+        with the call marker `start`). The Rust side wraps a tool's schema in
+        it (src/constrain.rs). None when the template renders no calls."""
+        tk = self.tokenizer
+        if not tk.tool_call_start or not tk.has_chat_template:
+            return None
+        name, key = "pnsvtoolname", "pnsvargkey"
+        tools = [{"type": "function", "function": {"name": name, "description": "d", "parameters": {
+            "type": "object", "properties": {key: {"type": "integer"}}}}}]
+        user = [{"role": "user", "content": "x"}]
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": name, "arguments": {key: 7}}}]}
+        kw = dict(tools=tools, tokenize=False, **self.template_kwargs())
+        try:
+            base = tk.apply_chat_template(user, add_generation_prompt=True, **kw)
+            full = tk.apply_chat_template(user + [call], add_generation_prompt=False, **kw)
+        except Exception:
+            return None
+        if not full.startswith(base):
+            return None
+        turn = full[len(base):]
+        s = turn.find(tk.tool_call_start)
+        n = turn.find(name, s + 1) if s >= 0 else -1
+        k = turn.find(key, n) if n >= 0 else -1
+        if k < 0:
+            return None
+        open_ = turn.rfind("{", n + len(name), k)
+        close = turn.find("}", k)
+        if open_ < 0 or close < 0:
+            return None
+        if tk.tool_call_end:
+            e = turn.find(tk.tool_call_end, close)
+            if e < 0:
+                return None
+            end = e + len(tk.tool_call_end)
+        else:
+            end = close + 1
+            while end < len(turn) and turn[end] in "}]":
+                end += 1
+        return {"start": tk.tool_call_start, "head": turn[s:n], "mid": turn[n + len(name):open_],
+                "tail": turn[close + 1:end]}
 
     def late_system_mode(self):
         """How this template takes a system message in mid-conversation:

@@ -40,6 +40,7 @@ from pensieve_shim.sampling import (
     sampler_raising_after,
     sampling_defaults,
 )
+from pensieve_shim import constrain
 from pensieve_shim import cpu_kernels
 from pensieve_shim import model as model_ops
 from pensieve_shim import scheduling
@@ -80,7 +81,7 @@ class Seq:
     __slots__ = (
         "rid", "detok", "splitter", "fault_after", "fault_forward", "generated", "max_tokens",
         "tokens", "todo", "cache", "sampler", "processors", "context",
-        "arrived", "first_sent", "failed",
+        "arrived", "first_sent", "failed", "constraint", "logprobs", "lp_queue",
     )
 
     def __init__(self, rid, tokens, todo, cache, max_tokens, sampler, processors, detok, splitter, fault_after):
@@ -104,6 +105,12 @@ class Seq:
         # step that feeds it back must not send it again.
         self.first_sent = False
         self.failed = False
+        # Structured output: the grammar state (constrain.Constrained).
+        self.constraint = None
+        # OpenAI logprobs: alternatives to report per token (None: off), and
+        # the (chosen, top) arrays of tokens sampled but not yet emitted.
+        self.logprobs = None
+        self.lp_queue = []
 
 
 class Engine:
@@ -256,9 +263,11 @@ class Engine:
 
     # ---- generation ------------------------------------------------------
 
-    def submit(self, rid, tokens, params_json):
+    def submit(self, rid, tokens, params_json, matcher=None):
         """Queue one request into the running batch. Returns (prompt tokens
-        served from the prefix cache, max_tokens after clamping)."""
+        served from the prefix cache, max_tokens after clamping). `matcher`:
+        the request's grammar state (pensieve_constraints.Matcher), if its
+        output is constrained."""
         p = json.loads(params_json)
         if not tokens:
             raise InvalidPrompt("the prompt is empty (no tokens to start from)")
@@ -283,7 +292,7 @@ class Engine:
         if budget is not None and self.tokenizer.has_thinking:
             processors.append(ThinkingBudget(self.tokenizer, budget))
         force = p.get("force_tool")
-        if force and p.get("tools"):
+        if force and p.get("tools") and matcher is None:
             forced = self.chat.forced_call_tokens(p["tools"], force.get("name"))
             if forced is None:
                 raise InvalidPrompt("tool_choice: could not derive this model's tool-call opening from its template")
@@ -300,6 +309,10 @@ class Engine:
             splitter=self.chat.splitter(tokens, p),
             fault_after=p.get("fault_after"),
         )
+        if matcher is not None:
+            seq.constraint = constrain.Constrained(matcher, len(tokens), self._think_end_for(seq))
+        if p.get("logprobs") is not None:
+            seq.logprobs = int(p["logprobs"])
         fault = p.get("fault")
         if p.get("fault_forward_after") is not None:
             seq.fault_forward = int(p["fault_forward_after"])
@@ -313,6 +326,14 @@ class Engine:
         self.by_rid[rid] = seq
         self._trim_prompt_cache()
         return Submitted(cached, max_tokens)
+
+    def _think_end_for(self, seq):
+        """The token that ends the thinking block this sequence starts in
+        (its constraint applies after it), or None."""
+        tk = self.tokenizer
+        if seq.splitter.state != "thinking" or len(tk.think_end_tokens or ()) != 1:
+            return None
+        return tk.think_end_id
 
     def _sampling(self, p):
         """A request's sampling: its own values, else the defaults in force
@@ -490,8 +511,10 @@ class Engine:
             return
         failed = set()
         try:
-            sampled = self._sample(group, logits, None)
+            masks = constrain.masks(group, [[] for _ in group], logits.shape[-1])
+            sampled, lps = self._sample(group, logits, None, masks)
             firsts = sampled.tolist()
+            self._queue_logprobs(group, lps)
         except Exception as e:
             if k == 1:
                 self._fail(group, e, out)
@@ -502,8 +525,9 @@ class Engine:
             rows = []
             for i, s in enumerate(group):
                 try:
-                    row = self._sample([s], logits[i : i + 1], None)
+                    row, lps = self._sample([s], logits[i : i + 1], None, constrain.masks([s], [[]], logits.shape[-1]))
                     row.tolist()
+                    self._queue_logprobs([s], lps)
                 except Exception as e1:
                     self._fail([s], e1, out)
                     failed.add(i)
@@ -557,7 +581,15 @@ class Engine:
         try:
             logits = self.model(inputs[:, None], cache=self.batch.cache)[:, -1, :]
             injected_forward_fault(seqs)
-            sampled = self._sample(seqs, logits, inputs)
+            masks = None
+            if any(s.constraint is not None for s in seqs):
+                # The forward pass runs while the grammar computes the masks
+                # (each needs the token this step feeds).
+                mx.async_eval(logits)
+                fed = inputs.tolist()
+                masks = constrain.masks(seqs, [s.tokens[s.constraint.start:] + [t] if s.constraint else []
+                                               for s, t in zip(seqs, fed)], logits.shape[-1])
+            sampled, lps = self._sample(seqs, logits, inputs, masks)
             # The next step's tokens compute while this step's are handed out.
             mx.async_eval(sampled)
             tokens = inputs.tolist()
@@ -567,6 +599,7 @@ class Engine:
             self._fail(seqs, e, out)
             self.batch.clear()
             return
+        self._queue_logprobs(seqs, lps)
         self.batch.next_tokens = sampled
         self._last_decode = time.perf_counter()
         self._decoded_since_prefill = True
@@ -618,15 +651,17 @@ class Engine:
             self._join([s], cache, token)
         return True
 
-    def _sample(self, seqs, logits, inputs):
+    def _sample(self, seqs, logits, inputs, masks=None):
         """Next tokens of `seqs` (one row of `logits` each), through their
-        logits processors and their own samplers; one call for a batch that
-        shares a sampler (every greedy request does). An exception leaves
-        MLX's global random state as it was (see RandomStateGuard)."""
+        logits processors, their grammar masks (`masks`, see constrain.py)
+        and their own samplers; one call for a batch that shares a sampler
+        (every greedy request does). An exception leaves MLX's global random
+        state as it was (see RandomStateGuard). Returns the tokens and, for
+        the sequences that report log-probabilities, {index: (chosen, top)}."""
         with RandomStateGuard():
-            return self._sample_unguarded(seqs, logits, inputs)
+            return self._sample_unguarded(seqs, logits, inputs, masks)
 
-    def _sample_unguarded(self, seqs, logits, inputs):
+    def _sample_unguarded(self, seqs, logits, inputs, masks):
         if any(s.processors for s in seqs):
             rows = []
             for i, s in enumerate(seqs):
@@ -637,11 +672,39 @@ class Engine:
                         row = proc(ctx, row)
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
+        if masks is not None:
+            logits = constrain.apply(logits, masks)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         first = seqs[0].sampler
         if all(s.sampler is first for s in seqs):
-            return first(logprobs)
-        return mx.concatenate([s.sampler(logprobs[i : i + 1]) for i, s in enumerate(seqs)], axis=0)
+            sampled = first(logprobs)
+        else:
+            sampled = mx.concatenate([s.sampler(logprobs[i : i + 1]) for i, s in enumerate(seqs)], axis=0)
+        return sampled, self._logprobs_of(seqs, logprobs, sampled)
+
+    @staticmethod
+    def _logprobs_of(seqs, logprobs, sampled):
+        """The log-probabilities the sequences that asked report: of the
+        distribution sampled from after processors and grammar masks (before
+        temperature and top-k/p truncation), the chosen token's and the top
+        alternatives'. Lazy arrays; read when the token is emitted."""
+        want = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        if not want:
+            return None
+        out = {}
+        for i in want:
+            row = logprobs[i]
+            chosen = row[sampled[i]]
+            k = seqs[i].logprobs
+            top = mx.argpartition(-row, kth=k - 1)[:k] if k > 0 else None
+            out[i] = (chosen, top, row[top] if top is not None else None)
+        return out
+
+    @staticmethod
+    def _queue_logprobs(seqs, lps):
+        if lps:
+            for i, entry in lps.items():
+                seqs[i].lp_queue.append(entry)
 
     def _finished(self, s, cache):
         """A sequence ended normally: keep its KV cache for prefix reuse."""
@@ -655,6 +718,16 @@ class Engine:
             s.generated += 1
             if s.fault_after is not None and s.generated > s.fault_after:
                 raise RuntimeError(f"injected fault after {s.fault_after} tokens (test hook)")
+            if s.constraint is not None and s.constraint.error is not None:
+                raise RuntimeError(s.constraint.error)
+            logprob = None
+            if s.lp_queue:
+                chosen, top, top_lp = s.lp_queue.pop(0)
+                if token not in self.eos_set:
+                    alts = []
+                    if top is not None:
+                        alts = sorted(zip(top.tolist(), top_lp.tolist()), key=lambda a: -a[1])
+                    logprob = (int(token), float(chosen.item()), alts)
             finish = None
             if token in self.eos_set:
                 finish = "stop"
@@ -667,7 +740,7 @@ class Engine:
             pieces = s.splitter.feed(s.detok.last_segment)
             if finish is not None:
                 pieces += s.splitter.finish()
-            out.append((s.rid, pieces, finish, None, True))
+            out.append((s.rid, pieces, finish, None, True, logprob))
             return finish is not None
         except Exception as e:
             s.failed = True

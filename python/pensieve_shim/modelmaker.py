@@ -11,7 +11,9 @@ import mlx.core as mx
 import mlx_lm
 from mlx.utils import tree_flatten
 
-DEMO_MODEL_VERSION = "demo-v1"
+# v2: the tokenizer config names its tool-call format (json_tools), so tool
+# calls are parsed and can be constrained.
+DEMO_MODEL_VERSION = "demo-v2"
 
 # ---- the built-in demo model ---------------------------------------------
 
@@ -178,6 +180,7 @@ def make_model(dest, shape="demo", dtype="float32"):
                 "model_max_length": 32768,
                 "clean_up_tokenization_spaces": False,
                 "chat_template": _DEMO_TEMPLATE + (_THINK_SUFFIX if think else ""),
+                "tool_parser_type": "json_tools",
             },
             f,
             indent=1,

@@ -25,13 +25,16 @@ class StepItem(NamedTuple):
     """One request's output from one engine step. `pieces`: (kind, text)
     with kind "text", "thinking" or "tool" (JSON {name, arguments});
     `finish`: "stop" (EOS) or "length"; `error`: the exception that failed
-    this request; `counts`: whether this is a newly generated token."""
+    this request; `counts`: whether this is a newly generated token;
+    `logprob`: (token, log-probability, [(token, log-probability), ...]
+    alternatives) when the request asked for log-probabilities."""
 
     rid: int
     pieces: List[Tuple[str, str]]
     finish: Optional[str]
     error: Optional[str]
     counts: bool
+    logprob: Optional[Tuple[int, float, List[Tuple[int, float]]]] = None
 
 
 class Memory(NamedTuple):

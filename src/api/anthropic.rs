@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::prompt::{sampling, PromptBuilder};
 use super::{check_range, check_stops, StreamRenderer};
 use crate::engine::{
-    Collected, ForceTool, FunctionCall, GenEvent, GenerateRequest, OutputToolCall, Prompt, StopReason, ToolCall,
+    Collected, ForceTool, FunctionCall, GenEvent, GenerateRequest, OutputToolCall, Prompt, ResponseFormat, StopReason, ToolCall,
 };
 use crate::error::ApiError;
 
@@ -48,6 +48,13 @@ pub struct MessagesRequest {
     pub tool_choice: Option<ToolChoice>,
     #[serde(default)]
     pub thinking: Option<Thinking>,
+    /// `{"format": {"type": "json_schema", "schema": ...}}` (structured
+    /// outputs; `effort` and other keys are accepted and ignored).
+    #[serde(default)]
+    pub output_config: Option<Value>,
+    /// The structured-outputs beta's spelling of `output_config.format`.
+    #[serde(default)]
+    pub output_format: Option<Value>,
 }
 
 /// `thinking`: `enabled` (with `budget_tokens`), `adaptive`, or `disabled`.
@@ -162,6 +169,9 @@ pub struct ToolDef {
     pub description: Option<String>,
     #[serde(default)]
     pub input_schema: Option<Value>,
+    /// The call's `input` must follow `input_schema` exactly.
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -283,7 +293,30 @@ impl MessagesRequest {
             Some(ToolChoice::Tool { name }) => Some(ForceTool::Named(name.clone())),
             _ => None,
         };
+        req.format = self.format()?;
+        if !matches!(self.tool_choice, Some(ToolChoice::None {})) {
+            req.strict_tools = self.tools.iter().flatten().filter(|t| t.strict == Some(true)).map(|t| t.name.clone()).collect();
+        }
         Ok(req)
+    }
+
+    /// `output_config.format` (or the beta's `output_format`).
+    fn format(&self) -> Result<Option<ResponseFormat>, ApiError> {
+        let (field, f) = match (self.output_config.as_ref().and_then(|c| c.get("format")), &self.output_format) {
+            (Some(f), _) if !f.is_null() => ("output_config.format", f),
+            (_, Some(f)) if !f.is_null() => ("output_format", f),
+            _ => return Ok(None),
+        };
+        match f.get("type").and_then(Value::as_str) {
+            Some("json_schema") => match f.get("schema") {
+                Some(s) if s.is_object() => Ok(Some(ResponseFormat::JsonSchema(s.clone()))),
+                _ => Err(ApiError::InvalidRequest(format!("{field}.schema: a JSON schema object is required"))),
+            },
+            other => Err(ApiError::InvalidRequest(format!(
+                "{field}.type: expected \"json_schema\", got {}",
+                other.map_or("nothing".to_string(), |t| format!("{t:?}"))
+            ))),
+        }
     }
 }
 

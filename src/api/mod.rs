@@ -45,6 +45,11 @@ pub trait StreamRenderer: Send + 'static {
     fn text(&mut self, delta: &str) -> String;
     fn thinking(&mut self, delta: &str) -> String;
     fn tool_call(&mut self, call: &OutputToolCall) -> String;
+    /// A token's log-probability, before the text it produced (only
+    /// requests that ask get these; dialects without them ignore it).
+    fn logprob(&mut self, _lp: crate::request::TokenLogprob) -> String {
+        String::new()
+    }
     fn finish(&mut self, reason: &StopReason, prompt_tokens: u32, cached_tokens: u32, output_tokens: u32) -> String;
     /// A failure after the 200 header went out.
     fn error(&mut self, e: &ApiError) -> String;

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use super::prompt::PromptBuilder;
 use super::{check_range, check_stops, StreamRenderer};
 use crate::engine::{
-    Collected, ForceTool, FunctionCall, GenerateRequest, OutputToolCall, Prompt, Sampling, StopReason, ToolCall,
+    Alternative, Collected, ForceTool, FunctionCall, GenerateRequest, OutputToolCall, Prompt, ResponseFormat, Sampling,
+    StopReason, TokenLogprob, ToolCall,
 };
 use crate::error::{ApiError, Dialect};
 use crate::sse;
@@ -30,6 +31,12 @@ pub struct ChatRequest {
     pub tools: Option<Vec<ToolDef>>,
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// `true`: report each token's log-probability.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Alternatives per token (0-20), with `logprobs`.
+    #[serde(default)]
+    pub top_logprobs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +52,10 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     #[serde(default)]
     pub suffix: Option<String>,
+    /// Alternatives per token to report (0-20; the chosen token's
+    /// log-probability comes with any value).
+    #[serde(default)]
+    pub logprobs: Option<u64>,
 }
 
 /// Sampling and streaming fields both endpoints share.
@@ -69,6 +80,9 @@ pub struct Common {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+    #[serde(default)]
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy)]
@@ -190,6 +204,9 @@ pub struct FunctionDef {
     pub description: Option<String>,
     #[serde(default)]
     pub parameters: Option<Value>,
+    /// Calls must follow `parameters` exactly.
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------
@@ -206,6 +223,28 @@ impl Common {
             }
         }
         check_stops("stop", &self.stops(), 4)
+    }
+
+    /// `response_format` as the engine takes it.
+    fn format(&self) -> Result<Option<ResponseFormat>, ApiError> {
+        let Some(f) = &self.response_format else { return Ok(None) };
+        let bad = |m: &str| Err(ApiError::InvalidRequest(format!("response_format: {m}")));
+        match f.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+            Some("json_schema") => {
+                let Some(js) = f.get("json_schema").filter(|v| v.is_object()) else {
+                    return bad("json_schema: required for type json_schema ({\"name\", \"schema\", \"strict\"})");
+                };
+                match js.get("schema") {
+                    None => Ok(Some(ResponseFormat::JsonSchema(json!({})))),
+                    Some(s) if s.is_object() => Ok(Some(ResponseFormat::JsonSchema(s.clone()))),
+                    Some(_) => bad("json_schema.schema: must be a JSON schema object"),
+                }
+            }
+            Some(other) => bad(&format!("unknown type {other:?} (expected text, json_object or json_schema)")),
+            None => bad("type: required"),
+        }
     }
 
     fn stops(&self) -> Vec<String> {
@@ -324,6 +363,21 @@ impl ChatRequest {
         // clients that do not know it ignore: always pass it through.
         req.thinking = true;
         req.force_tool = self.force_tool()?;
+        req.format = self.common.format()?;
+        if !matches!(&self.tool_choice, Some(Value::String(s)) if s == "none") {
+            req.strict_tools = self
+                .tools
+                .iter()
+                .flatten()
+                .filter(|t| t.function.strict == Some(true))
+                .map(|t| t.function.name.clone())
+                .collect();
+        }
+        req.logprobs = match (self.logprobs, self.top_logprobs) {
+            (Some(true), top) => Some(logprobs_count("top_logprobs", top.unwrap_or(0))?),
+            (_, Some(_)) => return Err(ApiError::InvalidRequest("top_logprobs: requires logprobs: true".into())),
+            _ => None,
+        };
         Ok(req)
     }
 }
@@ -338,17 +392,70 @@ impl CompletionRequest {
             return Err(ApiError::InvalidRequest("suffix: not supported".into()));
         }
         let prompt = Prompt { raw_prompt: Some(self.prompt.0.clone()), ..Default::default() };
-        Ok(GenerateRequest::new(
+        let mut req = GenerateRequest::new(
             prompt,
             max_tokens(self.max_tokens.or(Some(16)), "max_tokens")?,
             self.common.sampling(),
             self.common.stops(),
-        ))
+        );
+        req.format = self.common.format()?;
+        req.logprobs = self.logprobs.map(|n| logprobs_count("logprobs", n)).transpose()?;
+        Ok(req)
     }
+}
+
+/// Alternatives per token: at most 20, as OpenAI's chat API allows.
+fn logprobs_count(field: &str, n: u64) -> Result<u8, ApiError> {
+    if n > 20 {
+        return Err(ApiError::InvalidRequest(format!("{field}: must be between 0 and 20, got {n}")));
+    }
+    Ok(n as u8)
 }
 
 // ---------------------------------------------------------------------------
 // Responses.
+
+fn alternative_json(a: &Alternative) -> Value {
+    json!({"token": a.text, "logprob": a.logprob, "bytes": a.bytes})
+}
+
+/// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|lp| {
+            let mut v = alternative_json(&lp.token);
+            v["top_logprobs"] = lp.top.iter().map(alternative_json).collect();
+            v
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Completions' `logprobs`: parallel lists, text offsets from `offset`.
+fn completion_logprobs(lps: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut offsets = Vec::with_capacity(lps.len());
+    for lp in lps {
+        offsets.push(offset);
+        offset += lp.token.text.len();
+    }
+    json!({
+        "tokens": lps.iter().map(|lp| lp.token.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|lp| lp.token.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|lp| {
+            lp.top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect::<serde_json::Map<String, Value>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+fn logprobs_json(endpoint: Endpoint, lps: &[TokenLogprob], wanted: bool, offset: usize) -> Value {
+    match (wanted, endpoint) {
+        (false, _) => Value::Null,
+        (true, Endpoint::Chat) => chat_logprobs(lps),
+        (true, Endpoint::Completions) => completion_logprobs(lps, offset),
+    }
+}
 
 pub fn finish_reason(r: &StopReason) -> &'static str {
     match r {
@@ -382,8 +489,18 @@ pub enum Endpoint {
     Completions,
 }
 
-pub fn response(endpoint: Endpoint, id: &str, model: &str, out: &Collected, reason: &StopReason, usage: Value) -> Value {
+#[allow(clippy::too_many_arguments)]
+pub fn response(
+    endpoint: Endpoint,
+    id: &str,
+    model: &str,
+    out: &Collected,
+    reason: &StopReason,
+    usage: Value,
+    logprobs: bool,
+) -> Value {
     let text = out.text();
+    let lp = logprobs_json(endpoint, &out.logprobs, logprobs, 0);
     let choice = match endpoint {
         Endpoint::Chat => {
             let calls = out.tool_calls();
@@ -397,10 +514,10 @@ pub fn response(endpoint: Endpoint, id: &str, model: &str, out: &Collected, reas
             if let Some(t) = out.thinking() {
                 message["reasoning_content"] = json!(t);
             }
-            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(reason)})
+            json!({"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(reason)})
         }
         Endpoint::Completions => json!({
-            "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(reason),
+            "index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason(reason),
         }),
     };
     json!({
@@ -423,11 +540,33 @@ pub struct ChunkStream {
     include_usage: bool,
     /// Tool calls streamed so far (their `index`).
     calls: usize,
+    /// Whether the request asked for log-probabilities.
+    logprobs: bool,
+    /// Those of tokens whose text has not gone out yet.
+    pending: Vec<TokenLogprob>,
+    /// Text bytes streamed so far (completions' `text_offset`).
+    offset: usize,
 }
 
 impl ChunkStream {
     pub fn new(endpoint: Endpoint, id: &str, model: &str, include_usage: bool) -> ChunkStream {
-        ChunkStream { endpoint, id: id.into(), model: model.into(), created: unix_now(), include_usage, calls: 0 }
+        ChunkStream {
+            endpoint,
+            id: id.into(),
+            model: model.into(),
+            created: unix_now(),
+            include_usage,
+            calls: 0,
+            logprobs: false,
+            pending: vec![],
+            offset: 0,
+        }
+    }
+
+    /// Chunks carry the log-probabilities of their tokens.
+    pub fn with_logprobs(mut self, on: bool) -> ChunkStream {
+        self.logprobs = on;
+        self
     }
 
     fn chunk(&self, choice: Value) -> String {
@@ -445,12 +584,21 @@ impl ChunkStream {
         sse::encode(None, &v)
     }
 
-    fn delta(&self, delta: Value, finish: Option<&str>) -> String {
+    fn delta(&mut self, delta: Value, finish: Option<&str>) -> String {
+        // Text (or the end) takes the log-probabilities of the tokens so far.
+        let lp = if delta.get("content").is_some() || finish.is_some() {
+            let lps = std::mem::take(&mut self.pending);
+            let v = logprobs_json(self.endpoint, &lps, self.logprobs && !lps.is_empty(), self.offset);
+            self.offset += delta.get("content").and_then(Value::as_str).map_or(0, str::len);
+            v
+        } else {
+            Value::Null
+        };
         match self.endpoint {
-            Endpoint::Chat => self.chunk(json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})),
+            Endpoint::Chat => self.chunk(json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish})),
             Endpoint::Completions => self.chunk(json!({
                 "index": 0, "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
-                "logprobs": null, "finish_reason": finish,
+                "logprobs": lp, "finish_reason": finish,
             })),
         }
     }
@@ -469,6 +617,13 @@ impl StreamRenderer for ChunkStream {
             return String::new();
         }
         self.delta(json!({"content": t}), None)
+    }
+
+    fn logprob(&mut self, lp: TokenLogprob) -> String {
+        if self.logprobs {
+            self.pending.push(lp);
+        }
+        String::new()
     }
 
     fn thinking(&mut self, t: &str) -> String {

@@ -74,6 +74,7 @@ impl Backend for FakeBackend {
                 finish: finish.map(str::to_string),
                 error,
                 counts: true,
+                logprob: None,
             };
             match word.as_deref() {
                 Some("<fail>") => {

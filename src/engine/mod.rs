@@ -43,8 +43,9 @@ pub(crate) enum TokenEvent {
         cached_tokens: u32,
         max_tokens: u32,
     },
-    /// One generated token and what its text completed (maybe nothing yet).
-    Token(Vec<Piece>),
+    /// One generated token and what its text completed (maybe nothing yet),
+    /// with its log-probability when the request asked.
+    Token(Vec<Piece>, Option<worker::RawLogprob>),
     /// Output that is not a new token (text the detokenizer held back).
     Flush(Vec<Piece>),
     Finished(EngineFinish),
@@ -74,6 +75,8 @@ pub struct Generation {
     outcome: Option<&'static str>,
     /// Request id, route and model for the log line.
     pub label: RequestLabel,
+    /// Token ids to text, for log-probabilities.
+    vocab: Option<Arc<crate::constrain::Grammars>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -137,8 +140,13 @@ impl Generation {
             }
             let rx = self.rx.as_mut()?;
             match rx.recv().await {
-                Some(TokenEvent::Token(pieces)) => {
+                Some(TokenEvent::Token(pieces, logprob)) => {
                     self.output_tokens += 1;
+                    if let (Some(lp), Some(vocab)) = (logprob, &self.vocab) {
+                        if self.rx.is_some() {
+                            self.pending.push_back(GenEvent::Logprob(token_logprob(vocab, lp)));
+                        }
+                    }
                     self.take_pieces(pieces);
                 }
                 Some(TokenEvent::Flush(pieces)) => self.take_pieces(pieces),
@@ -219,6 +227,19 @@ impl Generation {
     }
 }
 
+/// Token ids to text: the engine reports ids only.
+fn token_logprob(vocab: &crate::constrain::Grammars, (token, logprob, top): worker::RawLogprob) -> TokenLogprob {
+    let alt = |t: u32, lp: f32| {
+        let bytes = vocab.token_bytes(t);
+        Alternative { text: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob: lp }
+    };
+    TokenLogprob {
+        token: alt(token, logprob),
+        // Alternatives the grammar forbids have no probability at all.
+        top: top.into_iter().filter(|(_, lp)| lp.is_finite()).map(|(t, lp)| alt(t, lp)).collect(),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Engine state shared with the HTTP side (read without the GIL).
 
@@ -242,6 +263,9 @@ pub struct ModelInfo {
     #[serde(default)]
     pub model_context_length: u64,
     pub vocab_size: Option<u64>,
+    /// Tokens that end a sequence.
+    #[serde(default)]
+    pub eos_token_ids: Vec<u32>,
     pub model_bytes: u64,
     pub load_seconds: f64,
     pub mlx_version: String,
@@ -500,6 +524,9 @@ pub struct EngineHandle {
     tokenizer: Option<Arc<PromptTokenizer>>,
     /// `--special-tokens-in-content`: request text may spell control tokens.
     special_tokens_in_content: bool,
+    /// Grammars over the model's vocabulary (structured outputs), or why
+    /// there are none.
+    grammars: Arc<Result<Arc<crate::constrain::Grammars>, String>>,
 }
 
 impl EngineHandle {
@@ -559,9 +586,62 @@ impl EngineHandle {
             thread: Arc::new(Mutex::new(Some(thread))),
             tokenizer: None,
             special_tokens_in_content: config.special_tokens_in_content,
+            grammars: Arc::new(Err("not loaded".into())),
         };
         handle.tokenizer = handle.verified_rust_tokenizer().map(Arc::new);
+        handle.grammars = Arc::new(handle.load_grammars().map(Arc::new));
+        if let Err(e) = handle.grammars.as_ref() {
+            tracing::info!("structured outputs are not available for this model: {e}");
+        }
         Ok(handle)
+    }
+
+    /// The grammar engine over the model's vocabulary (its tokenizer.json).
+    fn load_grammars(&self) -> Result<crate::constrain::Grammars, String> {
+        let info = self.status.info.get().ok_or("no model information")?;
+        let file = info.template.tokenizer_file.as_deref().ok_or("the model has no tokenizer.json")?;
+        let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+        let n_vocab = info.vocab_size.unwrap_or(0) as usize;
+        crate::constrain::Grammars::new(&text, n_vocab, &info.eos_token_ids, info.template.tool_call_shape.clone())
+            .map_err(|e| format!("its tokenizer cannot be read as bytes per token: {e}"))
+    }
+
+    /// Grammars over the model's vocabulary, if the model has them.
+    pub fn grammars(&self) -> Option<&Arc<crate::constrain::Grammars>> {
+        self.grammars.as_ref().as_ref().ok()
+    }
+
+    /// Compiles a request's constraints (response format, strict or forced
+    /// tool calls) on a blocking worker, never on the engine thread: a
+    /// schema it cannot enforce is the request's error, before any token.
+    async fn compile_constraint(&self, request: &mut GenerateRequest) -> Result<(), ApiError> {
+        if request.logprobs.is_some() {
+            if let Err(e) = self.grammars.as_ref() {
+                return Err(ApiError::InvalidRequest(format!(
+                    "logprobs are not available for this model (its tokens cannot be spelled: {e})"
+                )));
+            }
+        }
+        if !crate::constrain::wanted(request) {
+            return Ok(());
+        }
+        if request.force_tool.is_some() && request.format.is_none() && request.strict_tools.is_empty() {
+            // A forced call without a call format keeps the opening-token
+            // forcing below (the model still must call a tool).
+            if self.info().and_then(|i| i.template.tool_call_shape.as_ref()).is_none() {
+                return Ok(());
+            }
+        }
+        let grammars = match self.grammars.as_ref() {
+            Ok(g) => g.clone(),
+            Err(e) => return Err(ApiError::InvalidRequest(format!("structured outputs are not available for this model: {e}"))),
+        };
+        let probe = request.clone();
+        let compiled = tokio::task::spawn_blocking(move || grammars.compile_for(&probe))
+            .await
+            .map_err(|e| ApiError::Internal(format!("grammar compile task failed: {e}")))??;
+        request.constraint = Some(crate::constrain::Constraint(compiled));
+        Ok(())
     }
 
     /// Loads the Rust tokenizer and keeps it only if it reproduces the Python
@@ -658,6 +738,7 @@ impl EngineHandle {
         self.apply_tool_choice(&mut request)?;
         self.place_system_messages(&mut request.prompt);
         self.ensure_alive()?;
+        self.compile_constraint(&mut request).await?;
         // Admission first: a request bound for 529 (queue full, memory low)
         // costs no rendering or tokenizing.
         let permit = self.admission.acquire().await?;
@@ -686,6 +767,7 @@ impl EngineHandle {
                 ttft: None,
                 outcome: None,
                 label: RequestLabel::default(),
+                vocab: self.grammars().cloned(),
                 _permit: permit,
             }),
             Some(TokenEvent::Failed(e)) => Err(e),

@@ -6,6 +6,7 @@
 //! released whenever the loop waits for work. Python objects never leave this
 //! thread: they are `Bound<'py, _>` values tied to the attach scope.
 
+mod constraints;
 mod kernels;
 
 use std::ffi::CString;
@@ -50,6 +51,7 @@ const GGUF_SOURCE: &str = include_str!("../../python/pensieve_gguf.py");
 const SHIM_PACKAGE: &[(&str, &str)] = &[
     ("protocol", include_str!("../../python/pensieve_shim/protocol.py")),
     ("sampling", include_str!("../../python/pensieve_shim/sampling.py")),
+    ("constrain", include_str!("../../python/pensieve_shim/constrain.py")),
     ("splitter", include_str!("../../python/pensieve_shim/splitter.py")),
     ("chat", include_str!("../../python/pensieve_shim/chat.py")),
     ("prefix_cache", include_str!("../../python/pensieve_shim/prefix_cache.py")),
@@ -243,6 +245,8 @@ fn load_shim<'py>(py: Python<'py>, site_packages: &Path) -> PyResult<Bound<'py, 
     site.call_method1("addsitedir", (site_packages.to_string_lossy().to_string(),))?;
     // The CPU kernels (src/kernels/), for the shim's cpu_kernels.py.
     modules.set_item("pensieve_kernels", kernels::module(py)?)?;
+    // Token masks of constrained sequences (src/constrain.rs), for engine.py.
+    modules.set_item("pensieve_constraints", constraints::module(py)?)?;
     // The GGUF converter first, under its own name, so `import pensieve_gguf`
     // works in the shim as it does from python/ on disk.
     let gguf = CString::new(GGUF_SOURCE).expect("no NUL bytes");
@@ -489,6 +493,7 @@ struct PyStepItem {
     finish: Option<String>,
     error: Option<String>,
     counts: bool,
+    logprob: Option<(u32, f32, Vec<(u32, f32)>)>,
 }
 
 #[derive(FromPyObject)]
@@ -534,6 +539,7 @@ struct SubmitParams<'a> {
     thinking: bool,
     thinking_budget: Option<u32>,
     tools: Option<&'a Vec<serde_json::Value>>,
+    logprobs: Option<u8>,
     force_tool: Option<ForceToolParam<'a>>,
 }
 
@@ -575,6 +581,7 @@ impl<'a> SubmitParams<'a> {
             thinking: req.thinking,
             thinking_budget: req.thinking_budget,
             tools: (!req.prompt.tools.is_empty()).then_some(&req.prompt.tools),
+            logprobs: req.logprobs,
             force_tool: match &req.force_tool {
                 None => None,
                 Some(super::ForceTool::Any) => Some(ForceToolParam::Any { any: true }),
@@ -619,7 +626,14 @@ impl Backend for PyBackend<'_> {
         };
         let params = serde_json::to_string(&SubmitParams::of(req)).expect("parameters serialize");
         let prompt_tokens = tokens.len() as u32;
-        let submitted = mlx_turn(self.py, || self.engine.call_method1("submit", (rid, tokens, params)));
+        let matcher = match &req.constraint {
+            Some(c) => Some(
+                Bound::new(self.py, constraints::PyMatcher::new(c.0.matcher()))
+                    .map_err(|e| ApiError::Internal(format!("could not start the constraint: {e}")))?,
+            ),
+            None => None,
+        };
+        let submitted = mlx_turn(self.py, || self.engine.call_method1("submit", (rid, tokens, params, matcher)));
         let r: PySubmitted = submitted.and_then(|r| r.extract()).map_err(|e| {
             if e.is_instance(self.py, &self.invalid_prompt) {
                 self.prompt_error(e)
@@ -655,6 +669,7 @@ impl Backend for PyBackend<'_> {
                 finish: i.finish,
                 error: i.error,
                 counts: i.counts,
+                logprob: i.logprob,
             })
             .collect())
     }

@@ -27,7 +27,12 @@ pub(crate) struct StepItem {
     /// Whether this item is a newly generated token (a finish for a token
     /// already sent early carries only leftover text).
     pub counts: bool,
+    /// The token's log-probability and top alternatives (requests that ask).
+    pub logprob: Option<RawLogprob>,
 }
+
+/// (token, log-probability, [(token, log-probability)] alternatives).
+pub(crate) type RawLogprob = (u32, f32, Vec<(u32, f32)>);
 
 pub(crate) struct Submitted {
     pub prompt_tokens: u32,
@@ -156,7 +161,8 @@ fn dispatch(item: StepItem, active: &mut HashMap<u64, Active>) {
     };
     // One item per generated token (EOS included, as hosted APIs count it);
     // its text may be empty while the detokenizer waits for more bytes.
-    let _ = a.events.send(if item.counts { TokenEvent::Token(item.pieces) } else { TokenEvent::Flush(item.pieces) });
+    let _ =
+        a.events.send(if item.counts { TokenEvent::Token(item.pieces, item.logprob) } else { TokenEvent::Flush(item.pieces) });
     if let Some(f) = finish {
         let _ = a.events.send(TokenEvent::Finished(f));
         active.remove(&item.rid);

@@ -215,10 +215,12 @@ async fn openai_generation(
         Endpoint::Completions => new_id("cmpl-"),
     };
     label.model = model.to_string();
-    let stream = common.streaming().then(|| ChunkStream::new(endpoint, &id, model, common.include_usage()));
+    let logprobs = gen_req.logprobs.is_some();
+    let stream =
+        common.streaming().then(|| ChunkStream::new(endpoint, &id, model, common.include_usage()).with_logprobs(logprobs));
     serve_generation(state, gen_req, label, stream, |out, reason, g| {
         let usage = openai::usage_json(g.prompt_tokens, g.cached_tokens, g.output_tokens());
-        openai::response(endpoint, &id, model, out, reason, usage)
+        openai::response(endpoint, &id, model, out, reason, usage, logprobs)
     })
     .await
 }
@@ -298,6 +300,7 @@ async fn drive_stream<R: StreamRenderer>(
                     Some(GenEvent::Text(t)) => renderer.text(&t),
                     Some(GenEvent::Thinking(t)) => renderer.thinking(&t),
                     Some(GenEvent::ToolCall(c)) => renderer.tool_call(&c),
+                    Some(GenEvent::Logprob(lp)) => renderer.logprob(lp),
                     Some(GenEvent::Done { reason, output_tokens }) => {
                         let _ = send(renderer.finish(&reason, generation.prompt_tokens, generation.cached_tokens, output_tokens)).await;
                         return;

@@ -94,9 +94,9 @@ pub fn random_model_dir() -> std::path::PathBuf {
         .flatten()
         .map(|e| e.path())
         .find(|p| {
-            // demo-v1-demo-<12 hex digits> (not demo-v1-demo-think-…)
+            // demo-v2-demo-<12 hex digits> (not demo-v2-demo-think-…)
             let name = p.file_name().unwrap().to_string_lossy().to_string();
-            name.strip_prefix("demo-v1-demo-").is_some_and(|h| h.len() == 12 && h.chars().all(|c| c.is_ascii_hexdigit()))
+            name.strip_prefix("demo-v2-demo-").is_some_and(|h| h.len() == 12 && h.chars().all(|c| c.is_ascii_hexdigit()))
                 && p.join(".complete").exists()
         })
         .expect("the random-weight model")
