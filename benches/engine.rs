@@ -65,6 +65,7 @@ async fn run_one(engine: &EngineHandle, req: GenerateRequest) -> (u32, Duration)
             }
             GenEvent::Done { output_tokens, .. } => return (output_tokens, ttft.unwrap_or_else(|| t0.elapsed())),
             GenEvent::Error(e) => panic!("generation failed: {e}"),
+            GenEvent::Logprob(_) => {}
         }
     }
     unreachable!()

@@ -241,6 +241,16 @@ impl Grammars {
         Ok(compiled)
     }
 
+    /// Compiles `lark` without the cache (for measuring compile time).
+    pub fn compile_uncached(&self, lark: &str) -> Result<Duration, ApiError> {
+        let t0 = Instant::now();
+        let m = Matcher::new(self.factory.create_parser(TopLevelGrammar::from_lark(lark.to_string())));
+        match m.get_error() {
+            Some(e) => Err(ApiError::InvalidRequest(clean_error(&e))),
+            None => Ok(t0.elapsed()),
+        }
+    }
+
     /// A JSON schema checked on its own (so an error names its place) and
     /// returned as the grammar's `%json` part.
     fn json_part(&self, schema: &Value, lenient: bool, what: &str) -> Result<String, ApiError> {

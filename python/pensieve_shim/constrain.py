@@ -11,8 +11,6 @@ nothing at all)."""
 import mlx.core as mx
 import numpy as np
 
-import pensieve_constraints  # registered by the Rust side (src/engine/py/constraints.rs)
-
 
 class Constrained:
     """One sequence's grammar state. Generated tokens are counted from the
@@ -55,6 +53,10 @@ def masks(seqs, generated, n_vocab):
         tokens.append(new or [])
     if all(m is None for m in matchers):
         return None
+    # Registered by the Rust side (src/engine/py/constraints.rs); imported
+    # here so the package also loads from disk (make_model.py, unit tests).
+    import pensieve_constraints
+
     rows, errors = pensieve_constraints.masks(matchers, tokens, n_vocab)
     for s, e in zip(seqs, errors):
         if e is not None:

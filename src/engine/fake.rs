@@ -140,6 +140,7 @@ fn harness(max_concurrent: u32, max_queue: u32) -> Harness {
         thread: Arc::new(Mutex::new(Some(thread))),
         tokenizer: None,
         special_tokens_in_content: false,
+        grammars: Arc::new(Err("the fake engine has no vocabulary".into())),
     };
     Harness { engine, log, fail_next_step }
 }

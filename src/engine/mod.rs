@@ -451,7 +451,7 @@ pub(crate) enum Command {
     /// `tokens`: the prompt already tokenized on the Rust side, if trusted.
     Generate {
         id: u64,
-        request: GenerateRequest,
+        request: Box<GenerateRequest>,
         tokens: Option<Vec<u32>>,
         events: mpsc::UnboundedSender<TokenEvent>,
     },
@@ -751,7 +751,7 @@ impl EngineHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stop = StopMatcher::new(&request.stop);
         self.tx
-            .send(Command::Generate { id, request, tokens, events: events_tx })
+            .send(Command::Generate { id, request: Box::new(request), tokens, events: events_tx })
             .map_err(|_| ApiError::Unavailable("the engine is not running".into()))?;
         match events_rx.recv().await {
             Some(TokenEvent::Started { prompt_tokens, cached_tokens, max_tokens }) => Ok(Generation {

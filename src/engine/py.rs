@@ -493,7 +493,7 @@ struct PyStepItem {
     finish: Option<String>,
     error: Option<String>,
     counts: bool,
-    logprob: Option<(u32, f32, Vec<(u32, f32)>)>,
+    logprob: Option<worker::RawLogprob>,
 }
 
 #[derive(FromPyObject)]

@@ -29,7 +29,7 @@ for text in ("Paris: 晴れ, 22°C ☀️ — café 🎉 naïve", "日本語の�
     out = []
     finished = [eng._emit(seq, t, out) for t in ids]
     check(f"{text!r}: finished at max_tokens, not before", finished == [False] * (len(ids) - 1) + [True], finished)
-    pieces = [p for (_rid, items, _finish, _err, _ok) in out for (kind, p) in items if kind == "text"]
+    pieces = [p for (_rid, items, _finish, _err, _ok, *_) in out for (kind, p) in items if kind == "text"]
     joined = "".join(pieces)
     check(f"{text!r}: pieces join to the text", joined == text, (joined, pieces))
     bad = [p for p in pieces if "\ufffd" in p]
