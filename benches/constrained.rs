@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 const NEW_TOKENS: u64 = 128;
 const CONCURRENT: usize = 8;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 fn bench_model_dir(shape: &str) -> String {
     let dir = format!("{}/target/bench-models/{shape}", env!("CARGO_MANIFEST_DIR"));
@@ -121,7 +121,9 @@ async fn wave(engine: &EngineHandle, round: u64, constrained: bool) -> (u64, f64
         json!({"type": "object", "properties": {"report": {"type": "string", "minLength": 4000}}, "required": ["report"]});
     let reqs: Vec<GenerateRequest> = (0..CONCURRENT as u64)
         .map(|i| {
-            let mut r = chat(words(round * 100 + i, 40), NEW_TOKENS);
+            // Fresh prompts for every wave: both kinds prefill cold.
+            let seed = round * 100 + i + if constrained { 50 } else { 0 };
+            let mut r = chat(format!("Write a long story about {}.", words(seed, 30)), NEW_TOKENS);
             if constrained {
                 r.format = Some(ResponseFormat::JsonSchema(schema.clone()));
             }
@@ -190,12 +192,26 @@ fn bench(model: &str, rt: &tokio::runtime::Runtime) {
     rt.block_on(wave(&engine, 0, false));
     rt.block_on(wave(&engine, 1, true));
     let (mut free, mut constrained) = (vec![], vec![]);
+    let (mut free_tokens, mut constrained_tokens) = (0, 0);
     for round in 0..ROUNDS as u64 {
-        let (n, s) = rt.block_on(wave(&engine, 10 + round, false));
-        free.push(n as f64 / s);
-        let (n, s) = rt.block_on(wave(&engine, 10 + round, true));
-        constrained.push(n as f64 / s);
+        // Alternating which kind goes first.
+        for constrained_wave in [round % 2 == 1, round % 2 == 0] {
+            let (n, s) = rt.block_on(wave(&engine, 10 + round, constrained_wave));
+            if constrained_wave {
+                constrained.push(n as f64 / s);
+                constrained_tokens += n;
+            } else {
+                free.push(n as f64 / s);
+                free_tokens += n;
+            }
+        }
     }
+    let per_seq = |n: u64| n as f64 / (ROUNDS * CONCURRENT) as f64;
+    println!(
+        "tokens per sequence: unconstrained {:.1}, constrained {:.1} (of {NEW_TOKENS}; fewer means sequences ended early and the batch shrank)",
+        per_seq(free_tokens),
+        per_seq(constrained_tokens)
+    );
     free.sort_by(f64::total_cmp);
     constrained.sort_by(f64::total_cmp);
     let (f, c) = (free[ROUNDS / 2], constrained[ROUNDS / 2]);
