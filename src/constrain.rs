@@ -119,6 +119,10 @@ impl SeqMatcher {
             self.m.consume_token(*t).map_err(|e| format!("constraint: {e}"))?;
         }
         let mask = self.m.compute_mask_or_eos().map_err(|e| format!("constraint: {e}"))?;
+        if mask.is_zero() {
+            // Sampling from an empty row would pick an arbitrary token.
+            return Err("constraint: the grammar allows no next token".into());
+        }
         let n = self.n_vocab.min(row.len());
         row[n..].fill(0);
         for (w, chunk) in mask.as_slice().iter().zip(row[..n].chunks_mut(32)) {
