@@ -9,29 +9,20 @@
 //!   cargo bench --bench constrained        # builtin:smollm2 (49k vocab), then the smollm-135m bench model
 //!   PENSIEVE_BENCH_MODELS=builtin:smollm2 cargo bench --bench constrained
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use pensieve::constrain::Grammars;
-use pensieve::engine::{ChatMessage, ForceTool, GenEvent, GenerateRequest, Prompt, ResponseFormat, Sampling};
+use pensieve::engine::{ForceTool, GenEvent, GenerateRequest, ResponseFormat};
 use pensieve::{Config, EngineHandle};
 use serde_json::{json, Value};
+
+use common::{bench_model_dir, greedy_chat, words};
 
 const NEW_TOKENS: u64 = 128;
 const CONCURRENT: usize = 8;
 const ROUNDS: usize = 5;
-
-fn bench_model_dir(shape: &str) -> String {
-    let dir = format!("{}/target/bench-models/{shape}", env!("CARGO_MANIFEST_DIR"));
-    if !std::path::Path::new(&dir).join(".complete").exists() {
-        eprintln!("creating the {shape} bench model in {dir} (random weights, once)...");
-        let ok = std::process::Command::new(format!("{}/bin/python", env!("PENSIEVE_VENV")))
-            .args([concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_model.py"), shape, &dir])
-            .status()
-            .expect("run the venv python");
-        assert!(ok.success(), "making the bench model failed");
-    }
-    dir
-}
 
 fn claude_code_tools() -> Vec<Value> {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/claude-code-request.json"))
@@ -55,17 +46,8 @@ fn small_schema() -> Value {
         "required": ["city", "today"], "additionalProperties": false})
 }
 
-fn chat(text: String, max_tokens: u64) -> GenerateRequest {
-    GenerateRequest::new(
-        Prompt { messages: vec![ChatMessage::new("user", text)], ..Default::default() },
-        max_tokens,
-        Sampling::greedy(),
-        vec![],
-    )
-}
-
 fn with_format(schema: Value) -> GenerateRequest {
-    let mut r = chat("x".into(), 1);
+    let mut r = greedy_chat("x".into(), 1);
     r.format = Some(ResponseFormat::JsonSchema(schema));
     r
 }
@@ -101,18 +83,6 @@ fn mask_times(g: &Grammars, lark: &str, tokens: usize, seed: u64) -> Vec<f64> {
     times
 }
 
-fn words(seed: u64, n: usize) -> String {
-    const W: &[&str] = &["alpha", "bravo", "charlie", "delta", "echo", "weather", "city", "model", "token", "server"];
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            W[(x >> 33) as usize % W.len()]
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// One wave of `CONCURRENT` generations; returns (output tokens, seconds).
 async fn wave(engine: &EngineHandle, round: u64, constrained: bool) -> (u64, f64) {
     // A string of at least 4000 characters: the grammar never lets a
@@ -123,7 +93,7 @@ async fn wave(engine: &EngineHandle, round: u64, constrained: bool) -> (u64, f64
         .map(|i| {
             // Fresh prompts for every wave: both kinds prefill cold.
             let seed = round * 100 + i + if constrained { 50 } else { 0 };
-            let mut r = chat(format!("Write a long story about {}.", words(seed, 30)), NEW_TOKENS);
+            let mut r = greedy_chat(format!("Write a long story about {}.", words(seed, 30)), NEW_TOKENS);
             if constrained {
                 r.format = Some(ResponseFormat::JsonSchema(schema.clone()));
             }
@@ -171,7 +141,7 @@ fn bench(model: &str, rt: &tokio::runtime::Runtime) {
             g.grammar(&with_format(largest.1.clone())).unwrap(),
         ),
     ];
-    let mut forced = chat("x".into(), 1);
+    let mut forced = greedy_chat("x".into(), 1);
     forced.prompt.tools = tools.clone();
     forced.force_tool = Some(ForceTool::Any);
     match g.grammar(&forced) {

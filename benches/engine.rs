@@ -6,11 +6,15 @@
 //!   PENSIEVE_BENCH_SHAPE=smollm-360m cargo bench --bench engine
 //!   PENSIEVE_BENCH_MODEL=/path/to/mlx/model cargo bench --bench engine
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pensieve::engine::{ChatMessage, GenEvent, GenerateRequest, Prompt, Sampling};
+use pensieve::engine::{GenEvent, GenerateRequest};
 use pensieve::{Config, EngineHandle};
+
+use common::{greedy_chat, words};
 
 const NEW_TOKENS: u64 = 64;
 const PREFILL_TOKENS: usize = 512;
@@ -20,37 +24,7 @@ fn bench_model() -> String {
         return m;
     }
     let shape = std::env::var("PENSIEVE_BENCH_SHAPE").unwrap_or_else(|_| "smollm-135m".into());
-    let dir = format!("{}/target/bench-models/{shape}", env!("CARGO_MANIFEST_DIR"));
-    if !std::path::Path::new(&dir).join(".complete").exists() {
-        eprintln!("creating the {shape} bench model in {dir} (random weights, once)...");
-        let ok = std::process::Command::new(format!("{}/bin/python", env!("PENSIEVE_VENV")))
-            .args([concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_model.py"), &shape, &dir])
-            .status()
-            .expect("run the venv python");
-        assert!(ok.success(), "making the bench model failed");
-    }
-    dir
-}
-
-fn words(seed: u64, n: usize) -> String {
-    const W: &[&str] = &["alpha", "bravo", "charlie", "delta", "echo", "weather", "city", "model", "token", "server"];
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            W[(x >> 33) as usize % W.len()]
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn request(text: String, max_tokens: u64) -> GenerateRequest {
-    GenerateRequest::new(
-        Prompt { messages: vec![ChatMessage::new("user", text)], ..Default::default() },
-        max_tokens,
-        Sampling::greedy(),
-        vec![],
-    )
+    common::bench_model_dir(&shape)
 }
 
 /// Runs one generation to the end; returns (output tokens, time to first token).
@@ -96,7 +70,7 @@ fn benches(c: &mut Criterion) {
     g.throughput(Throughput::Elements(NEW_TOKENS));
     g.bench_function("single_stream_64_tokens", |b| {
         b.to_async(&rt).iter(|| async {
-            let (n, _) = run_one(&engine, request(words(1, 20), NEW_TOKENS)).await;
+            let (n, _) = run_one(&engine, greedy_chat(words(1, 20), NEW_TOKENS)).await;
             assert!(n > 0);
         })
     });
@@ -105,13 +79,13 @@ fn benches(c: &mut Criterion) {
     // Prefill: a fresh 512-token-ish prompt every time (no cache hit), 1 new token.
     let mut g = c.benchmark_group("prefill");
     g.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(20));
-    let probe = rt.block_on(engine.count_tokens(request(words(7, PREFILL_TOKENS * 3 / 4), 1).prompt)).unwrap();
+    let probe = rt.block_on(engine.count_tokens(greedy_chat(words(7, PREFILL_TOKENS * 3 / 4), 1).prompt)).unwrap();
     g.throughput(Throughput::Elements(probe as u64));
     let mut seed = 100;
     g.bench_function(format!("prompt_{probe}_tokens"), |b| {
         b.to_async(&rt).iter(|| {
             seed += 1;
-            let req = request(words(seed, PREFILL_TOKENS * 3 / 4), 1);
+            let req = greedy_chat(words(seed, PREFILL_TOKENS * 3 / 4), 1);
             let engine = &engine;
             async move { run_one(engine, req).await }
         })
@@ -128,14 +102,14 @@ fn benches(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(conc), &conc, |b, &conc| {
             b.to_async(&rt).iter(|| {
                 round += 1;
-                let reqs: Vec<_> = (0..conc).map(|i| request(words(round * 10 + i, 60), NEW_TOKENS)).collect();
+                let reqs: Vec<_> = (0..conc).map(|i| greedy_chat(words(round * 10 + i, 60), NEW_TOKENS)).collect();
                 let engine = &engine;
                 async move { futures_util::future::join_all(reqs.into_iter().map(|r| run_one(engine, r))).await }
             })
         });
         // Memory at this concurrency, measured on one more wave.
         rss_peak_reset();
-        let reqs: Vec<_> = (0..conc).map(|i| request(words(99_000 + conc * 10 + i, 60), NEW_TOKENS)).collect();
+        let reqs: Vec<_> = (0..conc).map(|i| greedy_chat(words(99_000 + conc * 10 + i, 60), NEW_TOKENS)).collect();
         rt.block_on(futures_util::future::join_all(reqs.into_iter().map(|r| run_one(&engine, r))));
         std::thread::sleep(Duration::from_millis(1200)); // the engine refreshes its memory readings about once a second
         let m = *engine.status().memory.lock().unwrap();
