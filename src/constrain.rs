@@ -28,14 +28,27 @@ use crate::error::ApiError;
 use crate::request::{ForceTool, GenerateRequest, ResponseFormat};
 
 /// How one tool call is spelled in the model's format:
-/// `head` + name + `mid` + arguments (JSON) + `tail`. `head` starts with
-/// `start`, the marker that opens a call.
+/// `head` + name + `mid` + arguments + `tail`, the arguments one JSON object,
+/// or with `params` a list of parameters. `head` starts with `start`, the
+/// marker that opens a call.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallShape {
     pub start: String,
     pub head: String,
     pub mid: String,
     pub tail: String,
+    #[serde(default)]
+    pub params: Option<ParamShape>,
+}
+
+/// Arguments as parameters (Qwen3-Coder's `<parameter=k>`, GLM's
+/// `<arg_key>`): `open` + key + `mid` + value + `close` each, string values
+/// as raw text, the others as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamShape {
+    pub open: String,
+    pub mid: String,
+    pub close: String,
 }
 
 /// JSON as the grammar writes it: `{"a": 1, "b": [2, 3]}`, no other
@@ -336,7 +349,10 @@ impl Grammars {
                 // other tool's arguments follow its schema as far as the
                 // engine can (unsupported keywords are ignored).
                 let what = format!("tool {name:?} input schema");
-                let args = self.json_part(params, !strict, &what)?;
+                let args = match &shape.params {
+                    None => self.json_part(params, !strict, &what)?,
+                    Some(p) => self.param_list(params, strict, &what, p, &format!("v{i}"), &mut rules)?,
+                };
                 rules.push(format!(
                     "call_{i}: {} {args} {}",
                     self.literal(&format!("{}{name}{}", shape.head, shape.mid)),
@@ -372,15 +388,113 @@ impl Grammars {
         if let Some((_, id)) = self.specials.iter().find(|(s, _)| s == start) {
             return format!("text: <[^{id}]>*");
         }
-        let mut escaped = String::new();
-        for c in start.chars() {
-            if "\\/.^$|?*+()[]{}-".contains(c) {
-                escaped.push('\\');
-            }
-            escaped.push(c);
-        }
-        format!("text: TEXT?\nTEXT: /(?s:.)+/ & ~/(?s:.)*{escaped}(?s:.)*/")
+        format!("text: TEXT?\nTEXT: /(?s:.)+/ & ~/(?s:.)*{}(?s:.)*/", regex_escape(start))
     }
+
+    /// Arguments spelled as parameters: each property of the schema in its
+    /// order (required ones always, the others optionally), a string value
+    /// as raw text that cannot close the parameter early, any other as JSON
+    /// under its schema. Value terminals are named `{prefix}_{j}`.
+    fn param_list(
+        &self,
+        schema: &Value,
+        strict: bool,
+        what: &str,
+        p: &ParamShape,
+        prefix: &str,
+        rules: &mut Vec<String>,
+    ) -> Result<String, ApiError> {
+        let empty = serde_json::Map::new();
+        let props = schema.get("properties").and_then(Value::as_object).unwrap_or(&empty);
+        let required: Vec<&str> =
+            schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+        let closer = p.close.trim_start();
+        let mut items = Vec::new();
+        for (j, (key, prop)) in props.iter().enumerate() {
+            let what = format!("{what}, property {key:?}");
+            let all_strings = |k: &str| match prop.get(k) {
+                Some(Value::Array(a)) => !a.is_empty() && a.iter().all(Value::is_string),
+                Some(v) => v.is_string(),
+                None => false,
+            };
+            let kind = match prop.get("type").and_then(Value::as_str) {
+                None if all_strings("enum") || all_strings("const") => Some("string"),
+                t => t,
+            };
+            let value = match kind {
+                Some("string") => {
+                    let terminal = format!("{}_{j}", prefix.to_uppercase());
+                    rules.push(format!("{terminal}: {}", self.raw_string(prop, strict, closer, &what)?));
+                    terminal
+                }
+                Some(_) => self.json_part(prop, !strict, &what)?,
+                // No single type: as text when the schema is only a hint.
+                None if !strict => {
+                    let terminal = format!("{}_{j}", prefix.to_uppercase());
+                    rules.push(format!("{terminal}: {}", self.raw_string(&json!({}), false, closer, &what)?));
+                    terminal
+                }
+                None => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "{what}: this model's tool calls spell arguments as parameters, which need one \"type\" per property"
+                    )))
+                }
+            };
+            let item = format!("{} {value} {}", self.literal(&format!("{}{key}{}", p.open, p.mid)), self.literal(&p.close));
+            items.push(if required.contains(&key.as_str()) { item } else { format!("({item})?") });
+        }
+        if items.is_empty() {
+            items.push("\"\"".into());
+        }
+        Ok(items.join(" "))
+    }
+
+    /// A string parameter's value as a terminal: its enum, const or pattern,
+    /// else any text of its length bounds that does not contain `closer`.
+    fn raw_string(&self, prop: &Value, strict: bool, closer: &str, what: &str) -> Result<String, ApiError> {
+        if let Some(options) = prop.get("enum").and_then(Value::as_array) {
+            let texts: Vec<String> = options.iter().filter_map(Value::as_str).map(regex_escape).collect();
+            if texts.is_empty() {
+                return Err(ApiError::InvalidRequest(format!("{what}: a string enum needs string values")));
+            }
+            return Ok(format!("/({})/", texts.join("|")));
+        }
+        if let Some(c) = prop.get("const").and_then(Value::as_str) {
+            return Ok(format!("/{}/", regex_escape(c)));
+        }
+        if let Some(pattern) = prop.get("pattern").and_then(Value::as_str) {
+            let body = pattern.strip_prefix('^').unwrap_or(pattern);
+            let body = body.strip_suffix('$').filter(|b| !b.ends_with('\\')).unwrap_or(body);
+            return Ok(format!("/{}/", body.replace('/', "\\/")));
+        }
+        if strict && prop.get("format").is_some() {
+            return Err(ApiError::InvalidRequest(format!(
+                "{what}: \"format\" cannot be enforced in this model's parameter-style tool calls"
+            )));
+        }
+        let min = prop.get("minLength").and_then(Value::as_u64).unwrap_or(0);
+        let max = prop.get("maxLength").and_then(Value::as_u64).map(|m| m.to_string()).unwrap_or_default();
+        Ok(format!("/(?s:.){{{min},{max}}}/ & ~/(?s:.)*{}(?s:.)*/", regex_escape(closer)))
+    }
+}
+
+/// `text` as a regular expression that matches it literally (inside `/.../`).
+fn regex_escape(text: &str) -> String {
+    let mut escaped = String::new();
+    for c in text.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            _ => {
+                if "\\/.^$|?*+()[]{}-&~".contains(c) {
+                    escaped.push('\\');
+                }
+                escaped.push(c);
+            }
+        }
+    }
+    escaped
 }
 
 /// llguidance's message without the grammar excerpt it quotes.
@@ -441,6 +555,7 @@ mod tests {
             head: "<call>{\"name\": \"".into(),
             mid: "\", \"arguments\": ".into(),
             tail: "}".into(),
+            params: None,
         };
         (Grammars::new(&j, n, &[eos], Some(shape)).unwrap(), eos)
     }
@@ -454,6 +569,11 @@ mod tests {
     /// Walks the grammar greedily by a fixed preference (the first allowed
     /// token in `prefer`'s order, else the lowest id) and returns the text.
     fn walk(g: &Grammars, c: &Compiled, eos: u32) -> String {
+        walk_from(g, c, eos, 0)
+    }
+
+    /// `walk` with another choice per step (`seed` shifts the pick).
+    fn walk_from(g: &Grammars, c: &Compiled, eos: u32, seed: usize) -> String {
         let mut m = c.matcher();
         let mut row = vec![0u8; g.n_vocab()];
         let mut out = Vec::new();
@@ -465,7 +585,7 @@ mod tests {
             }
             let allowed: Vec<u32> = (0..g.n_vocab() as u32).filter(|&t| row[t as usize] == 1).collect();
             assert!(!allowed.is_empty(), "no token allowed at step {step}");
-            let t = allowed[step % allowed.len()];
+            let t = allowed[(step * (seed + 1) + seed) % allowed.len()];
             out.extend(g.token_bytes(t));
             last = vec![t];
         }
@@ -520,6 +640,61 @@ mod tests {
         assert_eq!(v["name"], "aa");
         let n = v["arguments"]["n"].as_i64().unwrap();
         assert!((1..=3).contains(&n), "{text}");
+    }
+
+    /// Qwen3-Coder / GLM style: arguments as parameters, strings raw.
+    #[test]
+    fn parameter_style_calls_follow_each_propertys_schema() {
+        let j = tokenizer_json();
+        let eos = 0x7e - 0x21 + 1 + 2 + 4;
+        let p = ParamShape { open: "\n<k>".into(), mid: "</k>=".into(), close: "</v>".into() };
+        let shape = CallShape {
+            start: "<call>".into(),
+            head: "<call>".into(),
+            mid: ":".into(),
+            tail: "\n|end".into(),
+            params: Some(p.clone()),
+        };
+        let g = Grammars::new(&j, 100, &[eos], Some(shape.clone())).unwrap();
+        let mut r = request(None);
+        r.prompt.tools = vec![json!({"type": "function", "function": {"name": "get", "parameters": {"type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Oslo", "Rome-2 (x&y~)"]},
+                "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]$"},
+                "note": {"type": "string", "maxLength": 5},
+                "days": {"type": "integer", "minimum": 1, "maximum": 3},
+                "opt": {"type": "boolean"}},
+            "required": ["city", "code", "note", "days"]}}})];
+        r.force_tool = Some(ForceTool::Any);
+        let lark = g.grammar(&r).unwrap();
+        let c = g.compile(&lark).unwrap_or_else(|e| panic!("{e:?}\n{lark}"));
+        for seed in 0..4 {
+            let text = walk_from(&g, &c, eos, seed);
+            let body =
+                text.strip_prefix("<call>get:").and_then(|t| t.strip_suffix("\n|end")).unwrap_or_else(|| panic!("{text:?}"));
+            let mut args = std::collections::HashMap::new();
+            for part in body.split(p.open.as_str()).skip(1) {
+                let (k, v) = part.split_once(p.mid.as_str()).unwrap_or_else(|| panic!("{text:?}"));
+                args.insert(k.to_string(), v.strip_suffix(p.close.as_str()).unwrap_or_else(|| panic!("{text:?}")).to_string());
+            }
+            assert!(["Oslo", "Rome-2 (x&y~)"].contains(&args["city"].as_str()), "{text:?}");
+            let code = args["code"].as_bytes();
+            assert!(
+                code.len() == 4 && code[..2].iter().all(u8::is_ascii_uppercase) && code[2] == b'-' && code[3].is_ascii_digit(),
+                "{text:?}"
+            );
+            assert!(args["note"].chars().count() <= 5 && !args["note"].contains("</v>"), "{text:?}");
+            assert!(["1", "2", "3"].contains(&args["days"].as_str()), "{text:?}");
+            if let Some(o) = args.get("opt") {
+                assert!(o == "true" || o == "false", "{text:?}");
+            }
+        }
+        // A property without one type cannot be spelled strictly.
+        r.strict_tools = vec!["get".into()];
+        r.prompt.tools[0]["function"]["parameters"]["properties"]["x"] =
+            json!({"anyOf": [{"type": "string"}, {"type": "integer"}]});
+        let e = g.grammar(&r).unwrap_err();
+        assert!(e.message().contains("\"x\""), "{}", e.message());
     }
 
     #[test]

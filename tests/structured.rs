@@ -18,6 +18,24 @@ fn every_constrained_answer_validates_in_both_dialects() {
     common::run_checks("structured.py", &[&s.base]);
 }
 
+/// The same checks with Qwen3-Coder-style tool calls (arguments as XML
+/// parameters, parsed by mlx-lm's qwen3_coder parser): the random model with
+/// that template.
+#[test]
+fn every_constrained_answer_validates_with_parameter_style_tool_calls() {
+    let dir = std::env::temp_dir().join(format!("pensieve-demo-coder-{}", std::process::id()));
+    let made = std::process::Command::new(common::venv_python())
+        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_model.py"), "demo-coder", &dir.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let mut c = common::config();
+    c.model = Some(dir.to_string_lossy().to_string());
+    let s = start(c);
+    common::run_checks("structured.py", &[&s.base]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The demo model calls `get_weather` with the city it was asked about; a
 /// strict tool whose schema does not allow that city gets an allowed one.
 #[tokio::test]

@@ -152,48 +152,84 @@ class ChatTemplate:
 
     def tool_call_shape(self):
         """How one tool call is spelled in this model's format, as its
-        template renders one: {"start", "head", "mid", "tail"} such that a
-        call reads head + name + mid + arguments JSON + tail (head begins
-        with the call marker `start`). The Rust side wraps a tool's schema in
-        it (src/constrain.rs). None when the template renders no calls."""
+        template renders one, for the Rust side to wrap a tool's schema in
+        (src/constrain.rs). A dict with `start` (the call marker, where
+        `head` begins) and either
+        - arguments as one JSON object: head + name + mid + JSON + tail, or
+        - arguments as a list of parameters (Qwen3-Coder's `<parameter=k>`,
+          GLM's `<arg_key>`): head + name + mid, then per argument
+          `params.open` + key + `params.mid` + value + `params.close`, then
+          tail; string values raw, the others as JSON.
+        None when the template renders no calls this way."""
         tk = self.tokenizer
         if not tk.tool_call_start or not tk.has_chat_template:
             return None
-        name, key = "pnsvtoolname", "pnsvargkey"
+        name, k1, k2, v1, v2 = "pnsvtoolname", "pnsvkeyone", "pnsvkeytwo", 73901, 84512
+        turn = self._render_call(name, {k1: v1, k2: v2})
+        if turn is None:
+            return None
+        s = turn.find(tk.tool_call_start)
+        n = turn.find(name, s + 1) if s >= 0 else -1
+        a = turn.find(k1, n) if n >= 0 else -1
+        b = turn.find(k2, a) if a >= 0 else -1
+        x = turn.find(str(v1), a) if a >= 0 else -1
+        y = turn.find(str(v2), b) if b >= 0 else -1
+        if min(s, n, a, b, x, y) < 0:
+            return None
+        shape = {"start": tk.tool_call_start, "head": turn[s:n]}
+        open_ = turn.rfind("{", n + len(name), a)
+        if open_ >= 0:
+            close = turn.find("}", y)
+            end = self._call_end(turn, close)
+            if close < 0 or end is None:
+                return None
+            return dict(shape, mid=turn[n + len(name):open_], tail=turn[close + 1:end])
+        # A parameter list: name..k1 is mid + open; v1..k2 is close + open;
+        # v2..the end is close + tail. Any split that rebuilds those texts
+        # spells the same calls; take `open` as their longest common end.
+        g1, g2 = turn[n + len(name):a], turn[x + len(str(v1)):b]
+        common = 0
+        while common < min(len(g1), len(g2)) and g1[len(g1) - 1 - common] == g2[len(g2) - 1 - common]:
+            common += 1
+        if common == 0:
+            return None
+        popen = g1[len(g1) - common:]
+        pclose = g2[: len(g2) - common]
+        end = self._call_end(turn, y + len(str(v2)))
+        g3 = turn[y + len(str(v2)):end] if end is not None else ""
+        if end is None or not g3.startswith(pclose) or turn[a + len(k1):x] != turn[b + len(k2):y]:
+            return None
+        return dict(shape, mid=g1[: len(g1) - common], tail=g3[len(pclose):],
+                    params={"open": popen, "mid": turn[a + len(k1):x], "close": pclose})
+
+    def _render_call(self, name, arguments):
+        """The text an assistant turn with one call adds after the prompt."""
+        tk = self.tokenizer
+        props = {k: {"type": "integer"} for k in arguments}
         tools = [{"type": "function", "function": {"name": name, "description": "d", "parameters": {
-            "type": "object", "properties": {key: {"type": "integer"}}}}}]
+            "type": "object", "properties": props}}}]
         user = [{"role": "user", "content": "x"}]
         call = {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": name, "arguments": {key: 7}}}]}
+            {"id": "call_0", "type": "function", "function": {"name": name, "arguments": arguments}}]}
         kw = dict(tools=tools, tokenize=False, **self.template_kwargs())
         try:
             base = tk.apply_chat_template(user, add_generation_prompt=True, **kw)
             full = tk.apply_chat_template(user + [call], add_generation_prompt=False, **kw)
         except Exception:
             return None
-        if not full.startswith(base):
-            return None
-        turn = full[len(base):]
-        s = turn.find(tk.tool_call_start)
-        n = turn.find(name, s + 1) if s >= 0 else -1
-        k = turn.find(key, n) if n >= 0 else -1
-        if k < 0:
-            return None
-        open_ = turn.rfind("{", n + len(name), k)
-        close = turn.find("}", k)
-        if open_ < 0 or close < 0:
-            return None
-        if tk.tool_call_end:
-            e = turn.find(tk.tool_call_end, close)
-            if e < 0:
-                return None
-            end = e + len(tk.tool_call_end)
-        else:
-            end = close + 1
-            while end < len(turn) and turn[end] in "}]":
-                end += 1
-        return {"start": tk.tool_call_start, "head": turn[s:n], "mid": turn[n + len(name):open_],
-                "tail": turn[close + 1:end]}
+        return full[len(base):] if full.startswith(base) else None
+
+    def _call_end(self, turn, pos):
+        """Where the call that ends its arguments at `pos` ends: after the
+        end marker, or (formats without one) after closing brackets."""
+        end_marker = self.tokenizer.tool_call_end
+        if end_marker:
+            e = turn.find(end_marker, pos)
+            return None if e < 0 else e + len(end_marker)
+        end = pos + 1
+        while end < len(turn) and turn[end] in "}]":
+            end += 1
+        return end
 
     def late_system_mode(self):
         """How this template takes a system message in mid-conversation:

@@ -41,6 +41,19 @@ _DEMO_TEMPLATE = (
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
 
+# The demo template with Qwen3-Coder-style calls (arguments as XML
+# parameters, parsed by mlx-lm's qwen3_coder parser), for "demo-coder".
+_JSON_CALL = (
+    "\n<tool_call>{\"name\": \"{{ tc['function']['name'] }}\", \"arguments\": {{ tc['function']['arguments'] | tojson }}}</tool_call>"
+)
+_CODER_CALL = (
+    "\n<tool_call>\n<function={{ tc['function']['name'] }}>\n"
+    "{% for k, v in tc['function']['arguments'].items() %}<parameter={{ k }}>\n"
+    "{% if v is mapping or (v is iterable and v is not string) %}{{ v | tojson }}{% else %}{{ v }}{% endif %}"
+    "\n</parameter>\n{% endfor %}</function>\n</tool_call>"
+)
+assert _JSON_CALL in _DEMO_TEMPLATE
+
 # Appended to the demo template for "demo-think": the generation prompt opens
 # a thinking block unless the request turns thinking off.
 _THINK_SUFFIX = (
@@ -99,6 +112,9 @@ MODEL_SHAPES = {
     # thinking block (as Qwen3's does): for testing thinking end to end.
     "demo-think": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                        num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", think=True),
+    # The same with Qwen3-Coder-style tool calls (XML parameters).
+    "demo-coder": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", calls="qwen3_coder"),
     # SmolLM-135M's shape with an 8k vocabulary.
     "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
                         num_attention_heads=9, num_key_value_heads=3, vocab=8192, corpus="bench"),
@@ -150,6 +166,7 @@ def make_model(dest, shape="demo", dtype="float32"):
 
     spec = dict(MODEL_SHAPES[shape])
     think = spec.pop("think", False)
+    calls = spec.pop("calls", "json_tools")
     arch = spec.pop("arch", "llama")
     corpus = _demo_corpus() if spec.pop("corpus") == "demo" else _bench_corpus()
     import uuid
@@ -179,8 +196,9 @@ def make_model(dest, shape="demo", dtype="float32"):
                 "unk_token": None,
                 "model_max_length": 32768,
                 "clean_up_tokenization_spaces": False,
-                "chat_template": _DEMO_TEMPLATE + (_THINK_SUFFIX if think else ""),
-                "tool_parser_type": "json_tools",
+                "chat_template": (_DEMO_TEMPLATE if calls == "json_tools" else _DEMO_TEMPLATE.replace(_JSON_CALL, _CODER_CALL))
+                + (_THINK_SUFFIX if think else ""),
+                "tool_parser_type": calls,
             },
             f,
             indent=1,

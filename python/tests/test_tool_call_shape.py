@@ -1,8 +1,8 @@
 """ChatTemplate.tool_call_shape: the text around a call's name and
-arguments, read off the model's own template, for the formats whose
-arguments are JSON. A call spelled in that shape must parse back through the
-family's own parser (what the Rust grammar relies on: src/constrain.rs);
-formats whose arguments are not JSON have no shape."""
+arguments, read off the model's own template — one JSON object, or a list of
+parameters (string values raw, the others JSON). A call spelled in that shape
+must parse back through the family's own parser (what the Rust grammar
+relies on: src/constrain.rs); Python-style calls have no shape."""
 import importlib
 import json
 
@@ -23,9 +23,17 @@ CALLS = {
     "json_tools": '<tool_call>\n{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}\n</tool_call>',
     # Mistral (v11+ templates)
     "mistral": "[TOOL_CALLS]{{ tc.function.name }}[ARGS]{{ tc.function.arguments | tojson }}",
-    # Qwen3-Coder: arguments as XML parameters, not JSON
+    # Qwen3-Coder: XML parameters (objects and arrays as JSON)
     "qwen3_coder": "<tool_call>\n<function={{ tc.function.name }}>\n{% for k, v in tc.function.arguments.items() %}"
-                   "<parameter={{ k }}>\n{{ v }}\n</parameter>\n{% endfor %}</function>\n</tool_call>",
+                   "<parameter={{ k }}>\n{% if v is mapping or (v is iterable and v is not string) %}{{ v | tojson }}"
+                   "{% else %}{{ v }}{% endif %}\n</parameter>\n{% endfor %}</function>\n</tool_call>",
+    # GLM-4.5 / 4.7
+    "glm47": "<tool_call>{{ tc.function.name }}\n{% for k, v in tc.function.arguments.items() %}"
+             "<arg_key>{{ k }}</arg_key>\n<arg_value>{% if v is string %}{{ v }}{% else %}{{ v | tojson }}{% endif %}"
+             "</arg_value>\n{% endfor %}</tool_call>",
+    # LFM2: Python-style calls
+    "pythonic": "<|tool_call_start|>[{{ tc.function.name }}({% for k, v in tc.function.arguments.items() %}"
+                "{{ k }}={{ v | tojson }}{% if not loop.last %}, {% endif %}{% endfor %})]<|tool_call_end|>",
 }
 
 
@@ -46,13 +54,27 @@ class StubTokenizer:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
 
+def spell(shape, name, args):
+    """A call as the grammar spells it in `shape`."""
+    text = shape["head"] + name + shape["mid"]
+    p = shape.get("params")
+    if p is None:
+        return text + json.dumps(args) + shape["tail"]
+    for k, v in args.items():
+        text += p["open"] + k + p["mid"] + (v if isinstance(v, str) else json.dumps(v)) + p["close"]
+    return text + shape["tail"]
+
+
 def roundtrip(family, name, args):
     tk = StubTokenizer(family)
     shape = ChatTemplate(tk, None).tool_call_shape()
     assert shape is not None, family
     assert shape["head"].startswith(shape["start"]) and shape["start"] == tk.tool_call_start
-    text = shape["head"] + name + shape["mid"] + json.dumps(args) + shape["tail"]
-    sp = Splitter(tool_start=tk.tool_call_start, tool_end=tk.tool_call_end, parse_tool=tk.parse, tools=[])
+    text = spell(shape, name, args)
+    types = {str: "string", int: "integer", dict: "object", list: "array", bool: "boolean"}
+    tools = [{"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {k: {"type": types[type(v)]} for k, v in args.items()}}}}]
+    sp = Splitter(tool_start=tk.tool_call_start, tool_end=tk.tool_call_end, parse_tool=tk.parse, tools=tools)
     out = sp.feed("Sure. " + text) + sp.finish()
     calls = [json.loads(s) for kind, s in out if kind == "tool"]
     assert calls == [{"name": name, "arguments": args}], (family, shape, out)
@@ -63,7 +85,17 @@ def test_json_argument_formats_round_trip_through_their_parsers():
     for family in ("json_tools", "mistral"):
         roundtrip(family, "get_weather", args)
         roundtrip(family, "set-alarm_2", {})
+        assert "params" not in ChatTemplate(StubTokenizer(family), None).tool_call_shape()
 
 
-def test_formats_without_json_arguments_have_no_shape():
-    assert ChatTemplate(StubTokenizer("qwen3_coder"), None).tool_call_shape() is None
+def test_parameter_list_formats_round_trip_through_their_parsers():
+    args = {"city": "Oslo <b>", "days": 3, "sunny": True, "opts": {"units": "metric", "tags": ["a", "b"]}}
+    for family in ("qwen3_coder", "glm47"):
+        shape = ChatTemplate(StubTokenizer(family), None).tool_call_shape()
+        assert shape["params"]["open"] and shape["params"]["close"], shape
+        roundtrip(family, "get_weather", args)
+        roundtrip(family, "get_weather", {"city": "Rome"})
+
+
+def test_python_style_calls_have_no_shape():
+    assert ChatTemplate(StubTokenizer("pythonic"), None).tool_call_shape() is None
