@@ -330,7 +330,7 @@ impl Grammars {
         let calls = if uses_tools {
             let shape = self.shape.as_ref().ok_or_else(|| {
                 ApiError::InvalidRequest(
-                    "tool calls cannot be constrained: the model has no known tool-call format (strict tools and tool_choice any/tool need one)"
+                    "tool calls cannot be constrained for this model: it has no known tool-call format whose arguments are JSON or a parameter list (strict tools and tool_choice any/tool need one)"
                         .into(),
                 )
             })?;
