@@ -42,13 +42,18 @@ pub struct CallShape {
 }
 
 /// Arguments as parameters (Qwen3-Coder's `<parameter=k>`, GLM's
-/// `<arg_key>`): `open` + key + `mid` + value + `close` each, string values
-/// as raw text, the others as JSON.
+/// `<arg_key>`, LFM2's Python-style `k=v`): `open` + key + `mid` + value +
+/// `close` each, joined by `sep`; values as JSON, strings as raw text unless
+/// `quoted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParamShape {
     pub open: String,
     pub mid: String,
     pub close: String,
+    #[serde(default)]
+    pub sep: String,
+    #[serde(default)]
+    pub quoted: bool,
 }
 
 /// JSON as the grammar writes it: `{"a": 1, "b": [2, 3]}`, no other
@@ -408,7 +413,11 @@ impl Grammars {
         let props = schema.get("properties").and_then(Value::as_object).unwrap_or(&empty);
         let required: Vec<&str> =
             schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
-        let closer = p.close.trim_start();
+        // What ends a raw string value (it may not contain it).
+        let closer = if p.close.trim().is_empty() { p.sep.trim() } else { p.close.trim_start() };
+        if !p.quoted && closer.is_empty() {
+            return Err(ApiError::InvalidRequest(format!("{what}: this model's parameter format has no end for a value")));
+        }
         let mut items = Vec::new();
         for (j, (key, prop)) in props.iter().enumerate() {
             let what = format!("{what}, property {key:?}");
@@ -422,6 +431,7 @@ impl Grammars {
                 t => t,
             };
             let value = match kind {
+                _ if p.quoted => self.json_part(prop, !strict, &what)?,
                 Some("string") => {
                     let terminal = format!("{}_{j}", prefix.to_uppercase());
                     rules.push(format!("{terminal}: {}", self.raw_string(prop, strict, closer, &what)?));
@@ -441,12 +451,34 @@ impl Grammars {
                 }
             };
             let item = format!("{} {value} {}", self.literal(&format!("{}{key}{}", p.open, p.mid)), self.literal(&p.close));
-            items.push(if required.contains(&key.as_str()) { item } else { format!("({item})?") });
+            items.push((item, required.contains(&key.as_str())));
         }
-        if items.is_empty() {
-            items.push("\"\"".into());
+        Ok(self.joined(&items, &p.sep))
+    }
+
+    /// Grammar items in order, optional ones maybe left out, with `sep`
+    /// between those present: one alternative per possible first item (any
+    /// optional one up to the first required), each followed by the rest.
+    fn joined(&self, items: &[(String, bool)], sep: &str) -> String {
+        let sep = if sep.is_empty() { String::new() } else { format!("{} ", self.literal(sep)) };
+        let rest = |from: usize| -> String {
+            items[from..]
+                .iter()
+                .map(|(item, required)| if *required { format!("{sep}{item}") } else { format!("({sep}{item})?") })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut alts = Vec::new();
+        for (f, (item, required)) in items.iter().enumerate() {
+            alts.push(format!("{item} {}", rest(f + 1)));
+            if *required {
+                break;
+            }
         }
-        Ok(items.join(" "))
+        if items.iter().all(|(_, required)| !required) {
+            alts.push("\"\"".into());
+        }
+        format!("({})", alts.join(" | "))
     }
 
     /// A string parameter's value as a terminal: its enum, const or pattern,
@@ -647,7 +679,7 @@ mod tests {
     fn parameter_style_calls_follow_each_propertys_schema() {
         let j = tokenizer_json();
         let eos = 0x7e - 0x21 + 1 + 2 + 4;
-        let p = ParamShape { open: "\n<k>".into(), mid: "</k>=".into(), close: "</v>".into() };
+        let p = ParamShape { open: "\n<k>".into(), mid: "</k>=".into(), close: "</v>".into(), sep: "".into(), quoted: false };
         let shape = CallShape {
             start: "<call>".into(),
             head: "<call>".into(),
@@ -695,6 +727,45 @@ mod tests {
             json!({"anyOf": [{"type": "string"}, {"type": "integer"}]});
         let e = g.grammar(&r).unwrap_err();
         assert!(e.message().contains("\"x\""), "{}", e.message());
+    }
+
+    /// LFM2's Python-style calls: `[name(k=v, ...)]`, every value JSON,
+    /// separators only between the arguments present.
+    #[test]
+    fn python_style_calls_join_the_arguments_present() {
+        let j = tokenizer_json();
+        let eos = 0x7e - 0x21 + 1 + 2 + 4;
+        let p = ParamShape { open: "".into(), mid: "=".into(), close: "".into(), sep: ", ".into(), quoted: true };
+        let shape =
+            CallShape { start: "<call>".into(), head: "<call>[".into(), mid: "(".into(), tail: ")]".into(), params: Some(p) };
+        let g = Grammars::new(&j, 100, &[eos], Some(shape)).unwrap();
+        let mut r = request(None);
+        r.prompt.tools = vec![json!({"type": "function", "function": {"name": "get", "parameters": {"type": "object",
+            "properties": {
+                "a": {"type": "boolean"},
+                "city": {"enum": ["Oslo", "Rome"]},
+                "b": {"type": "integer", "minimum": 1, "maximum": 3},
+                "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]$"}},
+            "required": ["city", "code"]}}})];
+        r.force_tool = Some(ForceTool::Named("get".into()));
+        let c = g.compile_for(&r).unwrap();
+        let mut seen_a = [false, false];
+        for seed in 0..8 {
+            let text = walk_from(&g, &c, eos, seed);
+            let body = text.strip_prefix("<call>[get(").and_then(|t| t.strip_suffix(")]")).unwrap_or_else(|| panic!("{text:?}"));
+            let args: serde_json::Map<String, Value> = body
+                .split(", ")
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("{text:?}"));
+                    (k.to_string(), serde_json::from_str(v).unwrap_or_else(|e| panic!("{text:?}: {e}")))
+                })
+                .collect();
+            assert!(args["city"] == "Oslo" || args["city"] == "Rome", "{text:?}");
+            assert!(args["code"].as_str().is_some_and(|c| c.len() == 4 && c.as_bytes()[2] == b'-'), "{text:?}");
+            assert!(args.get("b").is_none_or(|b| (1..=3).contains(&b.as_i64().unwrap())), "{text:?}");
+            seen_a[args.contains_key("a") as usize] = true;
+        }
+        assert!(seen_a[0] && seen_a[1], "the optional argument both left out and given");
     }
 
     #[test]

@@ -18,14 +18,12 @@ fn every_constrained_answer_validates_in_both_dialects() {
     common::run_checks("structured.py", &[&s.base]);
 }
 
-/// The same checks with Qwen3-Coder-style tool calls (arguments as XML
-/// parameters, parsed by mlx-lm's qwen3_coder parser): the random model with
-/// that template.
-#[test]
-fn every_constrained_answer_validates_with_parameter_style_tool_calls() {
-    let dir = std::env::temp_dir().join(format!("pensieve-demo-coder-{}", std::process::id()));
+/// The same checks with a random model whose template writes `shape`'s
+/// tool calls, parsed by that family's mlx-lm parser.
+fn checks_with_call_format(shape: &str) {
+    let dir = std::env::temp_dir().join(format!("pensieve-{shape}-{}", std::process::id()));
     let made = std::process::Command::new(common::venv_python())
-        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_model.py"), "demo-coder", &dir.to_string_lossy()])
+        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_model.py"), shape, &dir.to_string_lossy()])
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
@@ -34,6 +32,18 @@ fn every_constrained_answer_validates_with_parameter_style_tool_calls() {
     let s = start(c);
     common::run_checks("structured.py", &[&s.base]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Qwen3-Coder-style calls: arguments as XML parameters, strings raw.
+#[test]
+fn every_constrained_answer_validates_with_parameter_style_tool_calls() {
+    checks_with_call_format("demo-coder");
+}
+
+/// LFM2-style calls: `[name(k=v, ...)]`, values as Python literals.
+#[test]
+fn every_constrained_answer_validates_with_python_style_tool_calls() {
+    checks_with_call_format("demo-pythonic");
 }
 
 /// The demo model calls `get_weather` with the city it was asked about; a

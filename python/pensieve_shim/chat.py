@@ -157,14 +157,15 @@ class ChatTemplate:
         `head` begins) and either
         - arguments as one JSON object: head + name + mid + JSON + tail, or
         - arguments as a list of parameters (Qwen3-Coder's `<parameter=k>`,
-          GLM's `<arg_key>`): head + name + mid, then per argument
+          GLM's `<arg_key>`, LFM2's Python-style `name(k=v, ...)`):
+          head + name + mid, then the arguments joined by `params.sep`, each
           `params.open` + key + `params.mid` + value + `params.close`, then
-          tail; string values raw, the others as JSON.
+          tail; values as JSON, strings raw unless `params.quoted`.
         None when the template renders no calls this way."""
         tk = self.tokenizer
         if not tk.tool_call_start or not tk.has_chat_template:
             return None
-        name, k1, k2, v1, v2 = "pnsvtoolname", "pnsvkeyone", "pnsvkeytwo", 73901, 84512
+        name, k1, k2, v1, v2 = "pnsvtoolname", "pnsvkeyone", "pnsvkeytwo", 73901, "pnsvstrval"
         turn = self._render_call(name, {k1: v1, k2: v2})
         if turn is None:
             return None
@@ -173,7 +174,7 @@ class ChatTemplate:
         a = turn.find(k1, n) if n >= 0 else -1
         b = turn.find(k2, a) if a >= 0 else -1
         x = turn.find(str(v1), a) if a >= 0 else -1
-        y = turn.find(str(v2), b) if b >= 0 else -1
+        y = turn.find(v2, b) if b >= 0 else -1
         if min(s, n, a, b, x, y) < 0:
             return None
         shape = {"start": tk.tool_call_start, "head": turn[s:n]}
@@ -184,28 +185,34 @@ class ChatTemplate:
             if close < 0 or end is None:
                 return None
             return dict(shape, mid=turn[n + len(name):open_], tail=turn[close + 1:end])
-        # A parameter list: name..k1 is mid + open; v1..k2 is close + open;
-        # v2..the end is close + tail. Any split that rebuilds those texts
-        # spells the same calls; take `open` as their longest common end.
-        g1, g2 = turn[n + len(name):a], turn[x + len(str(v1)):b]
-        common = 0
-        while common < min(len(g1), len(g2)) and g1[len(g1) - 1 - common] == g2[len(g2) - 1 - common]:
-            common += 1
-        if common == 0:
+        # A parameter list. The string value may be quoted (a JSON value).
+        quoted = turn[y - 1:y] == '"' and turn[y + len(v2):y + len(v2) + 1] == '"'
+        y, v2_end = (y - 1, y + len(v2) + 1) if quoted else (y, y + len(v2))
+        end = self._call_end(turn, v2_end)
+        if end is None or turn[a + len(k1):x] != turn[b + len(k2):y]:
             return None
-        popen = g1[len(g1) - common:]
-        pclose = g2[: len(g2) - common]
-        end = self._call_end(turn, y + len(str(v2)))
-        g3 = turn[y + len(str(v2)):end] if end is not None else ""
-        if end is None or not g3.startswith(pclose) or turn[a + len(k1):x] != turn[b + len(k2):y]:
-            return None
-        return dict(shape, mid=g1[: len(g1) - common], tail=g3[len(pclose):],
-                    params={"open": popen, "mid": turn[a + len(k1):x], "close": pclose})
+        # name..k1 is mid + open; v1..k2 is close + sep + open; v2..the end
+        # is close + tail. Any split that rebuilds those texts spells the
+        # same calls: `open` is their longest common end, `close` the longest
+        # common start of the other two.
+        g1, g2, g3 = turn[n + len(name):a], turn[x + len(str(v1)):b], turn[v2_end:end]
+        o = 0
+        while o < min(len(g1), len(g2)) and g1[len(g1) - 1 - o] == g2[len(g2) - 1 - o]:
+            o += 1
+        between = g2[: len(g2) - o]
+        c = 0
+        while c < min(len(between), len(g3)) and between[c] == g3[c]:
+            c += 1
+        params = {"open": g1[len(g1) - o:], "mid": turn[a + len(k1):x], "close": between[:c], "sep": between[c:],
+                  "quoted": quoted}
+        if not (params["open"] or params["sep"]) or not (params["close"] or params["sep"]):
+            return None  # nothing would tell one argument's end from the next one's start
+        return dict(shape, mid=g1[: len(g1) - o], tail=g3[c:], params=params)
 
     def _render_call(self, name, arguments):
         """The text an assistant turn with one call adds after the prompt."""
         tk = self.tokenizer
-        props = {k: {"type": "integer"} for k in arguments}
+        props = {k: {"type": "string" if isinstance(v, str) else "integer"} for k, v in arguments.items()}
         tools = [{"type": "function", "function": {"name": name, "description": "d", "parameters": {
             "type": "object", "properties": props}}}]
         user = [{"role": "user", "content": "x"}]

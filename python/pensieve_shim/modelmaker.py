@@ -52,6 +52,13 @@ _CODER_CALL = (
     "{% if v is mapping or (v is iterable and v is not string) %}{{ v | tojson }}{% else %}{{ v }}{% endif %}"
     "\n</parameter>\n{% endfor %}</function>\n</tool_call>"
 )
+# LFM2-style Python calls, for "demo-pythonic".
+_PYTHONIC_CALL = (
+    "\n<|tool_call_start|>[{{ tc['function']['name'] }}("
+    "{% for k, v in tc['function']['arguments'].items() %}{{ k }}={{ v | tojson }}{% if not loop.last %}, {% endif %}{% endfor %}"
+    ")]<|tool_call_end|>"
+)
+_CALLS = {"json_tools": _JSON_CALL, "qwen3_coder": _CODER_CALL, "pythonic": _PYTHONIC_CALL}
 assert _JSON_CALL in _DEMO_TEMPLATE
 
 # Appended to the demo template for "demo-think": the generation prompt opens
@@ -112,9 +119,12 @@ MODEL_SHAPES = {
     # thinking block (as Qwen3's does): for testing thinking end to end.
     "demo-think": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                        num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", think=True),
-    # The same with Qwen3-Coder-style tool calls (XML parameters).
+    # The same with Qwen3-Coder-style tool calls (XML parameters), and with
+    # LFM2-style Python calls.
     "demo-coder": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                        num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", calls="qwen3_coder"),
+    "demo-pythonic": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                          num_attention_heads=4, num_key_value_heads=2, vocab=768, corpus="demo", calls="pythonic"),
     # SmolLM-135M's shape with an 8k vocabulary.
     "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
                         num_attention_heads=9, num_key_value_heads=3, vocab=8192, corpus="bench"),
@@ -196,7 +206,7 @@ def make_model(dest, shape="demo", dtype="float32"):
                 "unk_token": None,
                 "model_max_length": 32768,
                 "clean_up_tokenization_spaces": False,
-                "chat_template": (_DEMO_TEMPLATE if calls == "json_tools" else _DEMO_TEMPLATE.replace(_JSON_CALL, _CODER_CALL))
+                "chat_template": _DEMO_TEMPLATE.replace(_JSON_CALL, _CALLS[calls])
                 + (_THINK_SUFFIX if think else ""),
                 "tool_parser_type": calls,
             },

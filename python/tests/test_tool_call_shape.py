@@ -1,8 +1,8 @@
 """ChatTemplate.tool_call_shape: the text around a call's name and
 arguments, read off the model's own template — one JSON object, or a list of
-parameters (string values raw, the others JSON). A call spelled in that shape
-must parse back through the family's own parser (what the Rust grammar
-relies on: src/constrain.rs); Python-style calls have no shape."""
+parameters (values JSON, strings raw where the template writes them raw). A
+call spelled in that shape must parse back through the family's own parser
+(what the Rust grammar relies on: src/constrain.rs)."""
 import importlib
 import json
 
@@ -60,8 +60,8 @@ def spell(shape, name, args):
     p = shape.get("params")
     if p is None:
         return text + json.dumps(args) + shape["tail"]
-    for k, v in args.items():
-        text += p["open"] + k + p["mid"] + (v if isinstance(v, str) else json.dumps(v)) + p["close"]
+    text += p["sep"].join(p["open"] + k + p["mid"] + (v if isinstance(v, str) and not p["quoted"] else json.dumps(v))
+                          + p["close"] for k, v in args.items())
     return text + shape["tail"]
 
 
@@ -90,12 +90,9 @@ def test_json_argument_formats_round_trip_through_their_parsers():
 
 def test_parameter_list_formats_round_trip_through_their_parsers():
     args = {"city": "Oslo <b>", "days": 3, "sunny": True, "opts": {"units": "metric", "tags": ["a", "b"]}}
-    for family in ("qwen3_coder", "glm47"):
+    for family, quoted, sep in (("qwen3_coder", False, ""), ("glm47", False, ""), ("pythonic", True, ", ")):
         shape = ChatTemplate(StubTokenizer(family), None).tool_call_shape()
-        assert shape["params"]["open"] and shape["params"]["close"], shape
+        assert shape["params"]["quoted"] == quoted and shape["params"]["sep"] == sep, shape
         roundtrip(family, "get_weather", args)
         roundtrip(family, "get_weather", {"city": "Rome"})
-
-
-def test_python_style_calls_have_no_shape():
-    assert ChatTemplate(StubTokenizer("pythonic"), None).tool_call_shape() is None
+        roundtrip(family, "get_weather", {})
