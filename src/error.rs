@@ -36,6 +36,8 @@ pub enum ApiError {
 pub enum Dialect {
     Anthropic,
     OpenAi,
+    /// `{"error": "message"}`.
+    Ollama,
 }
 
 impl ApiError {
@@ -147,6 +149,7 @@ impl ApiError {
                 }
                 v
             }
+            Dialect::Ollama => json!({"error": self.message()}),
             Dialect::OpenAi => json!({
                 "error": {
                     "message": self.message(),

@@ -102,6 +102,9 @@ pub struct GenerateRequest {
     /// The compiled grammar of `format`, `strict_tools` and `force_tool`
     /// (set by the engine handle before the request reaches the engine).
     pub constraint: Option<crate::constrain::Constraint>,
+    /// The most context (prompt + output) this request may use, below the
+    /// model's (Ollama's `num_ctx`).
+    pub context_cap: Option<u64>,
     /// OpenAI `logprobs`: report each token's log-probability and this many
     /// alternatives (`Some(0)`: the chosen token's only).
     pub logprobs: Option<u8>,
@@ -159,6 +162,7 @@ impl GenerateRequest {
             strict_tools: vec![],
             constraint: None,
             logprobs: None,
+            context_cap: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! tests/properties.proptest-regressions and replayed first on every run.
 
 use pensieve::api::anthropic::MessagesRequest;
+use pensieve::api::ollama::{ChatRequest as OllamaChat, GenerateRequestBody as OllamaGenerate};
 use pensieve::api::openai::{ChatRequest, CompletionRequest};
 use pensieve::api::parse_json;
 use pensieve::stop::StopMatcher;
@@ -94,6 +95,8 @@ proptest! {
         assert_client_error(parse_json::<MessagesRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
         assert_client_error(parse_json::<ChatRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
         assert_client_error(parse_json::<CompletionRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<OllamaChat>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<OllamaGenerate>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
     }
 
     #[test]
@@ -101,6 +104,20 @@ proptest! {
         let bytes = v.to_string().into_bytes();
         assert_client_error(parse_json::<MessagesRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
         assert_client_error(parse_json::<ChatRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<OllamaChat>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<OllamaGenerate>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+    }
+
+    #[test]
+    fn mutated_ollama_requests_convert_or_fail_cleanly(
+        v in mutated(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi",
+                            "options": {"temperature": 0.5, "num_predict": 5}}),
+                     &["model", "messages", "prompt", "options", "format", "think", "tools", "stream", "keep_alive",
+                       "system", "raw", "images", "suffix"])
+    ) {
+        let bytes = v.to_string().into_bytes();
+        assert_client_error(parse_json::<OllamaChat>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<OllamaGenerate>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
     }
 
     #[test]

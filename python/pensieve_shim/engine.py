@@ -271,13 +271,15 @@ class Engine:
         p = json.loads(params_json)
         if not tokens:
             raise InvalidPrompt("the prompt is empty (no tokens to start from)")
-        if len(tokens) >= self.context_length:
+        # The model's context, or less where the request caps it (num_ctx).
+        context = min(self.context_length, max(2, int(p.get("context_cap") or self.context_length)))
+        if len(tokens) >= context:
             # Anthropic's wording, which Claude Code parses (N and M) to compact
             # the conversation; M leaves room for one generated token.
             raise InvalidPrompt(
-                f"prompt is too long: {len(tokens)} tokens > {self.context_length - 1} maximum"
+                f"prompt is too long: {len(tokens)} tokens > {context - 1} maximum"
             )
-        max_tokens = max(1, min(p["max_tokens"], self.context_length - len(tokens)))
+        max_tokens = max(1, min(p["max_tokens"], context - len(tokens)))
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_path, tokens)
         if cache is not None and not rest:
             # Exact hit: the generator needs at least one token to feed.

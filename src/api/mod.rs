@@ -3,6 +3,7 @@
 //! engine events back into its own wire format.
 
 pub mod anthropic;
+pub mod ollama;
 pub mod openai;
 pub mod prompt;
 
@@ -55,6 +56,10 @@ pub trait StreamRenderer: Send + 'static {
     fn error(&mut self, e: &ApiError) -> String;
     /// Sent when nothing else went out for a while.
     fn keepalive(&mut self) -> String;
+    /// The stream's media type.
+    fn content_type(&self) -> &'static str {
+        "text/event-stream"
+    }
 }
 
 /// A tool definition in the function format chat templates expect; both

@@ -115,6 +115,16 @@ impl Generation {
         self.output_tokens
     }
 
+    /// When the request was admitted.
+    pub fn started(&self) -> std::time::Instant {
+        self.started
+    }
+
+    /// Time from admission to the first output, once there was some.
+    pub fn ttft(&self) -> Option<std::time::Duration> {
+        self.ttft
+    }
+
     /// The next event; `None` after `Done` or `Error`.
     pub async fn next(&mut self) -> Option<GenEvent> {
         loop {

@@ -540,6 +540,7 @@ struct SubmitParams<'a> {
     thinking_budget: Option<u32>,
     tools: Option<&'a Vec<serde_json::Value>>,
     logprobs: Option<u8>,
+    context_cap: Option<u64>,
     force_tool: Option<ForceToolParam<'a>>,
 }
 
@@ -582,6 +583,7 @@ impl<'a> SubmitParams<'a> {
             thinking_budget: req.thinking_budget,
             tools: (!req.prompt.tools.is_empty()).then_some(&req.prompt.tools),
             logprobs: req.logprobs,
+            context_cap: req.context_cap,
             force_tool: match &req.force_tool {
                 None => None,
                 Some(super::ForceTool::Any) => Some(ForceToolParam::Any { any: true }),

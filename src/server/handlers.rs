@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{json_response, AppState, Body, LoggedByGeneration};
 use crate::api::anthropic::{self, EventStream, MessagesRequest, Usage};
+use crate::api::ollama;
 use crate::api::openai::{self, ChatRequest, ChunkStream, CompletionRequest, Endpoint};
 use crate::api::{new_id, parse_json, StreamRenderer};
 use crate::engine::{Collected, EngineState, Fault, GenEvent, GenerateRequest, Generation, RequestLabel, StopReason};
@@ -116,7 +117,7 @@ fn model_entry(state: &AppState) -> Value {
             "image_input": yes_no(false),
             "pdf_input": yes_no(false),
             "server_tools": {"supported": false, "code_execution": yes_no(false), "web_search": yes_no(false)},
-            "structured_outputs": yes_no(false),
+            "structured_outputs": yes_no(state.engine.grammars().is_some()),
             "thinking": {"supported": thinking, "types": {
                 "enabled": yes_no(thinking), "adaptive": yes_no(thinking), "disabled": yes_no(true), "between_tools": yes_no(false)}},
             "tool_use": yes_no(tools),
@@ -225,6 +226,121 @@ async fn openai_generation(
     .await
 }
 
+pub async fn ollama_chat(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> Result<Response<Body>, ApiError> {
+    let req: ollama::ChatRequest = parse_json(body)?;
+    let gen_req = req.to_generate()?;
+    ollama_generation(state, gen_req, ctx, ollama::Endpoint::Chat, req.model.as_deref(), &req.common).await
+}
+
+pub async fn ollama_generate(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> Result<Response<Body>, ApiError> {
+    let req: ollama::GenerateRequestBody = parse_json(body)?;
+    let gen_req = req.to_generate()?;
+    ollama_generation(state, gen_req, ctx, ollama::Endpoint::Generate, req.model.as_deref(), &req.common).await
+}
+
+async fn ollama_generation(
+    state: &Arc<AppState>,
+    mut gen_req: GenerateRequest,
+    ctx: Ctx,
+    endpoint: ollama::Endpoint,
+    model: Option<&str>,
+    common: &ollama::Common,
+) -> Result<Response<Body>, ApiError> {
+    gen_req.fault = ctx.fault;
+    let model = model.filter(|m| !m.is_empty()).unwrap_or(&state.model_id).to_string();
+    let mut label = ctx.label;
+    label.model = model.clone();
+    let timing = ollama::Timing::new();
+    let stream = common.streaming().then(|| ollama::LineStream::new(endpoint, &model, timing));
+    serve_generation(state, gen_req, label, stream, |out, reason, g| {
+        let mut t = timing;
+        t.first_output = g.ttft().map(|d| g.started() + d);
+        ollama::response(endpoint, &model, out, reason, t.stats(g.prompt_tokens, g.output_tokens()))
+    })
+    .await
+}
+
+/// What Ollama's listings say about the served model.
+fn ollama_model(state: &AppState) -> Value {
+    let info = state.engine.info();
+    let family = info.and_then(|i| i.model_type.clone()).unwrap_or_default();
+    json!({
+        "name": state.model_id,
+        "model": state.model_id,
+        "modified_at": rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() - state.started.elapsed().as_secs()),
+        "size": info.map(|i| i.model_bytes).unwrap_or(0),
+        "digest": "",
+        "details": {
+            "parent_model": "",
+            "format": if info.is_some_and(|i| i.model.contains("/gguf/")) { "gguf" } else { "safetensors" },
+            "family": family,
+            "families": [family],
+            "parameter_size": "",
+            "quantization_level": "",
+        },
+    })
+}
+
+pub fn ollama_tags(state: &AppState) -> Response<Body> {
+    json_response(StatusCode::OK, &json!({"models": [ollama_model(state)]}))
+}
+
+pub fn ollama_ps(state: &AppState) -> Response<Body> {
+    let mut m = ollama_model(state);
+    m["size_vram"] = json!(0);
+    // Loaded for the server's life.
+    m["expires_at"] = json!("2318-01-01T00:00:00Z");
+    m["context_length"] = json!(state.engine.info().map(|i| i.context_length));
+    json_response(StatusCode::OK, &json!({"models": [m]}))
+}
+
+pub fn ollama_version() -> Response<Body> {
+    // The Ollama API version whose endpoints and fields this server speaks.
+    json_response(StatusCode::OK, &json!({"version": "0.12.0"}))
+}
+
+pub fn ollama_show(state: &AppState, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let req: Value = parse_json(body)?;
+    if !req.is_object() {
+        return Err(ApiError::InvalidRequest("expected a JSON object with \"model\"".into()));
+    }
+    let info = state.engine.info();
+    let arch = info.and_then(|i| i.model_type.clone()).unwrap_or_default();
+    let mut capabilities = vec!["completion"];
+    if info.is_some_and(|i| i.template.tool_call_start.as_deref().is_some_and(|s| !s.is_empty())) {
+        capabilities.push("tools");
+    }
+    if info.is_some_and(|i| i.thinking) {
+        capabilities.push("thinking");
+    }
+    let m = ollama_model(state);
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "modelfile": format!("# served by pensieve (--model {})\nFROM {}\n", state.model_id, info.map(|i| i.model.as_str()).unwrap_or("")),
+            "parameters": "",
+            "template": info.and_then(|i| i.template.chat_template.clone()).unwrap_or_default(),
+            "details": m["details"],
+            "model_info": {
+                "general.architecture": arch,
+                format!("{arch}.context_length"): info.map(|i| i.context_length),
+                "general.parameter_count": Value::Null,
+            },
+            "capabilities": capabilities,
+            "modified_at": m["modified_at"],
+        }),
+    ))
+}
+
+/// Pull, push, create, delete, copy: pensieve serves one model, chosen at start.
+pub fn ollama_manage(path: &str) -> ApiError {
+    let what = path.trim_start_matches("/api/");
+    ApiError::InvalidRequest(format!(
+        "{what} is not supported: pensieve serves the one model it was started with; choose it with --model \
+         (a Hugging Face id, an MLX folder, a GGUF file, or ollama:NAME for a model Ollama already pulled)"
+    ))
+}
+
 /// Admits and runs one generation; answers with a JSON body built by
 /// `complete`, or, when `stream` is given, with an event stream it renders.
 async fn serve_generation<R: StreamRenderer>(
@@ -244,8 +360,9 @@ async fn serve_generation<R: StreamRenderer>(
         Some(renderer) => {
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(32);
             let write_timeout = Duration::from_secs(state.config.write_timeout.max(1));
+            let content_type = renderer.content_type();
             tokio::spawn(drive_stream(generation, renderer, tx, write_timeout));
-            sse_response(rx)
+            sse_response(rx, content_type)
         }
     };
     resp.extensions_mut().insert(LoggedByGeneration);
@@ -256,9 +373,12 @@ fn usage_of(g: &Generation) -> Usage {
     Usage { prompt_tokens: g.prompt_tokens, cached_tokens: g.cached_tokens, output_tokens: g.output_tokens() }
 }
 
-fn sse_response(rx: mpsc::Receiver<Result<Frame<Bytes>, std::convert::Infallible>>) -> Response<Body> {
+fn sse_response(
+    rx: mpsc::Receiver<Result<Frame<Bytes>, std::convert::Infallible>>,
+    content_type: &'static str,
+) -> Response<Body> {
     let mut r = Response::new(StreamBody::new(ReceiverStream::new(rx)).boxed());
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }

@@ -310,15 +310,25 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) 
         Route::Models => Ok(handlers::list_models(state)),
         Route::Model => handlers::get_model(state, model_id.unwrap_or_default()),
         Route::CountTokens => {
-            let body = read_body(req, &state.config).await?;
+            let body = read_body(req, &state.config, route).await?;
             handlers::count_tokens(state, &body).await
         }
-        Route::Messages | Route::ChatCompletions | Route::Completions => {
+        Route::OllamaTags => Ok(handlers::ollama_tags(state)),
+        Route::OllamaPs => Ok(handlers::ollama_ps(state)),
+        Route::OllamaVersion => Ok(handlers::ollama_version()),
+        Route::OllamaManage => Err(handlers::ollama_manage(&path)),
+        Route::OllamaShow => {
+            let body = read_body(req, &state.config, route).await?;
+            handlers::ollama_show(state, &body)
+        }
+        Route::Messages | Route::ChatCompletions | Route::Completions | Route::OllamaChat | Route::OllamaGenerate => {
             let fault = fault_hook(&state.config, &req)?;
-            let body = read_body(req, &state.config).await?;
+            let body = read_body(req, &state.config, route).await?;
             match route {
                 Route::Messages => handlers::messages(state, &body, ctx(fault)).await,
                 Route::ChatCompletions => handlers::chat_completions(state, &body, ctx(fault)).await,
+                Route::OllamaChat => handlers::ollama_chat(state, &body, ctx(fault)).await,
+                Route::OllamaGenerate => handlers::ollama_generate(state, &body, ctx(fault)).await,
                 _ => handlers::completions(state, &body, ctx(fault)).await,
             }
         }
@@ -384,15 +394,22 @@ fn fault_hook(config: &Config, req: &Request<Incoming>) -> Result<Option<crate::
 
 /// Reads a JSON body: checks the content-type, the size limit and the time
 /// limit (a client trickling its body must not hold a connection forever).
-async fn read_body(req: Request<Incoming>, config: &Config) -> Result<Bytes, ApiError> {
+async fn read_body(req: Request<Incoming>, config: &Config, route: Route) -> Result<Bytes, ApiError> {
     let limit = config.max_body_bytes;
     // A JSON content-type is required: the types a web page may send
     // without a CORS preflight (text/plain, forms, none) are all refused.
+    // Ollama's clients (and its documentation's `curl -d` examples) often
+    // send none or a form type: on its routes that is allowed from
+    // non-browser clients (no Origin header; browsers send one with every
+    // POST), the body still parsed as JSON.
     let ct = req.headers().get(CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?").to_ascii_lowercase());
     let essence = ct.as_deref().map(|c| c.split(';').next().unwrap_or("").trim().to_string());
+    let not_a_browser = !req.headers().contains_key(hyper::header::ORIGIN);
     match essence.as_deref() {
         Some("application/json") => {}
         Some(e) if e.ends_with("+json") => {}
+        Some("application/x-www-form-urlencoded" | "text/plain") | None
+            if route.dialect() == crate::error::Dialect::Ollama && not_a_browser => {}
         Some(e) => {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "content-type {e:?} is not supported: send a JSON body with content-type: application/json"

@@ -17,10 +17,23 @@ pub enum Route {
     CountTokens,
     ChatCompletions,
     Completions,
+    /// Ollama's API (`/api/...`).
+    OllamaChat,
+    OllamaGenerate,
+    OllamaTags,
+    OllamaShow,
+    OllamaPs,
+    OllamaVersion,
+    /// `/api/pull`, `push`, `create`, `delete`, `copy`: answered with what
+    /// pensieve does instead.
+    OllamaManage,
 }
 
+/// Ollama's model-management paths (one route, `OllamaManage`).
+const OLLAMA_MANAGE: [&str; 5] = ["/api/pull", "/api/push", "/api/create", "/api/delete", "/api/copy"];
+
 impl Route {
-    pub const ALL: [Route; 8] = [
+    pub const ALL: [Route; 15] = [
         Route::Health,
         Route::Metrics,
         Route::Models,
@@ -29,6 +42,13 @@ impl Route {
         Route::CountTokens,
         Route::ChatCompletions,
         Route::Completions,
+        Route::OllamaChat,
+        Route::OllamaGenerate,
+        Route::OllamaTags,
+        Route::OllamaShow,
+        Route::OllamaPs,
+        Route::OllamaVersion,
+        Route::OllamaManage,
     ];
 
     /// The path (for `Model`, the prefix before the id).
@@ -42,13 +62,33 @@ impl Route {
             Route::CountTokens => "/v1/messages/count_tokens",
             Route::ChatCompletions => "/v1/chat/completions",
             Route::Completions => "/v1/completions",
+            Route::OllamaChat => "/api/chat",
+            Route::OllamaGenerate => "/api/generate",
+            Route::OllamaTags => "/api/tags",
+            Route::OllamaShow => "/api/show",
+            Route::OllamaPs => "/api/ps",
+            Route::OllamaVersion => "/api/version",
+            Route::OllamaManage => OLLAMA_MANAGE[0],
         }
     }
 
     pub fn methods(self) -> &'static [Method] {
         match self {
-            Route::Health | Route::Metrics | Route::Models | Route::Model => &[Method::GET],
-            Route::Messages | Route::CountTokens | Route::ChatCompletions | Route::Completions => &[Method::POST],
+            Route::Health
+            | Route::Metrics
+            | Route::Models
+            | Route::Model
+            | Route::OllamaTags
+            | Route::OllamaPs
+            | Route::OllamaVersion => &[Method::GET],
+            Route::Messages
+            | Route::CountTokens
+            | Route::ChatCompletions
+            | Route::Completions
+            | Route::OllamaChat
+            | Route::OllamaGenerate
+            | Route::OllamaShow => &[Method::POST],
+            Route::OllamaManage => &[Method::POST, Method::DELETE],
         }
     }
 
@@ -56,13 +96,21 @@ impl Route {
     pub fn allow(self) -> &'static str {
         match self.methods() {
             [m] if *m == Method::GET => "GET",
-            _ => "POST",
+            [_] => "POST",
+            _ => "POST, DELETE",
         }
     }
 
     pub fn dialect(self) -> Dialect {
         match self {
             Route::ChatCompletions | Route::Completions => Dialect::OpenAi,
+            Route::OllamaChat
+            | Route::OllamaGenerate
+            | Route::OllamaTags
+            | Route::OllamaShow
+            | Route::OllamaPs
+            | Route::OllamaVersion
+            | Route::OllamaManage => Dialect::Ollama,
             _ => Dialect::Anthropic,
         }
     }
@@ -77,6 +125,11 @@ impl Route {
             Route::CountTokens => "count_tokens",
             Route::ChatCompletions => "chat_completions",
             Route::Completions => "completions",
+            Route::OllamaChat => "ollama_chat",
+            Route::OllamaGenerate => "ollama_generate",
+            Route::OllamaTags | Route::OllamaShow | Route::OllamaPs => "ollama_models",
+            Route::OllamaVersion => "ollama_version",
+            Route::OllamaManage => "ollama_manage",
         }
     }
 
@@ -92,6 +145,9 @@ impl Route {
         if let Some(id) = path.strip_prefix(Route::Model.path()).filter(|id| !id.is_empty()) {
             return Some((Route::Model, Some(id)));
         }
+        if OLLAMA_MANAGE.contains(&path) {
+            return Some((Route::OllamaManage, None));
+        }
         Route::ALL.into_iter().find(|r| *r != Route::Model && r.path() == path).map(|r| (r, None))
     }
 
@@ -101,6 +157,7 @@ impl Route {
         match Route::resolve(path) {
             Some((r, _)) => r.dialect(),
             None if path.starts_with("/v1/chat") || path.starts_with("/v1/completions") => Dialect::OpenAi,
+            None if path.starts_with("/api/") => Dialect::Ollama,
             None => Dialect::Anthropic,
         }
     }
