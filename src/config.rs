@@ -17,6 +17,11 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_PORT", default_value_t = 7777)]
     pub port: u16,
 
+    /// Also listen on this port (on the same address), for apps with a hard-wired Ollama address:
+    /// 11434 is Ollama's. Every API answers on both ports.
+    #[arg(long, env = "PENSIEVE_OLLAMA_PORT")]
+    pub ollama_port: Option<u16>,
+
     /// A local MLX model folder, a GGUF file (or a folder holding one), `ollama:NAME[:TAG]` (a model
     /// Ollama pulled) or a Hugging Face id (e.g. mlx-community/Qwen2.5-7B-Instruct-4bit). Without it
     /// SmolLM2-135M-Instruct is served (`builtin:smollm2`, shipped as a Python package);

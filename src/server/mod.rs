@@ -74,6 +74,17 @@ pub(crate) struct LoggedByGeneration;
 /// `--shutdown-timeout` to finish; then the engine stops (which ends any stream
 /// still open with an error event).
 pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, shutdown: impl Future<Output = ()>) -> RunOutcome {
+    run_with(listener, None, config, engine, shutdown).await
+}
+
+/// `run`, also accepting on `extra` (`--ollama-port`).
+pub async fn run_with(
+    listener: TcpListener,
+    extra: Option<TcpListener>,
+    config: Config,
+    engine: EngineHandle,
+    shutdown: impl Future<Output = ()>,
+) -> RunOutcome {
     if config.metrics {
         crate::metrics::install();
     }
@@ -92,7 +103,7 @@ pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, sh
     tokio::pin!(engine_died);
     let outcome = loop {
         tokio::select! {
-            accepted = accept(&listener, &connections) => spawn_connection(&state, accepted),
+            accepted = accept(&listener, extra.as_ref(), &connections) => spawn_connection(&state, accepted),
             _ = &mut shutdown => break RunOutcome::Shutdown,
             _ = &mut engine_died => break RunOutcome::EngineDied,
         }
@@ -111,11 +122,12 @@ pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, sh
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     while adm.in_use() > 0 && tokio::time::Instant::now() < deadline {
         tokio::select! {
-            accepted = accept(&listener, &connections) => spawn_connection(&state, accepted),
+            accepted = accept(&listener, extra.as_ref(), &connections) => spawn_connection(&state, accepted),
             _ = tick.tick() => {}
         }
     }
     drop(listener);
+    drop(extra);
     let engine = state.engine.clone();
     let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
     // Let cancelled streams write their error event before returning.
@@ -137,10 +149,18 @@ pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, sh
 /// the kernel's backlog instead of being accepted and starved.
 async fn accept(
     listener: &TcpListener,
+    extra: Option<&TcpListener>,
     connections: &Arc<tokio::sync::Semaphore>,
 ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
     let permit = connections.clone().acquire_owned().await.expect("never closed");
-    match listener.accept().await {
+    let accepted = match extra {
+        None => listener.accept().await,
+        Some(x) => tokio::select! {
+            r = listener.accept() => r,
+            r = x.accept() => r,
+        },
+    };
+    match accepted {
         Ok((stream, peer)) => Some((stream, peer, permit)),
         Err(e) => {
             // Out of file descriptors and the like: back off, keep serving.
@@ -472,9 +492,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.served_model_id(),
         listener.local_addr()?
     );
+    let extra = match config.ollama_port {
+        None => None,
+        Some(port) => {
+            let l = TcpListener::bind((config.host.as_str(), port)).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {}:{port} (--ollama-port; is Ollama itself running there?): {e}", config.host)
+            })?;
+            tracing::info!("also listening on http://{} (--ollama-port: Ollama's API at /api/...)", l.local_addr()?);
+            Some(l)
+        }
+    };
     let (first_signal, drain) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(signals(first_signal));
-    match run(listener, config, engine, async move {
+    match run_with(listener, extra, config, engine, async move {
         let _ = drain.await;
     })
     .await
