@@ -7,6 +7,7 @@ use pensieve::api::anthropic::MessagesRequest;
 use pensieve::api::ollama::{ChatRequest as OllamaChat, GenerateRequestBody as OllamaGenerate};
 use pensieve::api::openai::{ChatRequest, CompletionRequest};
 use pensieve::api::parse_json;
+use pensieve::api::responses::ResponsesRequest;
 use pensieve::stop::StopMatcher;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -97,6 +98,18 @@ proptest! {
         assert_client_error(parse_json::<CompletionRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
         assert_client_error(parse_json::<OllamaChat>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
         assert_client_error(parse_json::<OllamaGenerate>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<ResponsesRequest>(&bytes).and_then(|r| r.to_generate(&[])).map(|_| ()));
+    }
+
+    #[test]
+    fn mutated_responses_requests_convert_or_fail_cleanly(
+        v in mutated(json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+                            "max_output_tokens": 5, "tools": [{"type": "function", "name": "f", "parameters": {}}]}),
+                     &["model", "input", "instructions", "tools", "tool_choice", "max_output_tokens", "temperature",
+                       "top_p", "text", "reasoning", "store", "previous_response_id", "stream", "metadata"])
+    ) {
+        let bytes = v.to_string().into_bytes();
+        assert_client_error(parse_json::<ResponsesRequest>(&bytes).and_then(|r| r.to_generate(&[])).map(|_| ()));
     }
 
     #[test]
@@ -106,6 +119,7 @@ proptest! {
         assert_client_error(parse_json::<ChatRequest>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
         assert_client_error(parse_json::<OllamaChat>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
         assert_client_error(parse_json::<OllamaGenerate>(&bytes).and_then(|r| r.to_generate()).map(|_| ()));
+        assert_client_error(parse_json::<ResponsesRequest>(&bytes).and_then(|r| r.to_generate(&[])).map(|_| ()));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod anthropic;
 pub mod ollama;
 pub mod openai;
 pub mod prompt;
+pub mod responses;
 
 use rand::Rng;
 use serde::de::DeserializeOwned;

@@ -14,9 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{json_response, AppState, Body, LoggedByGeneration};
 use crate::api::anthropic::{self, EventStream, MessagesRequest, Usage};
-use crate::api::ollama;
 use crate::api::openai::{self, ChatRequest, ChunkStream, CompletionRequest, Endpoint};
 use crate::api::{new_id, parse_json, StreamRenderer};
+use crate::api::{ollama, responses};
 use crate::engine::{Collected, EngineState, Fault, GenEvent, GenerateRequest, Generation, RequestLabel, StopReason};
 use crate::error::ApiError;
 
@@ -258,6 +258,50 @@ async fn ollama_generation(
         ollama::response(endpoint, &model, out, reason, t.stats(g.prompt_tokens, g.output_tokens()))
     })
     .await
+}
+
+pub async fn responses(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> Result<Response<Body>, ApiError> {
+    let req: responses::ResponsesRequest = parse_json(body)?;
+    let history = match &req.previous_response_id {
+        None => vec![],
+        Some(id) => state.responses.conversation(id).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "previous_response_id: no stored response {id:?} (responses are kept in memory, the oldest dropped first, and not across restarts)"
+            ))
+        })?,
+    };
+    let mut gen_req = req.to_generate(&history)?;
+    gen_req.fault = ctx.fault;
+    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| state.model_id.clone());
+    let mut label = ctx.label;
+    label.model = model.clone();
+    let meta = responses::Meta::new(&req, &model);
+    let keep = req.stored().then(|| (state.responses.clone(), gen_req.prompt.clone(), req.instructions.is_some()));
+    let stream = req.streaming().then(|| {
+        let mut s = responses::EventStream::new(responses::Meta::new(&req, &model));
+        s.store = keep.clone();
+        s
+    });
+    serve_generation(state, gen_req, label, stream, move |out, reason, g| {
+        let (r, calls) = responses::response(&meta, out, reason, g.prompt_tokens, g.cached_tokens, g.output_tokens());
+        if let Some((store, prompt, had_instructions)) = keep {
+            store.insert(r.clone(), responses::conversation(&prompt, had_instructions, &out.text(), &calls));
+        }
+        r
+    })
+    .await
+}
+
+/// `GET` / `DELETE /v1/responses/{id}`.
+pub fn stored_response(state: &AppState, id: &str, delete: bool) -> Result<Response<Body>, ApiError> {
+    let missing = || ApiError::NotFound(format!("no stored response {id:?}"));
+    if delete {
+        if !state.responses.delete(id) {
+            return Err(missing());
+        }
+        return Ok(json_response(StatusCode::OK, &json!({"id": id, "object": "response", "deleted": true})));
+    }
+    state.responses.get(id).map(|r| json_response(StatusCode::OK, &r)).ok_or_else(missing)
 }
 
 /// What Ollama's listings say about the served model.

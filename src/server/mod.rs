@@ -36,6 +36,8 @@ pub struct AppState {
     pub started: Instant,
     /// The id /v1/models reports.
     pub model_id: String,
+    /// Responses kept for `previous_response_id` (the Responses API).
+    pub responses: Arc<crate::api::responses::ResponseStore>,
     /// Which hosts and browser origins are answered.
     access: guard::AccessPolicy,
     /// Set on the shutdown signal (or engine death): every request, on new or
@@ -73,6 +75,10 @@ pub(crate) struct LoggedByGeneration;
 /// requests get 503 at once, running generations have up to
 /// `--shutdown-timeout` to finish; then the engine stops (which ends any stream
 /// still open with an error event).
+/// The Responses API's store: this many responses, this many bytes at most.
+const RESPONSES_KEPT: usize = 256;
+const RESPONSES_BYTES: usize = 64 << 20;
+
 pub async fn run(listener: TcpListener, config: Config, engine: EngineHandle, shutdown: impl Future<Output = ()>) -> RunOutcome {
     run_with(listener, None, config, engine, shutdown).await
 }
@@ -90,6 +96,7 @@ pub async fn run_with(
     }
     let state = Arc::new(AppState {
         model_id: config.served_model_id(),
+        responses: Arc::new(crate::api::responses::ResponseStore::new(RESPONSES_KEPT, RESPONSES_BYTES)),
         access: guard::AccessPolicy::from_config(&config),
         config,
         engine,
@@ -337,11 +344,17 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) 
         Route::OllamaPs => Ok(handlers::ollama_ps(state)),
         Route::OllamaVersion => Ok(handlers::ollama_version()),
         Route::OllamaManage => Err(handlers::ollama_manage(&path)),
+        Route::Response => handlers::stored_response(state, model_id.unwrap_or_default(), method == Method::DELETE),
         Route::OllamaShow => {
             let body = read_body(req, &state.config, route).await?;
             handlers::ollama_show(state, &body)
         }
-        Route::Messages | Route::ChatCompletions | Route::Completions | Route::OllamaChat | Route::OllamaGenerate => {
+        Route::Messages
+        | Route::ChatCompletions
+        | Route::Completions
+        | Route::OllamaChat
+        | Route::OllamaGenerate
+        | Route::Responses => {
             let fault = fault_hook(&state.config, &req)?;
             let body = read_body(req, &state.config, route).await?;
             match route {
@@ -349,6 +362,7 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) 
                 Route::ChatCompletions => handlers::chat_completions(state, &body, ctx(fault)).await,
                 Route::OllamaChat => handlers::ollama_chat(state, &body, ctx(fault)).await,
                 Route::OllamaGenerate => handlers::ollama_generate(state, &body, ctx(fault)).await,
+                Route::Responses => handlers::responses(state, &body, ctx(fault)).await,
                 _ => handlers::completions(state, &body, ctx(fault)).await,
             }
         }

@@ -27,13 +27,17 @@ pub enum Route {
     /// `/api/pull`, `push`, `create`, `delete`, `copy`: answered with what
     /// pensieve does instead.
     OllamaManage,
+    /// OpenAI's Responses API.
+    Responses,
+    /// `/v1/responses/{id}`: a stored response.
+    Response,
 }
 
 /// Ollama's model-management paths (one route, `OllamaManage`).
 const OLLAMA_MANAGE: [&str; 5] = ["/api/pull", "/api/push", "/api/create", "/api/delete", "/api/copy"];
 
 impl Route {
-    pub const ALL: [Route; 15] = [
+    pub const ALL: [Route; 17] = [
         Route::Health,
         Route::Metrics,
         Route::Models,
@@ -49,6 +53,8 @@ impl Route {
         Route::OllamaPs,
         Route::OllamaVersion,
         Route::OllamaManage,
+        Route::Responses,
+        Route::Response,
     ];
 
     /// The path (for `Model`, the prefix before the id).
@@ -69,6 +75,8 @@ impl Route {
             Route::OllamaPs => "/api/ps",
             Route::OllamaVersion => "/api/version",
             Route::OllamaManage => OLLAMA_MANAGE[0],
+            Route::Responses => "/v1/responses",
+            Route::Response => "/v1/responses/",
         }
     }
 
@@ -87,8 +95,10 @@ impl Route {
             | Route::Completions
             | Route::OllamaChat
             | Route::OllamaGenerate
-            | Route::OllamaShow => &[Method::POST],
+            | Route::OllamaShow
+            | Route::Responses => &[Method::POST],
             Route::OllamaManage => &[Method::POST, Method::DELETE],
+            Route::Response => &[Method::GET, Method::DELETE],
         }
     }
 
@@ -97,13 +107,14 @@ impl Route {
         match self.methods() {
             [m] if *m == Method::GET => "GET",
             [_] => "POST",
+            [m, _] if *m == Method::GET => "GET, DELETE",
             _ => "POST, DELETE",
         }
     }
 
     pub fn dialect(self) -> Dialect {
         match self {
-            Route::ChatCompletions | Route::Completions => Dialect::OpenAi,
+            Route::ChatCompletions | Route::Completions | Route::Responses | Route::Response => Dialect::OpenAi,
             Route::OllamaChat
             | Route::OllamaGenerate
             | Route::OllamaTags
@@ -130,6 +141,7 @@ impl Route {
             Route::OllamaTags | Route::OllamaShow | Route::OllamaPs => "ollama_models",
             Route::OllamaVersion => "ollama_version",
             Route::OllamaManage => "ollama_manage",
+            Route::Responses | Route::Response => "responses",
         }
     }
 
@@ -145,10 +157,13 @@ impl Route {
         if let Some(id) = path.strip_prefix(Route::Model.path()).filter(|id| !id.is_empty()) {
             return Some((Route::Model, Some(id)));
         }
+        if let Some(id) = path.strip_prefix(Route::Response.path()).filter(|id| !id.is_empty()) {
+            return Some((Route::Response, Some(id)));
+        }
         if OLLAMA_MANAGE.contains(&path) {
             return Some((Route::OllamaManage, None));
         }
-        Route::ALL.into_iter().find(|r| *r != Route::Model && r.path() == path).map(|r| (r, None))
+        Route::ALL.into_iter().find(|r| !matches!(r, Route::Model | Route::Response) && r.path() == path).map(|r| (r, None))
     }
 
     /// The error shape for a path, routed or not (an unknown path under an
@@ -156,7 +171,9 @@ impl Route {
     pub fn dialect_for(path: &str) -> Dialect {
         match Route::resolve(path) {
             Some((r, _)) => r.dialect(),
-            None if path.starts_with("/v1/chat") || path.starts_with("/v1/completions") => Dialect::OpenAi,
+            None if path.starts_with("/v1/chat") || path.starts_with("/v1/completions") || path.starts_with("/v1/responses") => {
+                Dialect::OpenAi
+            }
             None if path.starts_with("/api/") => Dialect::Ollama,
             None => Dialect::Anthropic,
         }
@@ -175,7 +192,11 @@ mod tests {
     #[test]
     fn every_route_resolves_from_its_own_path() {
         for r in Route::ALL {
-            let path = if r == Route::Model { "/v1/models/some-model".to_string() } else { r.path().to_string() };
+            let path = match r {
+                Route::Model => "/v1/models/some-model".to_string(),
+                Route::Response => "/v1/responses/resp_1".to_string(),
+                _ => r.path().to_string(),
+            };
             assert_eq!(Route::resolve(&path).map(|x| x.0), Some(r), "{path}");
             assert_eq!(Route::resolve(&format!("{path}/")).map(|x| x.0), Some(r), "{path}/");
         }
