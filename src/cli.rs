@@ -33,6 +33,10 @@ pub enum Cmd {
     /// Run Claude Code against this server (started in the background with
     /// these flags when none is listening), with the environment it needs.
     Claude(ClaudeArgs),
+    /// Run Codex CLI against this server (started in the background with
+    /// these flags when none is listening), through a provider given on its
+    /// command line (your ~/.codex/config.toml is left as it is).
+    Codex(ClaudeArgs),
     /// Print a client's settings for this server as shell exports.
     Env(EnvArgs),
     /// Describe the running server: model, memory, slots, throughput, cache.
@@ -59,6 +63,8 @@ pub enum Client {
     Anthropic,
     /// The openai SDKs and OpenAI-compatible tools.
     Openai,
+    /// Codex CLI (a provider for this server, the model and its window).
+    Codex,
 }
 
 #[derive(Args, Debug)]
@@ -142,7 +148,8 @@ pub fn run(cli: Cli) -> Action {
     match cli.command {
         None => Action::Serve(Box::new(cli.serve)),
         Some(Cmd::Serve(c)) => Action::Serve(Box::new(c)),
-        Some(Cmd::Claude(a)) => Action::Exit(claude(a)),
+        Some(Cmd::Claude(a)) => Action::Exit(launch(Agent::Claude, a)),
+        Some(Cmd::Codex(a)) => Action::Exit(launch(Agent::Codex, a)),
         Some(Cmd::Env(a)) => Action::Exit(env(a)),
         Some(Cmd::Status(a)) => Action::Exit(status(a)),
     }
@@ -152,12 +159,44 @@ pub fn run(cli: Cli) -> Action {
 /// window every request of a normal session overflows.
 const CLAUDE_CODE_MIN_CONTEXT: u64 = 32_768;
 
+/// Codex's command-line settings for the server at `to`: a `pensieve`
+/// provider speaking the Responses API, the served model and its window
+/// (from /health, when it answers), web search off (it runs on OpenAI's
+/// servers). `-c` overrides live for that run only: no config file changes.
+pub fn codex_args(to: &Target, health: Option<&Value>, user_args: &[String]) -> Vec<String> {
+    let toml = |v: &str| serde_json::to_string(v).expect("a string serializes");
+    let mut set = vec![
+        format!("model_provider={}", toml("pensieve")),
+        format!("model_providers.pensieve.name={}", toml("pensieve")),
+        format!("model_providers.pensieve.base_url={}", toml(&format!("{}/v1", to.base_url()))),
+        format!("model_providers.pensieve.wire_api={}", toml("responses")),
+        format!("web_search={}", toml("disabled")),
+    ];
+    if to.api_key.is_some() {
+        set.push(format!("model_providers.pensieve.env_key={}", toml("PENSIEVE_API_KEY")));
+    }
+    if let Some(ctx) = health.and_then(|h| h["model"]["context_length"].as_u64()) {
+        set.push(format!("model_context_window={ctx}"));
+    }
+    let mut out: Vec<String> = set.into_iter().flat_map(|s| ["-c".to_string(), s]).collect();
+    let user_model = user_args.iter().any(|a| a == "-m" || a == "--model" || a.starts_with("--model="));
+    if let (false, Some(id)) = (user_model, health.and_then(|h| h["model"]["id"].as_str())) {
+        out.extend(["-m".to_string(), id.to_string()]);
+    }
+    out
+}
+
 /// The environment a client needs for the server at `to` (the model and
 /// window from its /health, when it answers).
 pub fn client_env(client: Client, to: &Target, health: Option<&Value>) -> Vec<(String, String)> {
     let key = to.api_key.clone().unwrap_or_else(|| "pensieve".into());
     let mut out: Vec<(&str, String)> = vec![];
     match client {
+        Client::Codex => {
+            if let Some(k) = &to.api_key {
+                out.push(("PENSIEVE_API_KEY", k.clone()));
+            }
+        }
         Client::Openai => {
             out.push(("OPENAI_BASE_URL", format!("{}/v1", to.base_url())));
             out.push(("OPENAI_API_KEY", key));
@@ -199,11 +238,16 @@ pub fn client_env(client: Client, to: &Target, health: Option<&Value>) -> Vec<(S
 
 fn env(a: EnvArgs) -> ExitCode {
     let health = a.to.health().map(|(_, h)| h);
-    if a.client == Client::Claude && health.is_none() {
+    if matches!(a.client, Client::Claude | Client::Codex) && health.is_none() {
         println!("# no pensieve answers at {}: the model's window and name are left out", a.to.base_url());
     }
     for (k, v) in client_env(a.client, &a.to, health.as_ref()) {
         println!("export {k}={}", shell_quote(&v));
+    }
+    if a.client == Client::Codex {
+        // Codex takes a provider from its config or its command line only.
+        let args: Vec<String> = codex_args(&a.to, health.as_ref(), &[]).iter().map(|s| shell_quote(s)).collect();
+        println!("alias codex={}", shell_quote(&format!("codex {}", args.join(" "))));
     }
     ExitCode::SUCCESS
 }
@@ -284,30 +328,60 @@ fn status(a: StatusArgs) -> ExitCode {
     }
 }
 
-/// The serve flags this invocation was given: everything between `claude`
-/// and `--`, less the claude subcommand's own flags.
-fn serve_args() -> Vec<String> {
+/// The serve flags this invocation was given: everything between the
+/// subcommand and `--`, less the subcommand's own flags.
+fn serve_args(subcommand: &str) -> Vec<String> {
     let argv: Vec<String> = std::env::args().collect();
-    let start = argv.iter().position(|a| a == "claude").map(|i| i + 1).unwrap_or(argv.len());
+    let start = argv.iter().position(|a| a == subcommand).map(|i| i + 1).unwrap_or(argv.len());
     argv[start..].iter().take_while(|a| *a != "--").filter(|a| *a != "--keep-server").cloned().collect()
 }
 
-fn claude(a: ClaudeArgs) -> ExitCode {
+/// The coding agents `pensieve claude` / `pensieve codex` launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Agent {
+    Claude,
+    Codex,
+}
+
+impl Agent {
+    fn name(self) -> &'static str {
+        match self {
+            Agent::Claude => "claude",
+            Agent::Codex => "codex",
+        }
+    }
+
+    fn install_hint(self) -> &'static str {
+        match self {
+            Agent::Claude => "Install Claude Code: npm install -g @anthropic-ai/claude-code",
+            Agent::Codex => "Install Codex CLI: npm install -g @openai/codex",
+        }
+    }
+
+    /// Its own system prompt and tools, in tokens (measured on the demo model's tokenizer).
+    fn prompt_tokens(self) -> &'static str {
+        match self {
+            Agent::Claude => "~24k",
+            Agent::Codex => "~18.5k",
+        }
+    }
+}
+
+fn launch(agent: Agent, a: ClaudeArgs) -> ExitCode {
+    let name = agent.name();
     let to = Target::of(&a.config);
-    let Some(claude_bin) = which("claude") else {
-        eprintln!(
-            "pensieve claude: the `claude` CLI is not on PATH. Install Claude Code: npm install -g @anthropic-ai/claude-code"
-        );
+    let Some(bin) = which(name) else {
+        eprintln!("pensieve {name}: the `{name}` CLI is not on PATH. {}", agent.install_hint());
         return ExitCode::from(127);
     };
     let mut started: Option<Child> = None;
     if to.health().is_none() {
-        eprintln!("pensieve claude: starting a server on {} (its log: stderr)...", to.base_url());
+        eprintln!("pensieve {name}: starting a server on {} (its log: stderr)...", to.base_url());
         let exe = std::env::current_exe().expect("own path");
-        match Command::new(exe).arg("serve").args(serve_args()).stdin(Stdio::null()).stdout(Stdio::null()).spawn() {
+        match Command::new(exe).arg("serve").args(serve_args(name)).stdin(Stdio::null()).stdout(Stdio::null()).spawn() {
             Ok(c) => started = Some(c),
             Err(e) => {
-                eprintln!("pensieve claude: cannot start the server: {e}");
+                eprintln!("pensieve {name}: cannot start the server: {e}");
                 return ExitCode::from(1);
             }
         }
@@ -315,24 +389,38 @@ fn claude(a: ClaudeArgs) -> ExitCode {
     let health = wait_ready(&to, started.as_mut());
     let Some(health) = health else {
         stop(started);
-        eprintln!("pensieve claude: the server at {} did not become ready", to.base_url());
+        eprintln!("pensieve {name}: the server at {} did not become ready", to.base_url());
         return ExitCode::from(1);
     };
     let ctx = health["model"]["context_length"].as_u64().unwrap_or(0);
-    let bare = a.claude_args.iter().any(|x| x == "--bare");
+    let bare = agent == Agent::Claude && a.claude_args.iter().any(|x| x == "--bare");
     if ctx < CLAUDE_CODE_MIN_CONTEXT && !bare {
+        let minimal = match agent {
+            Agent::Claude => ", or run Claude Code's minimal mode: pensieve claude -- --bare --system-prompt \"...\"",
+            Agent::Codex => "",
+        };
         eprintln!(
-            "pensieve claude: {} has a {ctx}-token context, but Claude Code's own system prompt and tools take ~24k tokens: \
+            "pensieve {name}: {} has a {ctx}-token context, but the agent's own system prompt and tools take {} tokens: \
              every request would overflow. Serve a model with a 32k+ context (e.g. --model ollama:qwen2.5:7b, or a \
-             Qwen2.5/Qwen3 GGUF or MLX folder), or run Claude Code's minimal mode: pensieve claude -- --bare --system-prompt \"...\"",
-            health["model"]["id"].as_str().unwrap_or("the model")
+             Qwen2.5/Qwen3 GGUF or MLX folder){minimal}",
+            health["model"]["id"].as_str().unwrap_or("the model"),
+            agent.prompt_tokens()
         );
         stop(started);
         return ExitCode::from(2);
     }
-    let mut cmd = Command::new(claude_bin);
-    cmd.args(&a.claude_args);
-    for (k, v) in client_env(Client::Claude, &to, Some(&health)) {
+    let mut cmd = Command::new(bin);
+    match agent {
+        Agent::Claude => {
+            cmd.args(&a.claude_args);
+        }
+        Agent::Codex => {
+            // Options first: they apply to every subcommand (`exec`, ...).
+            cmd.args(codex_args(&to, Some(&health), &a.claude_args)).args(&a.claude_args);
+        }
+    }
+    let client = if agent == Agent::Claude { Client::Claude } else { Client::Codex };
+    for (k, v) in client_env(client, &to, Some(&health)) {
         // A variable the user set wins.
         if std::env::var_os(&k).is_none() {
             cmd.env(k, v);
@@ -341,13 +429,13 @@ fn claude(a: ClaudeArgs) -> ExitCode {
     let code = match cmd.status() {
         Ok(s) => s.code().map(|c| ExitCode::from(c as u8)).unwrap_or(ExitCode::from(1)),
         Err(e) => {
-            eprintln!("pensieve claude: cannot run claude: {e}");
+            eprintln!("pensieve {name}: cannot run {name}: {e}");
             ExitCode::from(1)
         }
     };
     if a.keep_server {
         if let Some(c) = started {
-            eprintln!("pensieve claude: the server keeps running (pid {})", c.id());
+            eprintln!("pensieve {name}: the server keeps running (pid {})", c.id());
         }
     } else {
         stop(started);

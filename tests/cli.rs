@@ -190,3 +190,79 @@ fn pensieve_claude_sets_the_environment_and_passes_arguments_and_exit_code() {
     signal(&s, libc::SIGTERM);
     wait_exit(&mut s, 30);
 }
+
+fn codex_installed() -> bool {
+    let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("codex").is_file())).unwrap_or(false);
+    if !found {
+        eprintln!("SKIPPED: the codex CLI is not installed (npm install -g @openai/codex); .ci/run installs it");
+    }
+    found
+}
+
+/// A Codex home of its own (Codex writes sessions and logs there), so the
+/// user's ~/.codex is never read or written.
+fn codex_home() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("pensieve-codex-home-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
+/// One non-interactive Codex turn through the Responses API: `pensieve codex`
+/// starts a server, hands Codex a provider for it on the command line, and
+/// stops the server afterwards; the served model answered the turn.
+#[test]
+fn pensieve_codex_runs_the_real_cli_against_a_server_it_starts() {
+    if !codex_installed() {
+        return;
+    }
+    let port = free_port().to_string();
+    let cache = pensieve::config::test_cache_dir().to_string_lossy().to_string();
+    let home = codex_home();
+    let out = common::binary::command_bare()
+        .args(["codex", "--model", "builtin:demo", "--no-prompt-cache-persist", "--cache-dir", &cache, "--port", &port])
+        .args(["--", "exec", "--skip-git-repo-check", "hello"])
+        .env("CODEX_HOME", &home)
+        .current_dir(&home)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("starting a server") && stderr.contains("provider: pensieve"), "{stderr}");
+    assert!(!stdout.trim().is_empty(), "the turn produced an answer: {stderr}");
+    assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err(), "the server it started is gone");
+    assert!(!home.join("config.toml").exists(), "no config file was written");
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// `pensieve env codex`, sourced by a shell, makes plain `codex` talk to the
+/// running server (the served model by name, its window).
+#[test]
+fn env_codex_sourced_by_a_shell_points_codex_at_the_server() {
+    if !codex_installed() {
+        return;
+    }
+    let mut s = spawn(&["--model", "builtin:demo"]);
+    let port = port_of(&s);
+    let env = pensieve(&["env", "codex", "--port", &port]);
+    let text = String::from_utf8_lossy(&env.stdout).to_string();
+    assert!(text.contains("model_context_window=32768") && text.contains("-m pensieve-demo"), "{text}");
+    let home = codex_home();
+    let script = format!("shopt -s expand_aliases\n{text}\ncodex exec --skip-git-repo-check hello\n");
+    let out = Command::new("bash").arg("-c").arg(&script).env("CODEX_HOME", &home).current_dir(&home).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let mut saw = Vec::new();
+    while let Ok(line) = s.logs.recv_timeout(Duration::from_millis(500)) {
+        saw.push(line);
+    }
+    assert!(
+        saw.iter().any(|l| l.contains("generation") && l.contains("route=\"responses\"") && l.contains("model=pensieve-demo")),
+        "{saw:#?}"
+    );
+    signal(&s, libc::SIGTERM);
+    wait_exit(&mut s, 30);
+    let _ = std::fs::remove_dir_all(&home);
+}

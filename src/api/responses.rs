@@ -104,15 +104,26 @@ impl ResponsesRequest {
     }
 
     /// Function tools in the chat templates' format, and the strict ones.
+    /// A `namespace` (Codex groups some tools so) contributes its functions.
     fn tools(&self) -> Result<(Vec<Value>, Vec<String>), ApiError> {
         let mut tools = vec![];
         let mut strict = vec![];
+        let mut flat: Vec<(String, &Value)> = vec![];
         for (i, t) in self.tools.iter().flatten().enumerate() {
+            if t.get("type").and_then(Value::as_str) == Some("namespace") {
+                for (j, inner) in t.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                    flat.push((format!("tools[{i}].tools[{j}]"), inner));
+                }
+            } else {
+                flat.push((format!("tools[{i}]"), t));
+            }
+        }
+        for (at, t) in flat {
             match t.get("type").and_then(Value::as_str) {
                 Some("function") => {}
                 other => {
                     return Err(bad(format!(
-                        "tools[{i}].type: only function tools are supported here, not {other:?} (built-in tools such as web search run on OpenAI's servers)"
+                        "{at}.type: only function tools are supported here, not {other:?} (built-in tools such as web search run on OpenAI's servers; Codex: web_search = \"disabled\")"
                     )))
                 }
             }
@@ -120,7 +131,7 @@ impl ResponsesRequest {
                 .get("name")
                 .and_then(Value::as_str)
                 .filter(|n| !n.is_empty())
-                .ok_or_else(|| bad(format!("tools[{i}].name: required")))?;
+                .ok_or_else(|| bad(format!("{at}.name: required")))?;
             if t.get("strict").and_then(Value::as_bool) == Some(true) {
                 strict.push(name.to_string());
             }
