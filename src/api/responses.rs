@@ -549,6 +549,71 @@ impl EventStream {
     }
 }
 
+impl EventStream {
+    /// A piece of the answer (`reasoning`: of the thinking), opening its
+    /// output item first when another one (or none) is open.
+    fn append(&mut self, reasoning: bool, delta: &str) -> String {
+        if delta.is_empty() {
+            return String::new();
+        }
+        let mut out = String::new();
+        let open_kind = match &self.open {
+            Open::Message { .. } => Some(false),
+            Open::Reasoning { .. } => Some(true),
+            Open::None => None,
+        };
+        let index = if open_kind == Some(reasoning) { self.output.len() } else { usize::MAX };
+        if index == usize::MAX {
+            out += &self.close();
+            let index = self.output.len();
+            let (id, item, part_event, part) = if reasoning {
+                let id = new_id("rs_");
+                let item = json!({"type": "reasoning", "id": id, "summary": []});
+                (
+                    id,
+                    item,
+                    "response.reasoning_summary_part.added",
+                    json!({"summary_index": 0, "part": {"type": "summary_text", "text": ""}}),
+                )
+            } else {
+                let id = new_id("msg_");
+                let item = json!({"type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": []});
+                let part = json!({"content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}});
+                (id, item, "response.content_part.added", part)
+            };
+            out += &self.event("response.output_item.added", json!({"output_index": index, "item": item}));
+            let mut added = json!({"item_id": id, "output_index": index});
+            if let (Some(a), Value::Object(p)) = (added.as_object_mut(), part) {
+                a.extend(p);
+            }
+            out += &self.event(part_event, added);
+            self.open =
+                if reasoning { Open::Reasoning { id, text: String::new() } } else { Open::Message { id, text: String::new() } };
+        }
+        let index = self.output.len();
+        let id = match &mut self.open {
+            Open::Message { id, text } | Open::Reasoning { id, text } => {
+                text.push_str(delta);
+                id.clone()
+            }
+            Open::None => unreachable!("an item was just opened"),
+        };
+        let (kind, data) = if reasoning {
+            (
+                "response.reasoning_summary_text.delta",
+                json!({"item_id": id, "output_index": index, "summary_index": 0, "delta": delta}),
+            )
+        } else {
+            (
+                "response.output_text.delta",
+                json!({"item_id": id, "output_index": index, "content_index": 0, "delta": delta, "logprobs": []}),
+            )
+        };
+        out += &self.event(kind, data);
+        out
+    }
+}
+
 impl StreamRenderer for EventStream {
     fn start(&mut self, _prompt: u32, _cached: u32) -> String {
         let r = self.meta.object("in_progress", vec![], Value::Null, false);
@@ -558,73 +623,11 @@ impl StreamRenderer for EventStream {
     }
 
     fn text(&mut self, delta: &str) -> String {
-        if delta.is_empty() {
-            return String::new();
-        }
-        let mut out = String::new();
-        if !matches!(self.open, Open::Message { .. }) {
-            out += &self.close();
-            let id = new_id("msg_");
-            let index = self.output.len();
-            out += &self.event(
-                "response.output_item.added",
-                json!({"output_index": index, "item": {"type": "message", "id": id, "status": "in_progress",
-                                                       "role": "assistant", "content": []}}),
-            );
-            out += &self.event(
-                "response.content_part.added",
-                json!({"item_id": id, "output_index": index, "content_index": 0,
-                       "part": {"type": "output_text", "text": "", "annotations": []}}),
-            );
-            self.open = Open::Message { id, text: String::new() };
-        }
-        let index = self.output.len();
-        let id = match &mut self.open {
-            Open::Message { id, text } => {
-                text.push_str(delta);
-                id.clone()
-            }
-            _ => unreachable!("a message is open"),
-        };
-        out += &self.event(
-            "response.output_text.delta",
-            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": delta, "logprobs": []}),
-        );
-        out
+        self.append(false, delta)
     }
 
     fn thinking(&mut self, delta: &str) -> String {
-        if delta.is_empty() {
-            return String::new();
-        }
-        let mut out = String::new();
-        if !matches!(self.open, Open::Reasoning { .. }) {
-            out += &self.close();
-            let id = new_id("rs_");
-            let index = self.output.len();
-            out += &self.event(
-                "response.output_item.added",
-                json!({"output_index": index, "item": {"type": "reasoning", "id": id, "summary": []}}),
-            );
-            out += &self.event(
-                "response.reasoning_summary_part.added",
-                json!({"item_id": id, "output_index": index, "summary_index": 0, "part": {"type": "summary_text", "text": ""}}),
-            );
-            self.open = Open::Reasoning { id, text: String::new() };
-        }
-        let index = self.output.len();
-        let id = match &mut self.open {
-            Open::Reasoning { id, text } => {
-                text.push_str(delta);
-                id.clone()
-            }
-            _ => unreachable!("a reasoning item is open"),
-        };
-        out += &self.event(
-            "response.reasoning_summary_text.delta",
-            json!({"item_id": id, "output_index": index, "summary_index": 0, "delta": delta}),
-        );
-        out
+        self.append(true, delta)
     }
 
     fn tool_call(&mut self, call: &OutputToolCall) -> String {
