@@ -27,7 +27,8 @@
 //! - [`cli`]: the subcommands (serve, claude, env, status).
 //! - [`config`]: flags (each also an env var).
 //! - [`server`]: accept loop, routing, auth, body limits, handlers, shutdown.
-//! - [`api`]: the dialects; each converts its wire types to the internal request
+//! - [`api`]: the dialects (Anthropic Messages, OpenAI chat/completions, OpenAI Responses,
+//!   Ollama); each converts its wire types to the internal request
 //!   and renders the output (naming tool calls its own way).
 //! - [`request`]: the internal request and output types both dialects and the engine share.
 //! - [`engine`]: the engine thread, admission control, the token stream; its
