@@ -58,7 +58,7 @@ pub struct Config {
     pub prompt_cache_bytes: u64,
 
     /// Where the prefix cache is saved at shutdown and restored at start, so a
-    /// restart keeps warm prefixes (default: <cache dir>/prompt-cache; one
+    /// restart keeps warm prefixes (default: CACHE_DIR/prompt-cache; one
     /// folder per model, at most --prompt-cache-bytes).
     #[arg(long, env = "PENSIEVE_PROMPT_CACHE_DIR")]
     pub prompt_cache_dir: Option<PathBuf>,

@@ -192,7 +192,7 @@ pub enum StopReason {
     ToolUse,
 }
 
-/// What a [`Generation`] yields.
+/// What a [`Generation`](crate::engine::Generation) yields.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
     Text(String),
