@@ -646,7 +646,16 @@ impl EngineHandle {
             Ok(g) => g.clone(),
             Err(e) => return Err(ApiError::InvalidRequest(format!("structured outputs are not available for this model: {e}"))),
         };
-        let probe = request.clone();
+        // What the grammar is made of: the tools and the constraints, not the conversation.
+        let mut probe = GenerateRequest::new(
+            Prompt { tools: request.prompt.tools.clone(), ..Default::default() },
+            request.max_tokens,
+            request.sampling,
+            vec![],
+        );
+        probe.format = request.format.clone();
+        probe.strict_tools = request.strict_tools.clone();
+        probe.force_tool = request.force_tool.clone();
         let compiled = tokio::task::spawn_blocking(move || grammars.compile_for(&probe))
             .await
             .map_err(|e| ApiError::Internal(format!("grammar compile task failed: {e}")))??;
