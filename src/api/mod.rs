@@ -113,6 +113,13 @@ pub fn strip_volatile(text: &str) -> String {
 }
 
 /// A random id with the given prefix (`msg_`, `toolu_`, `chatcmpl-`).
+/// Seconds since the epoch as an RFC 3339 UTC timestamp.
+pub fn rfc3339(secs: u64) -> String {
+    let (y, m, d) = crate::tokenizer::civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 pub fn new_id(prefix: &str) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
@@ -202,6 +209,13 @@ mod tests {
     fn trailing_garbage_is_rejected() {
         let e = parse_json::<T>(br#"{"a": 1, "b": []} xyz"#).unwrap_err();
         assert!(e.message().starts_with("malformed JSON"), "{}", e.message());
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
     }
 
     #[test]

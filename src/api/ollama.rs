@@ -336,12 +336,11 @@ impl Default for Timing {
     }
 }
 
+/// Now, as Ollama stamps its answers (RFC 3339 with nanoseconds).
 fn created_at() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = now.as_secs();
-    let (y, m, d) = crate::tokenizer::civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z", rem / 3600, rem % 3600 / 60, rem % 60, now.subsec_nanos())
+    let whole = super::rfc3339(now.as_secs());
+    format!("{}.{:09}Z", whole.trim_end_matches('Z'), now.subsec_nanos())
 }
 
 fn merge(mut a: Value, b: Value) -> Value {

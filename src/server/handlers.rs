@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{json_response, AppState, Body, LoggedByGeneration};
 use crate::api::anthropic::{self, EventStream, MessagesRequest, Usage};
 use crate::api::openai::{self, ChatRequest, ChunkStream, CompletionRequest, Endpoint};
-use crate::api::{new_id, parse_json, StreamRenderer};
+use crate::api::{new_id, parse_json, rfc3339, StreamRenderer};
 use crate::api::{ollama, responses};
 use crate::engine::{Collected, EngineState, Fault, GenEvent, GenerateRequest, Generation, RequestLabel, StopReason};
 use crate::error::ApiError;
@@ -487,24 +487,5 @@ async fn drive_stream<R: StreamRenderer>(
             }
             _ = tx.closed() => return,
         }
-    }
-}
-
-/// Seconds since the epoch as an RFC 3339 UTC timestamp.
-fn rfc3339(secs: u64) -> String {
-    let (y, m, d) = crate::tokenizer::civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rfc3339;
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
     }
 }
