@@ -118,7 +118,7 @@ async fn wave(engine: &EngineHandle, round: u64, constrained: bool) -> (u64, f64
 
 fn bench(model: &str, rt: &tokio::runtime::Runtime) {
     let mut cfg = Config::default_for_tests();
-    cfg.model = Some(model.to_string());
+    cfg.model = vec![model.to_string()];
     cfg.max_concurrent = CONCURRENT as u32;
     cfg.max_queue = 64;
     cfg.min_free_memory = 0;

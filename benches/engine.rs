@@ -56,13 +56,13 @@ fn rss_peak() -> u64 {
 
 fn benches(c: &mut Criterion) {
     let mut cfg = Config::default_for_tests();
-    cfg.model = Some(bench_model());
+    cfg.model = vec![bench_model()];
     cfg.max_concurrent = 8;
     cfg.max_queue = 64;
     cfg.min_free_memory = 0;
     let engine = EngineHandle::start(&cfg).expect("engine loads the bench model");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    eprintln!("bench model {}, BLAS: {}", cfg.model.as_deref().unwrap(), engine.info().unwrap().blas);
+    eprintln!("bench model {}, BLAS: {}", cfg.default_model(), engine.info().unwrap().blas);
 
     // Decode: a short prompt (prefix-cached after the first run), 64 new tokens.
     let mut g = c.benchmark_group("decode");

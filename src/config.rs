@@ -22,18 +22,51 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_OLLAMA_PORT")]
     pub ollama_port: Option<u16>,
 
-    /// A local MLX model folder, a GGUF file (or a folder holding one), `ollama:NAME[:TAG]` (a model
-    /// Ollama pulled) or a Hugging Face id (e.g. mlx-community/Qwen2.5-7B-Instruct-4bit). Without it
-    /// SmolLM2-135M-Instruct is served (`builtin:smollm2`, shipped as a Python package);
-    /// `builtin:demo` is a 1M-parameter toy trained for tool calls; `builtin:random` is a
-    /// random-weight model of the same family whose output is noise and which, at temperature 0,
-    /// never stops on its own (for load tests; sampled, it may draw its end token).
-    #[arg(long, env = "PENSIEVE_MODEL")]
-    pub model: Option<String>,
+    /// A model to serve (repeatable: the first is the default, loaded at start; the others load
+    /// when a request names them). A local MLX model folder, a GGUF file (or a folder holding one),
+    /// `ollama:NAME[:TAG]` (a model Ollama pulled) or a Hugging Face id (e.g.
+    /// mlx-community/Qwen2.5-7B-Instruct-4bit). Without it SmolLM2-135M-Instruct is the default
+    /// (`builtin:smollm2`, shipped as a Python package); `builtin:demo` is a 1M-parameter toy
+    /// trained for tool calls; `builtin:random` is a random-weight model of the same family whose
+    /// output is noise and which, at temperature 0, never stops on its own (for load tests;
+    /// sampled, it may draw its end token).
+    #[arg(long = "model", env = "PENSIEVE_MODEL")]
+    pub model: Vec<String>,
 
-    /// The id /v1/models reports. Defaults to the folder or repo name.
+    /// The id /v1/models reports for the default (first) model. Defaults to the folder or repo name.
     #[arg(long, env = "PENSIEVE_MODEL_NAME")]
     pub model_name: Option<String>,
+
+    /// A folder of models: every MLX model folder (one with a config.json) and every .gguf
+    /// file directly in it is served under its folder or file name, loaded on first use.
+    #[arg(long, env = "PENSIEVE_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+
+    /// `PATTERN=MODEL` (repeatable): requests whose `model` matches PATTERN (a glob: `*`, `?`)
+    /// are served by MODEL (a model's name, or a model as --model takes it). For Claude Code's
+    /// background tier: `--alias 'claude-haiku-*=builtin:smollm2'`.
+    #[arg(long = "alias", env = "PENSIEVE_ALIAS", value_delimiter = ',')]
+    pub alias: Vec<String>,
+
+    /// Answer 404 (not_found_error) to a `model` that names no model and matches no alias,
+    /// instead of serving it with the default model.
+    #[arg(long, env = "PENSIEVE_STRICT_MODELS")]
+    pub strict_models: bool,
+
+    /// How long a model stays loaded with no request running or queued, then is unloaded (its
+    /// prefix cache saved first): `30s`, `5m`, `1h`; `0` unloads after each request; `-1` never.
+    #[arg(long, env = "PENSIEVE_KEEP_ALIVE", default_value = "5m", value_parser = parse_keep_alive, allow_hyphen_values = true)]
+    pub keep_alive: KeepAlive,
+
+    /// Most models loaded at once: loading another unloads the least recently used idle one.
+    #[arg(long, env = "PENSIEVE_MAX_LOADED_MODELS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_loaded_models: Option<u32>,
+
+    /// Most memory the loaded models may hold together (weights plus KV headroom; e.g. 16GiB).
+    /// Loading past it, or past what the system has available less --min-free-memory, first
+    /// unloads least recently used idle models; when that is not enough the request gets 529.
+    #[arg(long, env = "PENSIEVE_MAX_MODELS_MEMORY", value_parser = parse_bytes)]
+    pub max_models_memory: Option<u64>,
 
     /// Most sequences generating at once (the continuous batch's size).
     #[arg(long, env = "PENSIEVE_MAX_CONCURRENT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -192,6 +225,43 @@ pub const BUILTIN_RANDOM: &str = "builtin:random";
 /// The same with thinking tokens; its template opens a thinking block.
 pub const BUILTIN_RANDOM_THINK: &str = "builtin:random-think";
 
+/// `--keep-alive`: how long an idle model stays loaded (`None`: for ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive(pub Option<std::time::Duration>);
+
+/// Durations as Ollama writes them: `30s`, `5m`, `1h`, `1h30m`, `250ms`, a
+/// bare number of seconds; `0` (unload at once) and any negative (never).
+pub fn parse_keep_alive(s: &str) -> Result<KeepAlive, String> {
+    let t = s.trim();
+    if let Some(negative) = t.strip_prefix('-') {
+        return match negative.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.') {
+            "" | "s" | "m" | "h" => Ok(KeepAlive(None)),
+            _ => Err(format!("not a duration: {s:?} (try 30s, 5m, 1h, 0 or -1)")),
+        };
+    }
+    if let Ok(secs) = t.parse::<f64>() {
+        return Ok(KeepAlive(Some(std::time::Duration::from_secs_f64(secs))));
+    }
+    let mut total = 0f64;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(split);
+        let n: f64 = num.parse().map_err(|_| format!("not a duration: {s:?} (try 30s, 5m, 1h, 0 or -1)"))?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        total += n * match unit {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("unknown unit {unit:?} in {s:?} (use ms, s, m or h)")),
+        };
+        rest = next;
+    }
+    Ok(KeepAlive(Some(std::time::Duration::from_secs_f64(total))))
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuKernels {
     /// On MLX's CPU backend when the venv has pensieve's extension (the build makes it).
@@ -231,6 +301,9 @@ impl Config {
             "0",
             "--cache-dir",
             cache.to_str().expect("a UTF-8 temp dir"),
+            // A test's server keeps its model (tests/models.rs sets keep-alive itself).
+            "--keep-alive",
+            "-1",
         ];
         Config::from_arg_matches(&cmd.get_matches_from(args)).expect("test defaults parse")
     }
@@ -271,21 +344,31 @@ impl Config {
         }
     }
 
-    /// The id clients see in /v1/models.
+    /// The id clients see in /v1/models for the default model.
     pub fn served_model_id(&self) -> String {
         if let Some(n) = &self.model_name {
             return n.clone();
         }
-        match self.model.as_deref() {
-            None | Some(BUILTIN_SMOLLM2) => "SmolLM2-135M-Instruct".to_string(),
-            Some(BUILTIN_DEMO) => "pensieve-demo".to_string(),
-            Some(m) if m.starts_with("ollama:") => m["ollama:".len()..].to_string(),
-            Some(BUILTIN_RANDOM) => "pensieve-demo-random".to_string(),
-            Some(BUILTIN_RANDOM_THINK) => "pensieve-demo-random-think".to_string(),
-            Some(m) => {
-                let last = m.trim_end_matches('/').rsplit('/').next().unwrap_or(m);
-                last.strip_suffix(".gguf").unwrap_or(last).to_string()
-            }
+        model_id_of(self.default_model())
+    }
+
+    /// The default model as --model names it (the first one; the built-in SmolLM2 without one).
+    pub fn default_model(&self) -> &str {
+        self.model.first().map(String::as_str).unwrap_or(BUILTIN_SMOLLM2)
+    }
+}
+
+/// The id a model is served under, from how it is given (--model, --models-dir).
+pub fn model_id_of(spec: &str) -> String {
+    match spec {
+        BUILTIN_SMOLLM2 => "SmolLM2-135M-Instruct".to_string(),
+        BUILTIN_DEMO => "pensieve-demo".to_string(),
+        BUILTIN_RANDOM => "pensieve-demo-random".to_string(),
+        BUILTIN_RANDOM_THINK => "pensieve-demo-random-think".to_string(),
+        m if m.starts_with("ollama:") => m["ollama:".len()..].to_string(),
+        m => {
+            let last = m.trim_end_matches('/').rsplit('/').next().unwrap_or(m);
+            last.strip_suffix(".gguf").unwrap_or(last).to_string()
         }
     }
 }
@@ -359,11 +442,28 @@ mod tests {
     fn model_id_from_path_or_repo() {
         let mut c = Config::default_for_tests();
         assert_eq!(c.served_model_id(), "pensieve-demo");
-        c.model = Some(BUILTIN_RANDOM.into());
+        c.model = vec![BUILTIN_RANDOM.into()];
         assert_eq!(c.served_model_id(), "pensieve-demo-random");
-        c.model = Some("mlx-community/Qwen2.5-7B-Instruct-4bit".into());
+        c.model = vec!["mlx-community/Qwen2.5-7B-Instruct-4bit".into()];
         assert_eq!(c.served_model_id(), "Qwen2.5-7B-Instruct-4bit");
         c.model_name = Some("mine".into());
         assert_eq!(c.served_model_id(), "mine");
+    }
+
+    #[test]
+    fn keep_alive_durations() {
+        let d = |s: &str| parse_keep_alive(s).unwrap().0;
+        assert_eq!(d("30s"), Some(std::time::Duration::from_secs(30)));
+        assert_eq!(d("5m"), Some(std::time::Duration::from_secs(300)));
+        assert_eq!(d("1h"), Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(d("1h30m"), Some(std::time::Duration::from_secs(5400)));
+        assert_eq!(d("250ms"), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(d("0"), Some(std::time::Duration::ZERO));
+        assert_eq!(d("90"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(d("-1"), None);
+        assert_eq!(d("-1m"), None);
+        assert!(parse_keep_alive("5 minutes").is_err());
+        assert!(parse_keep_alive("m").is_err());
+        assert!(parse_keep_alive("-x").is_err());
     }
 }

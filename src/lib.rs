@@ -40,6 +40,7 @@
 //! - [`demo`]: the trained demo model embedded in the binary.
 //! - [`memory`]: system / process memory readings.
 //! - [`metrics`]: Prometheus metrics (`GET /metrics`).
+//! - [`models`]: the models a server has: routing client names, load on demand, keep-alive, eviction.
 //! - [`ollama`]: models Ollama pulled, found through its manifests.
 //! - [`private_dir`]: the prefix-cache folder kept private to its user.
 //! - [`tokenizer`]: chat template + tokenizer in Rust (verified against Python at start-up).
@@ -56,6 +57,7 @@ pub mod error;
 pub mod kernels;
 pub mod memory;
 pub mod metrics;
+pub mod models;
 pub mod ollama;
 #[cfg(unix)]
 pub mod private_dir;

@@ -38,6 +38,34 @@ impl MemoryMonitor {
     }
 }
 
+/// Fixes the C heap's threshold for serving an allocation by its own
+/// mapping at 1 MiB. glibc raises it (up to 32 MiB) after freeing a large
+/// block, and its trim threshold with it (to 64 MiB): then tensors and
+/// caches freed by an unloaded model stay resident at the top of a thread's
+/// heap, out of `malloc_trim`'s reach. Fixed, a large block is returned to
+/// the OS when freed. (MLX keeps its own cache of freed buffers for reuse,
+/// so steps do not map and unmap on every allocation.)
+pub fn tune_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only sets allocator parameters.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        });
+    }
+}
+
+/// Returns the C heap's free pages to the OS (glibc keeps them otherwise):
+/// after a model is unloaded, its freed memory leaves the process.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of the heap's arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

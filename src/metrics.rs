@@ -59,7 +59,15 @@ fn describe() {
         Unit::Seconds,
         "time to compute one constrained sequence's token mask (grammar advance + mask)"
     );
-    describe_gauge!("pensieve_engine_up", "1 while the engine is ready, else 0");
+    describe_gauge!("pensieve_engine_up", "1 while every loaded model's engine is ready, else 0");
+    describe_counter!("pensieve_model_loads_total", "models loaded on demand, by model and outcome (loaded, failed, refused)");
+    describe_histogram!(
+        "pensieve_model_load_seconds",
+        Unit::Seconds,
+        "time to load a model on demand (the waiting requests' TTFT includes it)"
+    );
+    describe_counter!("pensieve_model_unloads_total", "models unloaded (idle for --keep-alive, or to make room)");
+    describe_gauge!("pensieve_model_loaded", "1 while the model is loaded, else 0");
 }
 
 /// The state the gauges mirror, read at scrape time by whoever holds it
@@ -124,4 +132,22 @@ pub fn generation_done(outcome: &'static str, prompt: u32, cached: u32, output: 
         counter!("pensieve_prompt_cache_hits_total").increment(1);
     }
     histogram!("pensieve_generation_duration_seconds").record(seconds);
+}
+
+/// A model load on demand ended: "loaded" (with its seconds), "failed" or
+/// "refused" (no room).
+pub fn model_load(model: &str, outcome: &'static str, seconds: Option<f64>) {
+    counter!("pensieve_model_loads_total", "model" => model.to_string(), "outcome" => outcome).increment(1);
+    if let Some(s) = seconds {
+        histogram!("pensieve_model_load_seconds", "model" => model.to_string()).record(s);
+    }
+}
+
+pub fn model_unloaded(model: &str) {
+    counter!("pensieve_model_unloads_total", "model" => model.to_string()).increment(1);
+}
+
+/// Whether each model is loaded (1) or not (0), set at scrape time.
+pub fn model_loaded(model: &str, loaded: bool) {
+    gauge!("pensieve_model_loaded", "model" => model.to_string()).set(if loaded { 1.0 } else { 0.0 });
 }

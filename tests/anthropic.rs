@@ -415,7 +415,7 @@ async fn a_model_that_cannot_batch_is_served_one_sequence_at_a_time() {
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let mut cfg = common::config();
-    cfg.model = Some(dir.to_string_lossy().into());
+    cfg.model = vec![dir.to_string_lossy().into()];
     cfg.max_concurrent = 4;
     cfg.prompt_cache_bytes = 0;
     let (_, h) = start(cfg.clone()).get("/health").await;
@@ -615,7 +615,7 @@ async fn the_prefix_cache_survives_a_restart() {
     std::fs::remove_dir_all(&dir).ok();
     let persisting = |model: &str| {
         let mut cfg = common::config();
-        cfg.model = Some(model.into());
+        cfg.model = vec![model.into()];
         cfg.no_prompt_cache_persist = false;
         cfg.prompt_cache_dir = Some(dir.clone());
         cfg

@@ -116,7 +116,7 @@ fn mlx_quantized_models_take_the_kernels() {
 #[test]
 fn batched_greedy_decoding_matches_each_alone() {
     let mut cfg = pensieve::Config::default_for_tests();
-    cfg.model = Some(pensieve::config::BUILTIN_SMOLLM2.into());
+    cfg.model = vec![pensieve::config::BUILTIN_SMOLLM2.into()];
     let s = common::start(cfg);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let h = rt.block_on(s.get("/health")).1;

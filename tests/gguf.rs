@@ -30,7 +30,7 @@ fn gguf_conversion_round_trips_and_the_real_model_has_low_perplexity() {
 #[test]
 fn smollm2_answers_factual_questions_through_both_sdks() {
     let mut cfg = pensieve::Config::default_for_tests();
-    cfg.model = Some(pensieve::config::BUILTIN_SMOLLM2.into());
+    cfg.model = vec![pensieve::config::BUILTIN_SMOLLM2.into()];
     let s = common::start(cfg);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/real_model_sdk.py");
     let out = std::process::Command::new(common::venv_python()).args([path, &s.base]).output().unwrap();

@@ -99,7 +99,7 @@ async fn bad_inputs_and_missing_keys_get_each_dialects_error_shape() {
 #[tokio::test]
 async fn think_returns_thinking_apart_and_false_turns_it_off() {
     let mut c = common::config();
-    c.model = Some(pensieve::config::BUILTIN_RANDOM_THINK.into());
+    c.model = vec![pensieve::config::BUILTIN_RANDOM_THINK.into()];
     let s = start(c);
     let ask = |think: bool, stream: bool| {
         serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "think": think, "stream": stream,

@@ -31,7 +31,7 @@ async fn text(s: &common::TestServer, body: &Value) -> String {
 async fn the_models_defaults_then_flags_then_the_request_decide() {
     let model = greedy_model();
     let mut cfg = common::config();
-    cfg.model = Some(model.to_string_lossy().to_string());
+    cfg.model = vec![model.to_string_lossy().to_string()];
     let s = common::start(cfg.clone());
     let (_, h) = s.get("/health").await;
     assert_eq!(h["model"]["sampling_defaults"]["temperature"], json!({"value": 0.0, "source": "generation_config.json"}), "{h}");
@@ -96,7 +96,7 @@ async fn a_seed_fixes_the_draws_alone_and_in_a_batch() {
 #[test]
 fn top_k_and_top_p_shape_the_distribution_as_they_should() {
     let mut cfg = pensieve::Config::default_for_tests();
-    cfg.model = Some(pensieve::config::BUILTIN_DEMO.into());
+    cfg.model = vec![pensieve::config::BUILTIN_DEMO.into()];
     cfg.api_key = Some("stats-key".into()); // /health then names the model folder
     let s = common::start(cfg);
     common::run_checks("sampling_stats.py", &[&s.base, "stats-key"]);

@@ -28,7 +28,7 @@ fn checks_with_call_format(shape: &str) {
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let mut c = common::config();
-    c.model = Some(dir.to_string_lossy().to_string());
+    c.model = vec![dir.to_string_lossy().to_string()];
     let s = start(c);
     common::run_checks("structured.py", &[&s.base]);
     let _ = std::fs::remove_dir_all(&dir);
@@ -76,7 +76,7 @@ async fn a_strict_tools_call_follows_its_schema_where_the_model_would_not() {
 #[tokio::test]
 async fn the_constraint_starts_after_the_thinking_block() {
     let mut c = common::config();
-    c.model = Some(pensieve::config::BUILTIN_RANDOM_THINK.into());
+    c.model = vec![pensieve::config::BUILTIN_RANDOM_THINK.into()];
     let s = start(c);
     let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
                         "required": ["ok", "n"], "additionalProperties": false});
@@ -113,7 +113,7 @@ async fn the_constraint_starts_after_the_thinking_block() {
 #[tokio::test]
 async fn strict_tools_need_a_model_with_a_call_format() {
     let mut c = Config::default_for_tests();
-    c.model = Some(pensieve::config::BUILTIN_SMOLLM2.into());
+    c.model = vec![pensieve::config::BUILTIN_SMOLLM2.into()];
     let s = start(c);
     let (st, e) = s
         .post(

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 fn think_server() -> common::TestServer {
     let mut c = common::config();
-    c.model = Some(pensieve::config::BUILTIN_RANDOM_THINK.into());
+    c.model = vec![pensieve::config::BUILTIN_RANDOM_THINK.into()];
     start(c)
 }
 

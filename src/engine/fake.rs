@@ -131,7 +131,7 @@ fn harness(max_concurrent: u32, max_queue: u32) -> Harness {
     let status = Arc::new(EngineStatus::new());
     status.set_state(EngineState::Ready);
     let st = status.clone();
-    let thread = std::thread::spawn(move || worker::serve(&mut backend, rx, &st));
+    let thread = super::threads::run(move || worker::serve(&mut backend, rx, &st)).unwrap();
     let engine = EngineHandle {
         tx,
         status,
@@ -141,6 +141,7 @@ fn harness(max_concurrent: u32, max_queue: u32) -> Harness {
         tokenizer: None,
         special_tokens_in_content: false,
         grammars: Arc::new(Err("the fake engine has no vocabulary".into())),
+        stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     Harness { engine, log, fail_next_step }
 }

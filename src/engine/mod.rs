@@ -78,6 +78,10 @@ pub struct Generation {
     /// Token ids to text, for log-probabilities.
     vocab: Option<Arc<crate::constrain::Grammars>>,
     _permit: OwnedSemaphorePermit,
+    /// Time spent loading the model for this request (counted in its TTFT).
+    load_wait: Option<std::time::Duration>,
+    /// Whatever must live as long as the generation (the model's lease).
+    _held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Who a generation belongs to, for its log line.
@@ -103,6 +107,7 @@ impl Drop for Generation {
             cached = self.cached_tokens,
             tokens_out = self.output_tokens,
             ttft_ms = self.ttft.map(|t| t.as_millis() as u64),
+            load_ms = self.load_wait.map(|t| t.as_millis() as u64),
             ms = (secs * 1000.0) as u64,
             outcome,
             "generation"
@@ -111,6 +116,18 @@ impl Drop for Generation {
 }
 
 impl Generation {
+    /// The request waited `load` for its model to load, from `since`: its
+    /// times (TTFT, duration) count from then, so they include the load.
+    pub fn waited_for_load(&mut self, since: std::time::Instant, load: std::time::Duration) {
+        self.started = self.started.min(since);
+        self.load_wait = Some(load);
+    }
+
+    /// Keeps `value` alive until this generation ends (dropped with it).
+    pub fn hold(&mut self, value: Box<dyn std::any::Any + Send + Sync>) {
+        self._held = Some(value);
+    }
+
     pub fn output_tokens(&self) -> u32 {
         self.output_tokens
     }
@@ -522,6 +539,60 @@ extern "C" fn stop_engines_at_exit() {
     }
 }
 
+/// Engine threads outlive the models they serve: a thread whose model was
+/// unloaded waits for the next model to load. MLX keeps each thread's
+/// streams (and their worker threads and buffers) after the thread ends, so
+/// a fresh thread per load would leak those on every load and unload.
+pub(crate) mod threads {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::Mutex;
+
+    type Job = Box<dyn FnOnce() + Send>;
+
+    /// Idle engine threads, each waiting on its job channel.
+    static IDLE: Mutex<Vec<Sender<Job>>> = Mutex::new(Vec::new());
+
+    /// Resolves when a job has run (or its thread died).
+    pub struct Finished(Receiver<()>);
+
+    impl Finished {
+        pub fn join(self) {
+            let _ = self.0.recv();
+        }
+    }
+
+    /// Runs `job` on an idle engine thread, or a new one.
+    pub fn run(job: impl FnOnce() + Send + 'static) -> std::io::Result<Finished> {
+        let (done_tx, done_rx) = channel();
+        let mut job: Job = Box::new(move || {
+            job();
+            let _ = done_tx.send(());
+        });
+        loop {
+            let idle = IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(thread) = idle else { break };
+            match thread.send(job) {
+                Ok(()) => return Ok(Finished(done_rx)),
+                // That thread is gone: try the next.
+                Err(e) => job = e.0,
+            }
+        }
+        std::thread::Builder::new().name("pensieve-engine".into()).spawn(move || {
+            let mut job = job;
+            loop {
+                job();
+                let (tx, rx) = channel();
+                IDLE.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+                match rx.recv() {
+                    Ok(next) => job = next,
+                    Err(_) => return,
+                }
+            }
+        })?;
+        Ok(Finished(done_rx))
+    }
+}
+
 /// Cheap to clone; the way the HTTP side talks to the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -529,7 +600,7 @@ pub struct EngineHandle {
     status: Arc<EngineStatus>,
     admission: Arc<Admission>,
     next_id: Arc<AtomicU64>,
-    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    thread: Arc<Mutex<Option<threads::Finished>>>,
     /// Set when the Rust tokenizer reproduced Python's ids on the probes.
     tokenizer: Option<Arc<PromptTokenizer>>,
     /// `--special-tokens-in-content`: request text may spell control tokens.
@@ -537,12 +608,21 @@ pub struct EngineHandle {
     /// Grammars over the model's vocabulary (structured outputs), or why
     /// there are none.
     grammars: Arc<Result<Arc<crate::constrain::Grammars>, String>>,
+    /// Set by `shutdown`: the engine stopping is then no death.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EngineHandle {
-    /// Starts the engine thread and waits until the model is loaded. A load
-    /// failure is returned here, before any listener opens.
+    /// Starts the engine thread for the default model and waits until it is
+    /// loaded. A load failure is returned here, before any listener opens.
     pub fn start(config: &Config) -> anyhow::Result<EngineHandle> {
+        Self::start_model(config, config.default_model())
+    }
+
+    /// Starts an engine thread serving `model` (as --model takes it) with
+    /// `config`'s settings, and waits until it is loaded.
+    pub fn start_model(config: &Config, model: &str) -> anyhow::Result<EngineHandle> {
+        crate::memory::tune_heap();
         #[cfg(unix)]
         if let Some(dir) = config.prompt_cache_persist_dir() {
             let tightened = crate::private_dir::prepare(&dir)?;
@@ -551,7 +631,7 @@ impl EngineHandle {
             }
         }
         let opts = EngineOptions {
-            model: config.model.clone(),
+            model: Some(model.to_string()),
             cache_root: config.cache_root(),
             venv: config.venv_dir(),
             blas: config.blas,
@@ -573,17 +653,15 @@ impl EngineHandle {
         let status = Arc::new(EngineStatus::new());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let st = status.clone();
-        let thread = std::thread::Builder::new()
-            .name("pensieve-engine".into())
-            .spawn(move || py::engine_thread(opts, rx, st, ready_tx))?;
+        let thread = threads::run(move || py::engine_thread(opts, rx, st, ready_tx))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => {
-                let _ = thread.join();
+                thread.join();
                 anyhow::bail!(msg);
             }
             Err(_) => {
-                let _ = thread.join();
+                thread.join();
                 anyhow::bail!("the engine thread died while loading the model");
             }
         }
@@ -597,6 +675,7 @@ impl EngineHandle {
             tokenizer: None,
             special_tokens_in_content: config.special_tokens_in_content,
             grammars: Arc::new(Err("not loaded".into())),
+            stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         handle.tokenizer = handle.verified_rust_tokenizer().map(Arc::new);
         handle.grammars = Arc::new(handle.load_grammars().map(Arc::new));
@@ -735,6 +814,12 @@ impl EngineHandle {
         &self.status
     }
 
+    /// The engine thread ended without `shutdown` asking it to (a panic, a
+    /// killed engine): the server should exit for a restart.
+    pub fn died(&self) -> bool {
+        !self.stopping.load(Ordering::Acquire) && matches!(self.status.state(), EngineState::Stopped | EngineState::Failed)
+    }
+
     pub fn admission(&self) -> &Admission {
         &self.admission
     }
@@ -788,6 +873,8 @@ impl EngineHandle {
                 label: RequestLabel::default(),
                 vocab: self.grammars().cloned(),
                 _permit: permit,
+                load_wait: None,
+                _held: None,
             }),
             Some(TokenEvent::Failed(e)) => Err(e),
             Some(other) => Err(ApiError::Internal(format!("engine protocol error: {other:?}"))),
@@ -835,9 +922,11 @@ impl EngineHandle {
 
     /// Asks the engine thread to finish and waits for it.
     pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        LIVE_ENGINES.lock().unwrap_or_else(|e| e.into_inner()).retain(|(_, st)| !Arc::ptr_eq(st, &self.status));
         let _ = self.tx.send(Command::Shutdown);
         if let Some(t) = self.thread.lock().unwrap().take() {
-            let _ = t.join();
+            t.join();
         }
     }
 }

@@ -23,23 +23,49 @@ use super::{Command, EngineOptions, EngineState, EngineStatus, GenerateRequest, 
 use crate::config::{BUILTIN_DEMO, BUILTIN_RANDOM, BUILTIN_RANDOM_THINK, BUILTIN_SMOLLM2};
 use crate::error::ApiError;
 
-/// One engine's MLX work at a time in this process. A server runs one
-/// engine, so this is never contended there; tests run several in one
-/// process, and MLX (one shared generation stream, compiled-function caches)
-/// is not made for several threads evaluating at once: an intermittent heap
-/// corruption at test-process exit was seen with concurrent engines.
-static MLX_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// One engine's MLX step at a time in this process, in arrival order. A
+/// server with several models loaded runs one engine thread per model; MLX
+/// (0.32) gives each thread its own streams, so loading, saving and restoring
+/// run on their own thread without the turn, but the steps take turns: each
+/// step uses every core (OpenBLAS, the CPU kernels' pool), so two at once
+/// would only fight for them, and a first-come turn (a ticket lock) makes
+/// two busy models alternate step for step instead of one starving the other.
+struct MlxTurn {
+    /// (next ticket to hand out, ticket being served)
+    tickets: std::sync::Mutex<(u64, u64)>,
+    served: std::sync::Condvar,
+}
 
-/// Runs `f` holding `MLX_TURN`, waiting for it with the GIL released (the
-/// engine holding it may need the GIL to finish).
+static MLX_TURN: MlxTurn = MlxTurn { tickets: std::sync::Mutex::new((0, 0)), served: std::sync::Condvar::new() };
+
+/// Passes the turn on however `f` ends (a Python exception, a panic).
+struct TurnGuard;
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        let mut t = MLX_TURN.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        t.1 += 1;
+        drop(t);
+        MLX_TURN.served.notify_all();
+    }
+}
+
+/// Runs `f` in this engine's turn, waiting for it with the GIL released (the
+/// engine holding the turn may need the GIL to finish).
 fn mlx_turn<T>(py: Python<'_>, f: impl FnOnce() -> T) -> T {
-    let _turn = loop {
-        match MLX_TURN.try_lock() {
-            Ok(g) => break g,
-            Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => py.detach(|| std::thread::sleep(std::time::Duration::from_micros(200))),
-        }
+    let ticket = {
+        let mut t = MLX_TURN.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        t.0 += 1;
+        t.0 - 1
     };
+    let mine = |t: &(u64, u64)| t.1 == ticket;
+    if !mine(&MLX_TURN.tickets.lock().unwrap_or_else(|e| e.into_inner())) {
+        py.detach(|| {
+            let t = MLX_TURN.tickets.lock().unwrap_or_else(|e| e.into_inner());
+            let _t = MLX_TURN.served.wait_while(t, |t| !mine(t)).unwrap_or_else(|e| e.into_inner());
+        });
+    }
+    let _guard = TurnGuard;
     f()
 }
 
@@ -131,7 +157,9 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         }
     };
     Python::attach(|py| {
-        let loaded = mlx_turn(py, || load(py, &opts, &site_packages)).and_then(|(shim, engine)| {
+        // Off the turn: the model's arrays live on this thread's streams, and
+        // other models keep stepping while this one loads.
+        let loaded = load(py, &opts, &site_packages).and_then(|(shim, engine)| {
             let info_json: String = engine.call_method0("info")?.extract()?;
             Ok((shim, engine, info_json))
         });
@@ -181,15 +209,31 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         let mut backend = PyBackend { py, engine, invalid_prompt };
         worker::serve(&mut backend, rx, &status);
         persist_prompt_cache(&backend.engine, &opts);
-        if let Err(e) = mlx_turn(py, || backend.engine.call_method0("close")) {
+        if let Err(e) = backend.engine.call_method0("close") {
             tracing::warn!("engine close: {e}");
         }
+        drop(backend);
+        release_memory(py);
     });
+}
+
+/// After the engine is dropped: collect its Python objects (reference
+/// cycles included), hand MLX's cached buffers back, and let the C heap
+/// return its free pages, so an unloaded model's memory leaves the process.
+fn release_memory(py: Python<'_>) {
+    let freed = py.import("gc").and_then(|gc| gc.call_method0("collect")).and_then(|_| {
+        py.import("mlx.core")?.call_method0("clear_cache")?;
+        Ok(())
+    });
+    if let Err(e) = freed {
+        tracing::debug!("releasing the model's memory: {e}");
+    }
+    crate::memory::trim_heap();
 }
 
 fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
     let Some(dir) = &opts.prompt_cache_dir else { return };
-    let restored = mlx_turn(engine.py(), || engine.call_method0("restore_prompt_cache")).and_then(|r| r.extract::<PyRestored>());
+    let restored = engine.call_method0("restore_prompt_cache").and_then(|r| r.extract::<PyRestored>());
     if let Ok(r) = &restored {
         for w in &r.warnings {
             tracing::warn!("{w}");
@@ -211,7 +255,7 @@ fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
 fn persist_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
     let Some(dir) = &opts.prompt_cache_dir else { return };
     let t0 = std::time::Instant::now();
-    match mlx_turn(engine.py(), || engine.call_method0("persist_prompt_cache")).and_then(|r| r.extract::<PySaved>()) {
+    match engine.call_method0("persist_prompt_cache").and_then(|r| r.extract::<PySaved>()) {
         Ok(PySaved { entries: n, bytes }) => tracing::info!(
             "prefix cache: saved {n} entries ({} MiB) to {} in {:.2}s",
             bytes >> 20,
@@ -361,9 +405,25 @@ fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path
     }
 }
 
+/// Held while a thread sets up the shim (once per process) and finds or
+/// converts its model's files, so two engines loading at once neither import
+/// the shim twice nor convert the same file together.
+static PREPARE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyResult<(Bound<'py, PyModule>, Bound<'py, PyAny>)> {
-    let shim = load_shim(py, site_packages)?;
-    let path = model_path(&shim, opts.model.as_deref(), &opts.cache_root, site_packages)?;
+    let (shim, path) = {
+        // Waiting with the GIL released: the holder needs it to finish.
+        let _prepare = loop {
+            match PREPARE.try_lock() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => py.detach(|| std::thread::sleep(std::time::Duration::from_millis(1))),
+            }
+        };
+        let shim = load_shim(py, site_packages)?;
+        let path = model_path(&shim, opts.model.as_deref(), &opts.cache_root, site_packages)?;
+        (shim, path)
+    };
     let options = serde_json::json!({
         "max_batch": opts.max_batch,
         "prefill_step": opts.prefill_step,

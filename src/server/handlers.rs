@@ -1,7 +1,7 @@
 //! Route handlers.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
@@ -19,38 +19,82 @@ use crate::api::{new_id, parse_json, rfc3339, StreamRenderer};
 use crate::api::{ollama, responses};
 use crate::engine::{Collected, EngineState, Fault, GenEvent, GenerateRequest, Generation, RequestLabel, StopReason};
 use crate::error::ApiError;
+use crate::models::{Lease, Model};
 
 /// How often an idle stream gets a `ping` (keeps proxies and clients from
 /// timing out during a long prefill).
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
-/// `GET /health`: 200 only while the engine is ready, sampling works and the
-/// server is not draining. `detail` (with the key, when one is set) adds the
-/// model's path and the memory and slot readings; without it only the state
-/// and the model id are told.
+/// What the loaded engines hold together: memory, slots, throughput.
+struct Totals {
+    memory: crate::engine::MemorySnapshot,
+    in_use: usize,
+    queued: usize,
+    capacity: usize,
+    generated: u64,
+    tps_1m: f64,
+    decode_tps: f64,
+}
+
+fn totals(state: &AppState) -> Totals {
+    let mut t =
+        Totals { memory: Default::default(), in_use: 0, queued: 0, capacity: 0, generated: 0, tps_1m: 0.0, decode_tps: 0.0 };
+    for e in state.models.loaded() {
+        let (m, adm, st) = (*e.status().memory.lock().unwrap(), e.admission(), e.status());
+        // MLX's readings are the process's (every engine reports the same).
+        t.memory.mlx_active_bytes = t.memory.mlx_active_bytes.max(m.mlx_active_bytes);
+        t.memory.mlx_peak_bytes = t.memory.mlx_peak_bytes.max(m.mlx_peak_bytes);
+        t.memory.mlx_cache_bytes = t.memory.mlx_cache_bytes.max(m.mlx_cache_bytes);
+        t.memory.prompt_cache_bytes += m.prompt_cache_bytes;
+        t.memory.live_kv_bytes += m.live_kv_bytes;
+        t.memory.running_sequences += m.running_sequences;
+        t.memory.kv_peak_bytes = t.memory.kv_peak_bytes.max(m.kv_peak_bytes);
+        t.memory.peak_batch = t.memory.peak_batch.max(m.peak_batch);
+        t.in_use += adm.in_use();
+        t.queued += adm.queued();
+        t.capacity += adm.capacity();
+        t.generated += st.generated_tokens.load(std::sync::atomic::Ordering::Relaxed);
+        t.tps_1m += st.tokens_per_second_last_minute();
+        t.decode_tps += st.decode_tps();
+    }
+    t
+}
+
+/// `GET /health`: 200 while every loaded model's engine is ready and
+/// sampling works, and the server is not draining (a model unloaded for
+/// idleness is no fault: it loads again on demand). The top-level `engine`
+/// and `model` describe the default model; `models` lists every model with
+/// its state, memory and context. `detail` (with the key, when one is set)
+/// adds the default model's path and the memory and slot readings.
 pub fn health(state: &AppState, detail: bool) -> Response<Body> {
-    let engine = &state.engine;
-    let st = engine.status().state();
-    let sampling = engine.status().sampling_error();
+    let default = state.models.default_model();
+    let engine = default.engine();
+    let loaded = state.models.loaded();
+    let sampling = loaded.iter().find_map(|e| e.status().sampling_error());
     let draining = state.draining();
-    let ok = st == EngineState::Ready && sampling.is_none() && !draining;
+    let ok = loaded.iter().all(|e| e.status().state() == EngineState::Ready) && sampling.is_none() && !draining;
+    let info = default.info();
+    let models: Vec<Value> = state.models.all().iter().map(|m| state.models.describe(m)).collect();
     let mut body = json!({
         "status": if ok { "ok" } else if draining { "draining" } else { "unavailable" },
-        "engine": match st {
-            EngineState::Loading => "loading",
-            EngineState::Ready => "ready",
-            EngineState::Failed => "failed",
-            EngineState::Stopped => "stopped",
+        "engine": match engine.as_ref().map(|e| e.status().state()) {
+            Some(EngineState::Loading) => "loading",
+            Some(EngineState::Ready) => "ready",
+            Some(EngineState::Failed) => "failed",
+            Some(EngineState::Stopped) => "stopped",
+            None => default.state(),
         },
         "checks": {"sampling": match &sampling { None => "ok".to_string(), Some(e) => format!("broken: {e}") }},
-        "model": {"id": state.model_id},
+        "model": {"id": default.id()},
+        "models": models,
     });
     if detail {
-        let adm = engine.admission();
-        let mem = *engine.status().memory.lock().unwrap();
-        let info = engine.info();
+        let t = totals(state);
+        let memory = crate::memory::MemoryMonitor::default();
+        let info = info.as_ref();
         body["model"] = json!({
-            "id": state.model_id,
+            "id": default.id(),
+            "state": default.state(),
             "type": info.and_then(|i| i.model_type.clone()),
             "context_length": info.map(|i| i.context_length),
             "model_context_length": info.map(|i| i.model_context_length),
@@ -63,15 +107,16 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             "sampling_defaults": info.map(|i| i.sampling_defaults.clone()),
             "late_system_messages": info.map(|i| i.late_system.clone()),
             // "rust": the Rust tokenizer reproduced Python's ids at start-up.
-            "prompt_tokenizer": if engine.rust_tokenizer_active() { "rust" } else { "python" },
+            "prompt_tokenizer": engine.as_ref().map(|e| if e.rust_tokenizer_active() { "rust" } else { "python" }),
         });
         // A filesystem path only to a caller that proved it holds the key.
         if state.config.api_key.is_some() {
             body["model"]["path"] = json!(info.map(|i| i.model.clone()));
         }
+        let mem = t.memory;
         body["memory"] = json!({
-            "system_available_bytes": adm.memory.available(),
-            "process_rss_bytes": adm.memory.process_rss(),
+            "system_available_bytes": memory.available(),
+            "process_rss_bytes": memory.process_rss(),
             "mlx_active_bytes": mem.mlx_active_bytes,
             "mlx_peak_bytes": mem.mlx_peak_bytes,
             "mlx_cache_bytes": mem.mlx_cache_bytes,
@@ -79,31 +124,37 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             "live_kv_bytes": mem.live_kv_bytes,
             "kv_peak_bytes": mem.kv_peak_bytes,
         });
-        body["slots"] = json!({"capacity": adm.capacity(), "in_use": adm.in_use(), "queued": adm.queued(),
-                               "peak_batch": mem.peak_batch});
-        body["generated_tokens"] = json!(engine.status().generated_tokens.load(std::sync::atomic::Ordering::Relaxed));
-        body["tokens_per_second_1m"] = json!((engine.status().tokens_per_second_last_minute() * 10.0).round() / 10.0);
+        body["slots"] = json!({"capacity": t.capacity, "in_use": t.in_use, "queued": t.queued, "peak_batch": mem.peak_batch});
+        body["generated_tokens"] = json!(t.generated);
+        body["tokens_per_second_1m"] = json!((t.tps_1m * 10.0).round() / 10.0);
         body["uptime_seconds"] = json!(state.started.elapsed().as_secs());
     }
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     json_response(status, &body)
 }
 
-fn model_entry(state: &AppState) -> Value {
-    let created = state.started.elapsed();
-    let created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d - created).unwrap_or_default().as_secs();
-    let info = state.engine.info();
-    let context = info.map(|i| i.context_length);
-    let thinking = info.is_some_and(|i| i.thinking);
-    let tools = info.is_some_and(|i| i.template.tool_call_start.as_deref().is_some_and(|s| !s.is_empty()));
+/// Unix seconds when the server started.
+fn started_unix(state: &AppState) -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs().saturating_sub(state.started.elapsed().as_secs())
+}
+
+fn model_entry(state: &AppState, model: &Model) -> Value {
+    let created_unix = started_unix(state);
+    let info = model.info();
+    let context = info.as_ref().map(|i| i.context_length);
+    let thinking = info.as_ref().is_some_and(|i| i.thinking);
+    let tools = info.as_ref().is_some_and(|i| i.template.tool_call_start.as_deref().is_some_and(|s| !s.is_empty()));
+    let structured = model.engine().map(|e| e.grammars().is_some());
     let yes_no = |b: bool| json!({"supported": b});
+    let described = state.models.describe(model);
     // Fields of both the Anthropic and the OpenAI model shapes, so both SDKs'
     // `models.list()` parse the same answer. Anthropic's carry the window
-    // (`max_input_tokens`), the output limit and what the model can do.
+    // (`max_input_tokens`), the output limit and what the model can do
+    // (known once it has been loaded); pensieve's own add its state and memory.
     json!({
         "type": "model",
-        "id": state.model_id,
-        "display_name": state.model_id,
+        "id": model.id(),
+        "display_name": model.id(),
         "created_at": rfc3339(created_unix),
         "lifecycle": "active",
         "max_input_tokens": context,
@@ -117,7 +168,7 @@ fn model_entry(state: &AppState) -> Value {
             "image_input": yes_no(false),
             "pdf_input": yes_no(false),
             "server_tools": {"supported": false, "code_execution": yes_no(false), "web_search": yes_no(false)},
-            "structured_outputs": yes_no(state.engine.grammars().is_some()),
+            "structured_outputs": yes_no(structured.unwrap_or(info.is_some())),
             "thinking": {"supported": thinking, "types": {
                 "enabled": yes_no(thinking), "adaptive": yes_no(thinking), "disabled": yes_no(true), "between_tools": yes_no(false)}},
             "tool_use": yes_no(tools),
@@ -125,18 +176,26 @@ fn model_entry(state: &AppState) -> Value {
         "object": "model",
         "created": created_unix,
         "owned_by": "pensieve",
+        "state": described["state"],
+        "context_length": context,
+        "memory_bytes": described["memory_bytes"],
+        "weights_bytes": described["weights_bytes"],
+        "default": described["default"],
     })
 }
 
 pub fn metrics(state: &AppState) -> Response<Body> {
-    let (adm, st) = (state.engine.admission(), state.engine.status());
+    let t = totals(state);
+    for m in state.models.all() {
+        crate::metrics::model_loaded(m.id(), m.state() == "loaded");
+    }
     let text = crate::metrics::render(&crate::metrics::Snapshot {
-        slots_in_use: adm.in_use(),
-        queue_depth: adm.queued(),
-        memory: *st.memory.lock().unwrap(),
-        decode_tokens_per_second: st.decode_tps(),
-        process_rss_bytes: adm.memory.process_rss(),
-        engine_up: st.healthy(),
+        slots_in_use: t.in_use,
+        queue_depth: t.queued,
+        memory: t.memory,
+        decode_tokens_per_second: t.decode_tps,
+        process_rss_bytes: crate::memory::MemoryMonitor::default().process_rss(),
+        engine_up: state.models.loaded().iter().all(|e| e.status().healthy()),
     });
     let mut r = Response::new(http_body_util::Full::new(Bytes::from(text)).boxed());
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -144,26 +203,36 @@ pub fn metrics(state: &AppState) -> Response<Body> {
 }
 
 pub fn list_models(state: &AppState) -> Response<Body> {
-    let m = model_entry(state);
-    json_response(
-        StatusCode::OK,
-        &json!({"data": [m], "has_more": false, "first_id": state.model_id, "last_id": state.model_id, "object": "list"}),
-    )
+    let data: Vec<Value> = state.models.all().iter().map(|m| model_entry(state, m)).collect();
+    let first = state.models.all().first().map(|m| m.id().to_string());
+    let last = state.models.all().last().map(|m| m.id().to_string());
+    json_response(StatusCode::OK, &json!({"data": data, "has_more": false, "first_id": first, "last_id": last, "object": "list"}))
 }
 
+/// `GET /v1/models/{id}`: the model a request naming `id` would get (by
+/// name, alias, or the default), under the asked name; `--strict-models`:
+/// 404 for a name that selects none.
 pub fn get_model(state: &AppState, id: &str) -> Result<Response<Body>, ApiError> {
-    // Any name is served by the loaded model (clients ask for their own names).
-    let mut m = model_entry(state);
+    let model = state.models.route(Some(id))?;
+    let mut m = model_entry(state, model);
     if !id.is_empty() {
         m["id"] = json!(id);
     }
     Ok(json_response(StatusCode::OK, &m))
 }
 
-pub async fn count_tokens(state: &AppState, body: &[u8]) -> Result<Response<Body>, ApiError> {
+pub async fn count_tokens(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
     let req: MessagesRequest = parse_json(body)?;
-    let n = state.engine.count_tokens(req.to_prompt()?).await?;
+    let prompt = req.to_prompt()?;
+    let lease = lease(state, Some(&req.model)).await?;
+    let n = lease.engine.count_tokens(prompt).await?;
     Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
+}
+
+/// The model a request names, held for it (loaded first when it is not).
+async fn lease(state: &Arc<AppState>, name: Option<&str>) -> Result<Lease, ApiError> {
+    let model = state.models.route(name)?.clone();
+    state.models.acquire(&model).await
 }
 
 /// What the router knows about a generation request.
@@ -191,7 +260,7 @@ pub async fn chat_completions(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> R
     let req: ChatRequest = parse_json(body)?;
     let mut gen_req = req.to_generate()?;
     gen_req.fault = ctx.fault;
-    let model = req.model.clone().unwrap_or_else(|| state.model_id.clone());
+    let model = req.model.clone().unwrap_or_else(|| state.models.default_model().id().to_string());
     openai_generation(state, gen_req, ctx.label, Endpoint::Chat, &model, &req.common).await
 }
 
@@ -199,7 +268,7 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> Result
     let req: CompletionRequest = parse_json(body)?;
     let mut gen_req = req.to_generate()?;
     gen_req.fault = ctx.fault;
-    let model = req.model.clone().unwrap_or_else(|| state.model_id.clone());
+    let model = req.model.clone().unwrap_or_else(|| state.models.default_model().id().to_string());
     openai_generation(state, gen_req, ctx.label, Endpoint::Completions, &model, &req.common).await
 }
 
@@ -247,7 +316,8 @@ async fn ollama_generation(
     common: &ollama::Common,
 ) -> Result<Response<Body>, ApiError> {
     gen_req.fault = ctx.fault;
-    let model = model.filter(|m| !m.is_empty()).unwrap_or(&state.model_id).to_string();
+    let model =
+        model.filter(|m| !m.is_empty()).map(str::to_string).unwrap_or_else(|| state.models.default_model().id().to_string());
     let mut label = ctx.label;
     label.model = model.clone();
     let timing = ollama::Timing::new();
@@ -272,7 +342,7 @@ pub async fn responses(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> Result<R
     };
     let mut gen_req = req.to_generate(&history)?;
     gen_req.fault = ctx.fault;
-    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| state.model_id.clone());
+    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| state.models.default_model().id().to_string());
     let mut label = ctx.label;
     label.model = model.clone();
     let meta = responses::Meta::new(&req, &model);
@@ -304,38 +374,58 @@ pub fn stored_response(state: &AppState, id: &str, delete: bool) -> Result<Respo
     state.responses.get(id).map(|r| json_response(StatusCode::OK, &r)).ok_or_else(missing)
 }
 
-/// What Ollama's listings say about the served model.
-fn ollama_model(state: &AppState) -> Value {
-    let info = state.engine.info();
-    let family = info.and_then(|i| i.model_type.clone()).unwrap_or_default();
+/// What Ollama's listings say about a model.
+fn ollama_model(state: &AppState, model: &Model) -> Value {
+    let info = model.info();
+    let family = info.as_ref().and_then(|i| i.model_type.clone()).unwrap_or_default();
+    let gguf = model.entry.spec.to_ascii_lowercase().ends_with(".gguf")
+        || model.entry.spec.starts_with("ollama:")
+        || info.as_ref().is_some_and(|i| i.model.contains("/gguf/"));
     json!({
-        "name": state.model_id,
-        "model": state.model_id,
-        "modified_at": rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() - state.started.elapsed().as_secs()),
-        "size": info.map(|i| i.model_bytes).unwrap_or(0),
+        "name": model.id(),
+        "model": model.id(),
+        "modified_at": rfc3339(started_unix(state)),
+        "size": model.weights().unwrap_or(0),
         "digest": "",
         "details": {
             "parent_model": "",
-            "format": if info.is_some_and(|i| i.model.contains("/gguf/")) { "gguf" } else { "safetensors" },
+            "format": if gguf { "gguf" } else { "safetensors" },
             "family": family,
             "families": [family],
             "parameter_size": "",
             "quantization_level": "",
         },
+        "state": model.state(),
+        "context_length": info.as_ref().map(|i| i.context_length),
     })
 }
 
 pub fn ollama_tags(state: &AppState) -> Response<Body> {
-    json_response(StatusCode::OK, &json!({"models": [ollama_model(state)]}))
+    let models: Vec<Value> = state.models.all().iter().map(|m| ollama_model(state, m)).collect();
+    json_response(StatusCode::OK, &json!({"models": models}))
 }
 
+/// `GET /api/ps`: the loaded models, with when each unloads if left idle.
 pub fn ollama_ps(state: &AppState) -> Response<Body> {
-    let mut m = ollama_model(state);
-    m["size_vram"] = json!(0);
-    // Loaded for the server's life.
-    m["expires_at"] = json!("2318-01-01T00:00:00Z");
-    m["context_length"] = json!(state.engine.info().map(|i| i.context_length));
-    json_response(StatusCode::OK, &json!({"models": [m]}))
+    let now = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs());
+    let models: Vec<Value> = state
+        .models
+        .all()
+        .iter()
+        .filter(|m| m.state() == "loaded")
+        .map(|m| {
+            let mut v = ollama_model(state, m);
+            v["size"] = json!(m.charge());
+            v["size_vram"] = json!(0);
+            v["expires_at"] = json!(match state.models.expires(m) {
+                Some(at) => rfc3339(now.1 + at.saturating_duration_since(now.0).as_secs()),
+                // Never unloaded (--keep-alive -1), or in use now.
+                None => "2318-01-01T00:00:00Z".to_string(),
+            });
+            v
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({"models": models}))
 }
 
 pub fn ollama_version() -> Response<Body> {
@@ -348,7 +438,10 @@ pub fn ollama_show(state: &AppState, body: &[u8]) -> Result<Response<Body>, ApiE
     if !req.is_object() {
         return Err(ApiError::InvalidRequest("expected a JSON object with \"model\"".into()));
     }
-    let info = state.engine.info();
+    let name = req.get("model").or(req.get("name")).and_then(Value::as_str);
+    let model = state.models.route(name)?;
+    let info = model.info();
+    let info = info.as_ref();
     let arch = info.and_then(|i| i.model_type.clone()).unwrap_or_default();
     let mut capabilities = vec!["completion"];
     if info.is_some_and(|i| i.template.tool_call_start.as_deref().is_some_and(|s| !s.is_empty())) {
@@ -357,11 +450,11 @@ pub fn ollama_show(state: &AppState, body: &[u8]) -> Result<Response<Body>, ApiE
     if info.is_some_and(|i| i.thinking) {
         capabilities.push("thinking");
     }
-    let m = ollama_model(state);
+    let m = ollama_model(state, model);
     Ok(json_response(
         StatusCode::OK,
         &json!({
-            "modelfile": format!("# served by pensieve (--model {})\nFROM {}\n", state.model_id, info.map(|i| i.model.as_str()).unwrap_or("")),
+            "modelfile": format!("# served by pensieve as {}\n", model.id()),
             "parameters": "",
             "template": info.and_then(|i| i.template.chat_template.clone()).unwrap_or_default(),
             "details": m["details"],
@@ -376,12 +469,12 @@ pub fn ollama_show(state: &AppState, body: &[u8]) -> Result<Response<Body>, ApiE
     ))
 }
 
-/// Pull, push, create, delete, copy: pensieve serves one model, chosen at start.
+/// Pull, push, create, delete, copy: pensieve serves the models it was started with.
 pub fn ollama_manage(path: &str) -> ApiError {
     let what = path.trim_start_matches("/api/");
     ApiError::InvalidRequest(format!(
-        "{what} is not supported: pensieve serves the one model it was started with; choose it with --model \
-         (a Hugging Face id, an MLX folder, a GGUF file, or ollama:NAME for a model Ollama already pulled)"
+        "{what} is not supported: pensieve serves the models it was started with (--model, repeatable; \
+         --models-dir; ollama:NAME for a model Ollama already pulled), loading each when a request names it"
     ))
 }
 
@@ -390,11 +483,21 @@ pub fn ollama_manage(path: &str) -> ApiError {
 async fn serve_generation<R: StreamRenderer>(
     state: &Arc<AppState>,
     gen_req: GenerateRequest,
-    label: RequestLabel,
+    mut label: RequestLabel,
     stream: Option<R>,
     complete: impl FnOnce(&Collected, &StopReason, &Generation) -> Value,
 ) -> Result<Response<Body>, ApiError> {
-    let mut generation = state.engine.generate(gen_req).await?;
+    // `label.model` is the name the client sent (or the default's): it
+    // picks the model, and the response echoes it.
+    let lease = lease(state, Some(&label.model)).await?;
+    if label.model != lease.model.id() {
+        label.model = format!("{} (served by {})", label.model, lease.model.id());
+    }
+    let mut generation = lease.engine.generate(gen_req).await?;
+    if let Some(wait) = lease.load_wait {
+        generation.waited_for_load(lease.since, wait);
+    }
+    generation.hold(Box::new(lease));
     generation.label = label;
     let mut resp = match stream {
         None => {

@@ -32,10 +32,9 @@ pub type Body = BoxBody<Bytes, Infallible>;
 /// Everything a request handler needs.
 pub struct AppState {
     pub config: Config,
-    pub engine: EngineHandle,
+    /// The models: the default one (loaded at start) and those loaded on demand.
+    pub models: Arc<crate::models::ModelSet>,
     pub started: Instant,
-    /// The id /v1/models reports.
-    pub model_id: String,
     /// Responses kept for `previous_response_id` (the Responses API).
     pub responses: Arc<crate::api::responses::ResponseStore>,
     /// Which hosts and browser origins are answered.
@@ -94,19 +93,28 @@ pub async fn run_with(
     if config.metrics {
         crate::metrics::install();
     }
+    let models = match crate::models::ModelSet::new(&config, engine.clone()) {
+        Ok(m) => m,
+        Err(e) => {
+            // `serve` checks the catalog before loading anything; embedders get it here.
+            tracing::error!("{e}");
+            engine.shutdown();
+            return RunOutcome::Shutdown;
+        }
+    };
+    models.spawn_reaper();
     let state = Arc::new(AppState {
-        model_id: config.served_model_id(),
+        models,
         responses: Arc::new(crate::api::responses::ResponseStore::new(RESPONSES_KEPT, RESPONSES_BYTES)),
         access: guard::AccessPolicy::from_config(&config),
         config,
-        engine,
         started: Instant::now(),
         draining: AtomicBool::new(false),
         close_connections: tokio::sync::watch::channel(false).0,
     });
     let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections as usize));
     tokio::pin!(shutdown);
-    let engine_died = engine_death(state.engine.clone());
+    let engine_died = engine_death(state.models.clone());
     tokio::pin!(engine_died);
     let outcome = loop {
         tokio::select! {
@@ -120,14 +128,16 @@ pub async fn run_with(
         RunOutcome::EngineDied => tracing::error!("the engine thread died: new requests get 503; exiting for a restart"),
     }
     state.draining.store(true, Ordering::Release);
-    let adm = state.engine.admission();
     // Requests waiting for a slot fail now instead of at the deadline.
-    adm.close();
+    for engine in state.models.loaded() {
+        engine.admission().close();
+    }
+    let in_use = || state.models.loaded().iter().map(|e| e.admission().in_use()).sum::<usize>();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(state.config.shutdown_timeout);
     // Keep answering (with 503 and `draining` on /health) while running
     // requests finish, so clients and supervisors learn why.
     let mut tick = tokio::time::interval(Duration::from_millis(50));
-    while adm.in_use() > 0 && tokio::time::Instant::now() < deadline {
+    while in_use() > 0 && tokio::time::Instant::now() < deadline {
         tokio::select! {
             accepted = accept(&listener, extra.as_ref(), &connections) => spawn_connection(&state, accepted),
             _ = tick.tick() => {}
@@ -135,11 +145,13 @@ pub async fn run_with(
     }
     drop(listener);
     drop(extra);
-    let engine = state.engine.clone();
-    let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+    // Each engine saves its prefix cache as it stops.
+    let set = state.models.clone();
+    let running = state.models.loaded();
+    let _ = tokio::task::spawn_blocking(move || set.shutdown_all()).await;
     // Let cancelled streams write their error event before returning.
     let grace = Instant::now() + Duration::from_secs(2);
-    while adm.in_use() > 0 && Instant::now() < grace {
+    while running.iter().map(|e| e.admission().in_use()).sum::<usize>() > 0 && Instant::now() < grace {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Then every connection writes out what it has and closes (idle ones at
@@ -245,11 +257,12 @@ fn bound_send_buffer(stream: &tokio::net::TcpStream) {
     }
 }
 
-/// Resolves when the engine thread is gone without being asked to stop.
-async fn engine_death(engine: EngineHandle) {
+/// Resolves when a loaded model's engine thread is gone without being asked
+/// to stop (unloading asks).
+async fn engine_death(models: Arc<crate::models::ModelSet>) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if matches!(engine.status().state(), crate::engine::EngineState::Stopped | crate::engine::EngineState::Failed) {
+        if models.loaded().iter().any(|e| e.died()) {
             return;
         }
     }
@@ -496,6 +509,7 @@ pub fn error_response(e: &ApiError, dialect: Dialect, request_id: &str) -> Respo
 /// Starts the engine, binds, and serves: the whole program behind `main`.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    crate::models::Catalog::discover(&config).map_err(anyhow::Error::msg)?;
     let cfg = config.clone();
     let engine = tokio::task::spawn_blocking(move || EngineHandle::start(&cfg)).await??;
     let listener = TcpListener::bind((config.host.as_str(), config.port))

@@ -74,7 +74,7 @@ pub fn start_controlled(
 /// can count on long generations (streams to cut, slots to hold).
 pub fn config() -> Config {
     let mut c = Config::default_for_tests();
-    c.model = Some(pensieve::config::BUILTIN_RANDOM.into());
+    c.model = vec![pensieve::config::BUILTIN_RANDOM.into()];
     c
 }
 
@@ -151,6 +151,11 @@ pub fn client() -> reqwest::Client {
 }
 
 impl TestServer {
+    /// A server someone else runs (the binary), at `base`.
+    pub fn at(base: &str) -> TestServer {
+        TestServer { base: base.to_string(), config: Config::default_for_tests(), owned: None }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
