@@ -215,15 +215,24 @@ pub fn client_env(client: Client, to: &Target, health: Option<&Value>) -> Vec<(S
                     out.push(("CLAUDE_CODE_MAX_CONTEXT_TOKENS", ctx.to_string()));
                 }
                 if let Some(id) = h["model"]["id"].as_str() {
-                    for k in [
-                        "ANTHROPIC_MODEL",
-                        "ANTHROPIC_DEFAULT_OPUS_MODEL",
-                        "ANTHROPIC_DEFAULT_SONNET_MODEL",
-                        "ANTHROPIC_DEFAULT_HAIKU_MODEL",
-                        "ANTHROPIC_SMALL_FAST_MODEL",
-                        "CLAUDE_CODE_SUBAGENT_MODEL",
+                    // Claude Code's background tier (titles, summaries) names a
+                    // claude-haiku-* model: an --alias for it picks its model.
+                    let haiku = h["aliases"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|a| a["pattern"].as_str().is_some_and(|p| crate::models::catalog::glob(p, "claude-haiku-4-5")))
+                        .and_then(|a| a["model"].as_str())
+                        .unwrap_or(id);
+                    for (k, v) in [
+                        ("ANTHROPIC_MODEL", id),
+                        ("ANTHROPIC_DEFAULT_OPUS_MODEL", id),
+                        ("ANTHROPIC_DEFAULT_SONNET_MODEL", id),
+                        ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku),
+                        ("ANTHROPIC_SMALL_FAST_MODEL", haiku),
+                        ("CLAUDE_CODE_SUBAGENT_MODEL", id),
                     ] {
-                        out.push((k, id.to_string()));
+                        out.push((k, v.to_string()));
                     }
                 }
             }
@@ -292,6 +301,24 @@ fn status(a: StatusArgs) -> ExitCode {
         m["type"].as_str().unwrap_or("?"),
         m["device"].as_str().unwrap_or("?")
     );
+    // The other models of the set: the loaded ones, and how many wait unloaded.
+    let models = h["models"].as_array().cloned().unwrap_or_default();
+    for other in models.iter().skip(1).filter(|o| o["state"] != "unloaded") {
+        println!(
+            "  also         {} ({}, {}, {} requests)",
+            other["id"].as_str().unwrap_or("?"),
+            other["state"].as_str().unwrap_or("?"),
+            mib(&other["memory_bytes"]),
+            other["requests"]
+        );
+    }
+    let waiting = models.iter().skip(1).filter(|o| o["state"] == "unloaded").count();
+    if waiting > 0 {
+        println!("  available    {waiting} more models, loaded on first use");
+    }
+    for a in h["aliases"].as_array().into_iter().flatten() {
+        println!("  alias        {} -> {}", a["pattern"].as_str().unwrap_or("?"), a["model"].as_str().unwrap_or("?"));
+    }
     if h.get("memory").is_some() {
         let mem = &h["memory"];
         println!(

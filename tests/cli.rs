@@ -151,10 +151,11 @@ fn pensieve_claude_starts_a_server_and_stops_it_afterwards() {
 
 /// What `pensieve claude` hands Claude Code, seen by a stand-in `claude` on
 /// PATH that records its arguments and environment: every variable, a
-/// user-set one winning, the arguments passed through, the exit code returned.
+/// user-set one winning, the arguments passed through, the exit code returned;
+/// the background tier (haiku) names the model its --alias picks.
 #[test]
 fn pensieve_claude_sets_the_environment_and_passes_arguments_and_exit_code() {
-    let mut s = spawn(&["--model", "builtin:demo"]);
+    let mut s = spawn(&["--model", "builtin:demo", "--model", "builtin:random", "--alias", "claude-haiku-*=builtin:random"]);
     let port = port_of(&s);
     let dir = std::env::temp_dir().join(format!("pensieve-fake-claude-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -179,7 +180,9 @@ fn pensieve_claude_sets_the_environment_and_passes_arguments_and_exit_code() {
         "CLAUDE_CODE_AUTO_COMPACT_WINDOW=32768",
         "CLAUDE_CODE_MAX_CONTEXT_TOKENS=1234",
         "ANTHROPIC_MODEL=pensieve-demo",
-        "ANTHROPIC_DEFAULT_HAIKU_MODEL=pensieve-demo",
+        "ANTHROPIC_DEFAULT_SONNET_MODEL=pensieve-demo",
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL=pensieve-demo-random",
+        "ANTHROPIC_SMALL_FAST_MODEL=pensieve-demo-random",
         "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off",
         "CLAUDE_CODE_ATTRIBUTION_HEADER=0",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",

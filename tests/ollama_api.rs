@@ -27,7 +27,7 @@ fn the_ollama_port_serves_the_same_apis() {
             "import sys, httpx, ollama; c = ollama.Client(host=sys.argv[1]); \
              r = c.chat(model='x', messages=[{'role': 'user', 'content': 'hi'}], options={'num_predict': 3}); \
              v = httpx.get(sys.argv[2] + '/api/version').json()['version']; \
-             print(len(c.list().models), r.eval_count, r.done_reason, bool(v))",
+             print(c.list().models[0].model, r.eval_count, r.done_reason, bool(v))",
             &format!("http://127.0.0.1:{port}"),
             &format!("http://{}", s.addr),
         ])
@@ -35,7 +35,7 @@ fn the_ollama_port_serves_the_same_apis() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The main port answers too (the last field).
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1 3 length True");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pensieve-demo-random 3 length True");
 }
 
 /// Malformed and hostile bodies on the Ollama and Responses routes get a 4xx

@@ -38,7 +38,13 @@ fn the_anthropic_sdk_creates_streams_and_counts() {
     assert_eq!(stop["stop_sequence"], stop["stop"]);
     assert!(!stop["text"].as_str().unwrap().contains(stop["stop"].as_str().unwrap()));
 
-    assert_eq!(r["models"], serde_json::json!(["pensieve-demo-random"]));
+    // The served model first, then the built-ins (loaded when a request names them).
+    assert_eq!(r["models"][0], "pensieve-demo-random");
+    assert!(
+        ["SmolLM2-135M-Instruct", "pensieve-demo"].iter().all(|m| r["models"].as_array().unwrap().iter().any(|x| x == m)),
+        "{}",
+        r["models"]
+    );
     assert_eq!(r["bad_request"]["status"], 400);
     assert_eq!(r["bad_request"]["type"], "invalid_request_error");
 }
@@ -61,7 +67,13 @@ fn the_openai_sdk_chats_streams_completes_and_lists_models() {
     assert_eq!(stream["completion_tokens"], 12);
     assert_eq!(r["completion"]["finish_reason"], "length");
     assert_eq!(r["completion"]["tokens"], 5);
-    assert_eq!(r["models"], serde_json::json!(["pensieve-demo-random"]));
+    // The served model first, then the built-ins (loaded when a request names them).
+    assert_eq!(r["models"][0], "pensieve-demo-random");
+    assert!(
+        ["SmolLM2-135M-Instruct", "pensieve-demo"].iter().all(|m| r["models"].as_array().unwrap().iter().any(|x| x == m)),
+        "{}",
+        r["models"]
+    );
     assert_eq!(r["bad_request"]["status"], 400);
     assert!(r["bad_request"]["message"].as_str().unwrap().contains("n=1"));
 }

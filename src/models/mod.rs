@@ -241,6 +241,11 @@ impl ModelSet {
         &self.models[0]
     }
 
+    /// System and process memory readings.
+    pub fn memory(&self) -> &MemoryMonitor {
+        &self.memory
+    }
+
     pub fn aliases(&self) -> &[catalog::Alias] {
         &self.catalog.aliases
     }
@@ -283,7 +288,11 @@ impl ModelSet {
         if let Some(h) = model.engine() {
             return Ok(lease(h, None, busy));
         }
-        let seen = model.inner.lock().unwrap().attempts;
+        // The load this request waits for: one under way now, else the next.
+        let seen = {
+            let inner = model.inner.lock().unwrap();
+            inner.attempts - u64::from(matches!(inner.slot, Slot::Loading))
+        };
         let _transition = model.transition.lock().await;
         {
             let inner = model.inner.lock().unwrap();

@@ -87,10 +87,11 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
         "checks": {"sampling": match &sampling { None => "ok".to_string(), Some(e) => format!("broken: {e}") }},
         "model": {"id": default.id()},
         "models": models,
+        "aliases": state.models.aliases().iter().map(|a| json!({"pattern": a.pattern, "model": state.models.all()[a.target].id()})).collect::<Vec<_>>(),
     });
     if detail {
         let t = totals(state);
-        let memory = crate::memory::MemoryMonitor::default();
+        let memory = state.models.memory();
         let info = info.as_ref();
         body["model"] = json!({
             "id": default.id(),
@@ -194,7 +195,7 @@ pub fn metrics(state: &AppState) -> Response<Body> {
         queue_depth: t.queued,
         memory: t.memory,
         decode_tokens_per_second: t.decode_tps,
-        process_rss_bytes: crate::memory::MemoryMonitor::default().process_rss(),
+        process_rss_bytes: state.models.memory().process_rss(),
         engine_up: state.models.loaded().iter().all(|e| e.status().healthy()),
     });
     let mut r = Response::new(http_body_util::Full::new(Bytes::from(text)).boxed());

@@ -81,13 +81,14 @@ else:
 
 # Models.
 tags = c.list()
-check("list", len(tags.models) == 1 and tags.models[0].model, tags)
+check("list: the served model first, then the built-ins", tags.models[0].model == "pensieve-demo"
+      and {"SmolLM2-135M-Instruct"} <= {m.model for m in tags.models}, tags)
 show = c.show("demo")
 check("show", "completion" in (show.capabilities or []) and "tools" in (show.capabilities or []) and show.template, show)
 ctx_keys = [k for k in (show.modelinfo or {}) if k.endswith(".context_length")]
 check("show context length", ctx_keys and show.modelinfo[ctx_keys[0]] > 0, show.modelinfo)
 ps = c.ps()
-check("ps", len(ps.models) == 1, ps)
+check("ps: the loaded models", [m.model for m in ps.models] == ["pensieve-demo"], ps)
 v = httpx.get(base + "/api/version").json()
 check("version", isinstance(v.get("version"), str), v)
 
