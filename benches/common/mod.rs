@@ -1,6 +1,8 @@
 //! What the engine benches share: the random-weight bench models and their
 //! prompts.
 
+#![allow(dead_code)] // each bench uses a part of it
+
 use pensieve::engine::{ChatMessage, GenerateRequest, Prompt, Sampling};
 
 /// The folder of a random-weight bench model of `shape` (see
