@@ -78,10 +78,10 @@ async fn stream(http: &reqwest::Client, base: &str, model: &str, seed: u64, max_
     (first.unwrap_or(f64::NAN), usage)
 }
 
-/// `CONCURRENT` streams to each of `models` at once: aggregate tokens/s.
-async fn load(http: &reqwest::Client, base: &str, models: &[&str], round: u64) -> f64 {
+/// `per_model` streams to each of `models` at once: aggregate tokens/s.
+async fn load(http: &reqwest::Client, base: &str, models: &[&str], per_model: usize, round: u64) -> f64 {
     let t0 = Instant::now();
-    let runs = models.iter().flat_map(|m| (0..CONCURRENT as u64).map(move |i| (*m, round * 100 + i)));
+    let runs = models.iter().flat_map(|m| (0..per_model as u64).map(move |i| (*m, round * 100 + i)));
     let outs = futures_util::future::join_all(runs.map(|(m, seed)| stream(http, base, m, seed, NEW_TOKENS))).await;
     outs.iter().map(|o| o.1).sum::<u64>() as f64 / t0.elapsed().as_secs_f64()
 }
@@ -120,20 +120,28 @@ fn main() {
 
     // Aggregate tokens/s: one model alone vs two at once.
     let base = serve(config(|_| {}), &rt);
-    let (mut one, mut two) = (vec![], vec![]);
+    let (mut one, mut one_double, mut two) = (vec![], vec![], vec![]);
     rt.block_on(async {
         // Both loaded and warmed up first.
-        load(&http, &base, &[a, b], 0).await;
+        load(&http, &base, &[a, b], CONCURRENT, 0).await;
         for round in 1..=ROUNDS as u64 {
-            one.push(load(&http, &base, &[a], round).await);
-            two.push(load(&http, &base, &[a, b], round).await);
+            one.push(load(&http, &base, &[a], CONCURRENT, round).await);
+            one_double.push(load(&http, &base, &[a], 2 * CONCURRENT, round).await);
+            two.push(load(&http, &base, &[a, b], CONCURRENT, round).await);
         }
     });
-    let (one, two) = (median(one), median(two));
+    let (one, one_double, two) = (median(one), median(one_double), median(two));
     println!("\n## Aggregate decode, {NEW_TOKENS} new tokens per stream, median of {ROUNDS} waves\n");
     println!("| load | streams | tokens/s |");
     println!("|---|---|---|");
     println!("| one model | {CONCURRENT} | {one:.1} |");
-    println!("| two models at once | {} ({CONCURRENT} each) | {two:.1} ({:+.0}%) |", 2 * CONCURRENT, (two / one - 1.0) * 100.0);
+    println!("| one model | {} | {one_double:.1} |", 2 * CONCURRENT);
+    println!(
+        "| two models at once | {} ({CONCURRENT} each) | {two:.1} ({:+.0}% vs one model's {CONCURRENT}, {:+.0}% vs its {}) |",
+        2 * CONCURRENT,
+        (two / one - 1.0) * 100.0,
+        (two / one_double - 1.0) * 100.0,
+        2 * CONCURRENT
+    );
     std::thread::sleep(Duration::from_millis(200));
 }
