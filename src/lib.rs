@@ -6,6 +6,9 @@
 //! client ──HTTP──▶ server (hyper, tokio): guard (Host, Origin), auth, routes::Route, body limit
 //!                   │ api::anthropic | api::openai    wire JSON ─▶ request::GenerateRequest
 //!                   ▼
+//!                 models::ModelSet   the request's `model` ─▶ a configured model (name, alias,
+//!                   │                default), loaded on demand ─▶ a Lease on its EngineHandle
+//!                   ▼
 //!                 EngineHandle::generate   tool_choice check, late system messages placed,
 //!                   │                      admission (slots, queue, memory) ─▶ permit,
 //!                   │                      then the prompt: tokenizer::PromptTokenizer (Rust,
