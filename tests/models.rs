@@ -399,3 +399,31 @@ fn idle_unload_returns_memory_and_reload_hits_the_persisted_cache() {
     assert!(logs.iter().any(|l| l.contains("prefix cache: restored")), "{logs:?}");
     std::fs::remove_dir_all(cache).unwrap();
 }
+
+/// `--keep-alive 0`: a model is unloaded as soon as its last request ends
+/// (the default model too), never while one runs, and loads again on demand.
+#[tokio::test]
+async fn keep_alive_zero_unloads_after_each_request() {
+    let mut c = common::config();
+    c.model = vec![BUILTIN_RANDOM.into(), BUILTIN_DEMO.into()];
+    c.keep_alive = pensieve::config::KeepAlive(Some(Duration::ZERO));
+    let s = start(c);
+    // Idle since start: the default goes too.
+    wait_state(&s, "pensieve-demo-random", "unloaded", 10).await;
+    let (st, r) = s.post("/v1/messages", &ask("pensieve-demo", "hi", 2)).await;
+    assert_eq!(st, 200, "{r}");
+    let m = wait_state(&s, "pensieve-demo", "unloaded", 10).await;
+    assert_eq!(m["loads"], 1, "{m}");
+    // A running stream keeps its model loaded.
+    let mut body = ask("pensieve-demo-random", "go on", 100_000);
+    body["stream"] = json!(true);
+    let mut stream = client().post(s.url("/v1/messages")).json(&body).send().await.unwrap();
+    read_events(&mut stream, 3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    read_events(&mut stream, 30).await;
+    let m = models(&s).await["pensieve-demo-random"].clone();
+    assert_eq!((m["state"].as_str(), m["requests"].as_u64()), (Some("loaded"), Some(1)), "{m}");
+    drop(stream);
+    let m = wait_state(&s, "pensieve-demo-random", "unloaded", 10).await;
+    assert_eq!(m["loads"], 2, "loaded at start, then again for the stream: {m}");
+}
