@@ -427,3 +427,21 @@ async fn keep_alive_zero_unloads_after_each_request() {
     let m = wait_state(&s, "pensieve-demo-random", "unloaded", 10).await;
     assert_eq!(m["loads"], 2, "loaded at start, then again for the stream: {m}");
 }
+
+/// A client that hangs up while its model loads: the load still finishes
+/// (the model's state is settled, not left "loading"), and the next request
+/// finds the model loaded.
+#[tokio::test]
+async fn a_load_finishes_when_its_client_hangs_up() {
+    let mut c = common::config();
+    c.model = vec![BUILTIN_RANDOM.into(), BUILTIN_SMOLLM2.into()];
+    let s = start(c);
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let gone = impatient.post(s.url("/v1/messages")).json(&ask("SmolLM2-135M-Instruct", "hi", 2)).send().await;
+    assert!(gone.is_err(), "the load takes longer than the client waits");
+    let m = wait_state(&s, "SmolLM2-135M-Instruct", "loaded", 60).await;
+    assert_eq!((m["requests"].as_u64(), m["loads"].as_u64()), (Some(0), Some(1)), "{m}");
+    let (st, r) = s.post("/v1/messages", &ask("SmolLM2-135M-Instruct", "hi", 2)).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(models(&s).await["SmolLM2-135M-Instruct"]["loads"], 1, "no second load");
+}

@@ -64,7 +64,7 @@ pub struct Model {
     pub entry: Entry,
     inner: Mutex<Inner>,
     /// Held for a whole load or unload: requests for the model wait on it.
-    transition: tokio::sync::Mutex<()>,
+    transition: Arc<tokio::sync::Mutex<()>>,
     /// Weights on disk, before the first load tells the real figure.
     disk_bytes: Option<u64>,
 }
@@ -206,7 +206,7 @@ impl ModelSet {
                         loads: 0,
                         last_load: None,
                     }),
-                    transition: tokio::sync::Mutex::new(()),
+                    transition: Arc::new(tokio::sync::Mutex::new(())),
                     disk_bytes: catalog::disk_bytes(&e.spec, &venv),
                 })
             })
@@ -293,7 +293,7 @@ impl ModelSet {
             let inner = model.inner.lock().unwrap();
             inner.attempts - u64::from(matches!(inner.slot, Slot::Loading))
         };
-        let _transition = model.transition.lock().await;
+        let transition = model.transition.clone().lock_owned().await;
         {
             let inner = model.inner.lock().unwrap();
             if let Slot::Loaded(h) = &inner.slot {
@@ -306,7 +306,14 @@ impl ModelSet {
                 }
             }
         }
-        let engine = self.load(model).await?;
+        // The load runs to its end even if this request goes away meanwhile
+        // (its client hung up): the model's state is always settled.
+        let (set, m) = (self.clone(), model.clone());
+        let loading = tokio::spawn(async move {
+            let _transition = transition;
+            set.load(&m).await
+        });
+        let engine = loading.await.map_err(|e| ApiError::Internal(format!("the load task failed: {e}")))??;
         Ok(lease(engine, Some(since.elapsed()), busy))
     }
 
