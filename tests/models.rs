@@ -457,3 +457,42 @@ async fn a_load_finishes_when_its_client_hangs_up() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(models(&s).await["SmolLM2-135M-Instruct"]["loads"], 1, "no second load");
 }
+
+/// Ollama's per-request `keep_alive` (a duration or seconds): `0` unloads
+/// the model as soon as the request ends, a negative one keeps it for ever,
+/// and `/api/ps` tells when an idle model goes; a malformed one is a 400.
+#[tokio::test]
+async fn ollama_requests_set_their_models_keep_alive() {
+    let mut c = common::config();
+    c.model = vec![BUILTIN_RANDOM.into(), BUILTIN_DEMO.into()];
+    let s = start(c);
+    let chat = |keep: Value| {
+        json!({"model": "pensieve-demo", "stream": false, "keep_alive": keep, "options": {"num_predict": 2},
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let (st, r) = s.post("/api/chat", &chat(json!(0))).await;
+    assert_eq!(st, 200, "{r}");
+    wait_state(&s, "pensieve-demo", "unloaded", 10).await;
+
+    let (st, _) = s.post("/api/chat", &chat(json!("-1"))).await;
+    assert_eq!(st, 200);
+    let (_, ps) = s.get("/api/ps").await;
+    let demo = ps["models"].as_array().unwrap().iter().find(|m| m["name"] == "pensieve-demo").unwrap().clone();
+    assert_eq!(demo["expires_at"], "2318-01-01T00:00:00Z", "{ps}");
+
+    let (st, _) = s.post("/api/chat", &chat(json!(3600))).await;
+    assert_eq!(st, 200);
+    let (_, ps) = s.get("/api/ps").await;
+    let demo = ps["models"].as_array().unwrap().iter().find(|m| m["name"] == "pensieve-demo").unwrap().clone();
+    let year = demo["expires_at"].as_str().unwrap()[..4].parse::<u32>().unwrap();
+    assert!(year < 2318, "an hour from now: {demo}");
+    assert_eq!(models(&s).await["pensieve-demo"]["state"], "loaded");
+
+    for bad in [json!("soon"), json!(true), json!({"m": 5})] {
+        let (st, e) = s.post("/api/chat", &chat(bad.clone())).await;
+        assert_eq!(st, 400, "{bad}: {e}");
+        assert!(e["error"].as_str().unwrap().starts_with("keep_alive:"), "{e}");
+    }
+    // Other models keep the server's --keep-alive (-1 in tests).
+    assert_eq!(models(&s).await["pensieve-demo-random"]["state"], "loaded");
+}

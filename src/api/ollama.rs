@@ -55,12 +55,36 @@ pub struct Common {
     /// Defaults to true.
     #[serde(default)]
     pub stream: Option<bool>,
-    /// Accepted: the model stays loaded for the server's life.
+    /// How long the model stays loaded once idle, from this request on:
+    /// a duration (`"5m"`, `"1h"`, `"0"`) or seconds; negative: for ever.
     #[serde(default)]
     pub keep_alive: Option<Value>,
     /// `true` / `false`, or an effort (`"low"`, ...): thinking on.
     #[serde(default)]
     pub think: Option<Value>,
+}
+
+impl Common {
+    /// `keep_alive`, read as Ollama reads it.
+    pub fn keep_alive(&self) -> Result<Option<crate::config::KeepAlive>, ApiError> {
+        let bad = || {
+            ApiError::InvalidRequest(
+                "keep_alive: expected a duration such as \"5m\", \"1h\" or \"0\", or a number of seconds".into(),
+            )
+        };
+        match &self.keep_alive {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(d)) => crate::config::parse_keep_alive(d).map(Some).map_err(|_| bad()),
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(secs) if secs < 0.0 => Ok(Some(crate::config::KeepAlive(None))),
+                Some(secs) if secs.is_finite() && secs < 1e12 => {
+                    Ok(Some(crate::config::KeepAlive(Some(std::time::Duration::from_secs_f64(secs)))))
+                }
+                _ => Err(bad()),
+            },
+            Some(_) => Err(bad()),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -262,7 +286,7 @@ impl GenerateRequestBody {
         let text = self.prompt.clone().unwrap_or_default();
         if text.is_empty() {
             return Err(ApiError::InvalidRequest(
-                "prompt: required (an empty prompt only loads the model in Ollama; pensieve's is always loaded)".into(),
+                "prompt: required (an empty prompt only loads or unloads the model in Ollama; pensieve loads a model on its first request, and keep_alive says how long it stays)".into(),
             ));
         }
         let prompt = if self.raw == Some(true) {

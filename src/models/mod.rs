@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::{Config, KeepAlive};
 use crate::engine::{EngineHandle, EngineState, ModelInfo};
 use crate::error::ApiError;
 use crate::memory::MemoryMonitor;
@@ -57,6 +57,9 @@ struct Inner {
     failure: Option<(u64, ApiError)>,
     loads: u64,
     last_load: Option<Duration>,
+    /// How long to stay loaded when idle, as the last request that said so
+    /// set it (Ollama's `keep_alive`); None: --keep-alive.
+    keep_alive: Option<KeepAlive>,
 }
 
 /// One catalog model and its state.
@@ -132,6 +135,15 @@ impl Model {
         self.inner.lock().unwrap().busy
     }
 
+    /// How long it stays loaded when idle, and who said so: a request's
+    /// `keep_alive`, else `server` (--keep-alive).
+    fn keep_alive(&self, server: KeepAlive) -> (KeepAlive, &'static str) {
+        match self.inner.lock().unwrap().keep_alive {
+            Some(k) => (k, "the keep_alive a request set"),
+            None => (server, "--keep-alive"),
+        }
+    }
+
     fn last_used(&self) -> Instant {
         self.inner.lock().unwrap().last_used
     }
@@ -147,6 +159,14 @@ pub struct Lease {
     /// When the request asked for the model.
     pub since: Instant,
     _busy: Busy,
+}
+
+impl Lease {
+    /// Ollama's `keep_alive`: how long this model stays loaded once idle,
+    /// from now on (until another request says otherwise).
+    pub fn keep_alive(&self, k: KeepAlive) {
+        self.model.inner.lock().unwrap().keep_alive = Some(k);
+    }
 }
 
 /// The busy count of one model, given back on drop (the reaper hears of it).
@@ -206,6 +226,7 @@ impl ModelSet {
                         failure: None,
                         loads: 0,
                         last_load: None,
+                        keep_alive: None,
                     }),
                     transition: Arc::new(tokio::sync::Mutex::new(())),
                     disk_bytes: catalog::disk_bytes(&e.spec, &venv),
@@ -457,9 +478,8 @@ impl ModelSet {
         true
     }
 
-    /// Unloads models idle for --keep-alive, until the set is dropped.
+    /// Unloads models idle for their keep-alive, until the set is dropped.
     pub fn spawn_reaper(self: &Arc<Self>) {
-        let Some(keep) = self.config.keep_alive.0 else { return };
         let weak = Arc::downgrade(self);
         let idle = self.idle.clone();
         tokio::spawn(async move {
@@ -471,9 +491,10 @@ impl ModelSet {
                     if m.state() != "loaded" || m.busy() > 0 {
                         continue;
                     }
+                    let (KeepAlive(Some(keep)), who) = m.keep_alive(set.config.keep_alive) else { continue };
                     let due = m.last_used() + keep;
                     if due <= now {
-                        set.unload(m, &format!("idle for --keep-alive {}", human(keep))).await;
+                        set.unload(m, &format!("idle for {who} {}", human(keep))).await;
                     } else {
                         next = Some(next.map_or(due, |n| n.min(due)));
                     }
@@ -499,7 +520,7 @@ impl ModelSet {
 
     /// When `model` will be unloaded if nothing uses it (None: never, or busy).
     pub fn expires(&self, model: &Model) -> Option<Instant> {
-        let keep = self.config.keep_alive.0?;
+        let keep = model.keep_alive(self.config.keep_alive).0 .0?;
         (model.busy() == 0).then(|| model.last_used() + keep)
     }
 

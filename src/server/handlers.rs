@@ -251,7 +251,7 @@ pub async fn messages(state: &Arc<AppState>, body: &[u8], mut ctx: Ctx) -> Resul
     ctx.label.model = model.clone();
     let omit = req.thinking_omitted();
     let stream = req.stream.unwrap_or(false).then(|| EventStream::new(&id, &model).omitting_thinking(omit));
-    serve_generation(state, gen_req, ctx.label, stream, |out, reason, g| {
+    serve_generation(state, gen_req, ctx.label, None, stream, |out, reason, g| {
         anthropic::message_response(&id, &model, out, reason, usage_of(g), omit)
     })
     .await
@@ -289,7 +289,7 @@ async fn openai_generation(
     let logprobs = gen_req.logprobs.is_some();
     let stream =
         common.streaming().then(|| ChunkStream::new(endpoint, &id, model, common.include_usage()).with_logprobs(logprobs));
-    serve_generation(state, gen_req, label, stream, |out, reason, g| {
+    serve_generation(state, gen_req, label, None, stream, |out, reason, g| {
         let usage = openai::usage_json(g.prompt_tokens, g.cached_tokens, g.output_tokens());
         openai::response(endpoint, &id, model, out, reason, usage, logprobs)
     })
@@ -317,13 +317,14 @@ async fn ollama_generation(
     common: &ollama::Common,
 ) -> Result<Response<Body>, ApiError> {
     gen_req.fault = ctx.fault;
+    let keep = common.keep_alive()?;
     let model =
         model.filter(|m| !m.is_empty()).map(str::to_string).unwrap_or_else(|| state.models.default_model().id().to_string());
     let mut label = ctx.label;
     label.model = model.clone();
     let timing = ollama::Timing::new();
     let stream = common.streaming().then(|| ollama::LineStream::new(endpoint, &model, timing));
-    serve_generation(state, gen_req, label, stream, |out, reason, g| {
+    serve_generation(state, gen_req, label, keep, stream, |out, reason, g| {
         let mut t = timing;
         t.first_output = g.ttft().map(|d| g.started() + d);
         ollama::response(endpoint, &model, out, reason, t.stats(g.prompt_tokens, g.output_tokens()))
@@ -353,7 +354,7 @@ pub async fn responses(state: &Arc<AppState>, body: &[u8], ctx: Ctx) -> Result<R
         s.store = keep.clone();
         s
     });
-    serve_generation(state, gen_req, label, stream, move |out, reason, g| {
+    serve_generation(state, gen_req, label, None, stream, move |out, reason, g| {
         let (r, calls) = responses::response(&meta, out, reason, g.prompt_tokens, g.cached_tokens, g.output_tokens());
         if let Some((store, prompt, had_instructions)) = keep {
             store.insert(r.clone(), responses::conversation(&prompt, had_instructions, &out.text(), &calls));
@@ -479,12 +480,14 @@ pub fn ollama_manage(path: &str) -> ApiError {
     ))
 }
 
-/// Admits and runs one generation; answers with a JSON body built by
+/// Admits and runs one generation (`keep_alive`: how long its model then
+/// stays loaded when idle, as Ollama's requests say); answers with a JSON body built by
 /// `complete`, or, when `stream` is given, with an event stream it renders.
 async fn serve_generation<R: StreamRenderer>(
     state: &Arc<AppState>,
     gen_req: GenerateRequest,
     mut label: RequestLabel,
+    keep_alive: Option<crate::config::KeepAlive>,
     stream: Option<R>,
     complete: impl FnOnce(&Collected, &StopReason, &Generation) -> Value,
 ) -> Result<Response<Body>, ApiError> {
@@ -493,6 +496,9 @@ async fn serve_generation<R: StreamRenderer>(
     let lease = lease(state, Some(&label.model)).await?;
     if label.model != lease.model.id() {
         label.model = format!("{} (served by {})", label.model, lease.model.id());
+    }
+    if let Some(k) = keep_alive {
+        lease.keep_alive(k);
     }
     let mut generation = lease.engine.generate(gen_req).await?;
     if let Some(wait) = lease.load_wait {
