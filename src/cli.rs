@@ -41,6 +41,9 @@ pub enum Cmd {
     Env(EnvArgs),
     /// Describe the running server: model, memory, slots, throughput, cache.
     Status(StatusArgs),
+    /// A rank above 0 of a sharded model (what `pensieve --ranks`/`--hosts` starts or prints):
+    /// loads its shard and follows rank 0, without HTTP.
+    Worker(crate::shard::WorkerArgs),
 }
 
 #[derive(Args, Debug)]
@@ -141,6 +144,8 @@ pub enum Action {
     Serve(Box<Config>),
     /// A subcommand ran: exit with its code.
     Exit(ExitCode),
+    /// Run as a rank above 0 of a sharded model.
+    Worker(Box<crate::shard::WorkerArgs>),
 }
 
 /// Runs a subcommand, or says to serve.
@@ -152,6 +157,7 @@ pub fn run(cli: Cli) -> Action {
         Some(Cmd::Codex(a)) => Action::Exit(launch(Agent::Codex, a)),
         Some(Cmd::Env(a)) => Action::Exit(env(a)),
         Some(Cmd::Status(a)) => Action::Exit(status(a)),
+        Some(Cmd::Worker(a)) => Action::Worker(Box::new(a)),
     }
 }
 

@@ -185,6 +185,31 @@ pub struct Config {
     #[arg(long, env = "PENSIEVE_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Auto)]
     pub cpu_kernels: CpuKernels,
 
+    /// Serve the model sharded over N ranks on this machine (this process is rank 0; it starts
+    /// the others). With --hosts, one rank per listed address (a remote rank's command is
+    /// printed). Under `mlx.launch` the ranks come from its environment instead.
+    #[arg(long, env = "PENSIEVE_RANKS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub ranks: u32,
+
+    /// The ranks' IP addresses for MLX's ring backend, rank 0 (this machine) first, e.g.
+    /// 192.168.1.10,192.168.1.11 (Thunderbolt bridge or Ethernet addresses).
+    #[arg(long, env = "PENSIEVE_HOSTS", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+
+    /// How a sharded model is split (mlx-lm's methods): `tensor` (every layer over every rank),
+    /// `pipeline` (consecutive layers per rank), `auto` (tensor where the family has it).
+    #[arg(long, env = "PENSIEVE_SHARD", value_enum, default_value_t = ShardMode::Auto)]
+    pub shard: ShardMode,
+
+    /// First TCP port of the ring (rank i listens on this plus i).
+    #[arg(long, env = "PENSIEVE_SHARD_PORT", default_value_t = 32323)]
+    pub shard_port: u16,
+
+    /// Longest an operation of a sharded group may take (seconds) before a rank counts as
+    /// stopped: the group is then lost, running requests fail and every rank exits non-zero.
+    #[arg(long, env = "PENSIEVE_SHARD_TIMEOUT", default_value_t = 60.0)]
+    pub shard_timeout: f64,
+
     /// Seconds a client may take to send a request's headers (also closes idle keep-alive connections).
     #[arg(long, env = "PENSIEVE_HEADER_TIMEOUT", default_value_t = 30)]
     pub header_timeout: u64,
@@ -262,6 +287,26 @@ pub fn parse_keep_alive(s: &str) -> Result<KeepAlive, String> {
         rest = next;
     }
     Ok(KeepAlive(Some(std::time::Duration::from_secs_f64(total))))
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardMode {
+    /// Tensor parallel where the family has it, else pipeline.
+    Auto,
+    /// Every layer's matrices split over the ranks (mlx-lm's `Model.shard`).
+    Tensor,
+    /// Consecutive layers per rank (mlx-lm's `model.pipeline`).
+    Pipeline,
+}
+
+impl ShardMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardMode::Auto => "auto",
+            ShardMode::Tensor => "tensor",
+            ShardMode::Pipeline => "pipeline",
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -46,6 +46,7 @@
 //! - [`models`]: the models a server has: routing client names, load on demand, keep-alive, eviction.
 //! - [`ollama`]: models Ollama pulled, found through its manifests.
 //! - [`private_dir`]: the prefix-cache folder kept private to its user.
+//! - [`shard`]: one model over several processes or machines (MLX's distributed group): ranks, launch, health.
 //! - [`tokenizer`]: chat template + tokenizer in Rust (verified against Python at start-up).
 //! - [`error`]: the one error type and its mapping to HTTP and each dialect.
 
@@ -66,6 +67,7 @@ pub mod ollama;
 pub mod private_dir;
 pub mod request;
 pub mod server;
+pub mod shard;
 pub mod sse;
 pub mod stop;
 pub mod tokenizer;

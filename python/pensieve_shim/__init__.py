@@ -13,6 +13,7 @@ the tests. Modules, each importing only those above it:
   scheduling    the scheduling policy: when to prefill, what next, what together
   batch         the running decode batch and its invariants
   model         forward passes (the head on chosen positions) and the load-time probes
+  shard         one model over the ranks of an mx.distributed group: rank 0 leads, the others follow
   modelmaker    the built-in random-weight models and benchmark shapes (imported
                 only when one is asked for)
   engine        the model, the scheduler and the prefix cache: the Engine facade

@@ -44,6 +44,7 @@ from pensieve_shim import constrain
 from pensieve_shim import cpu_kernels
 from pensieve_shim import model as model_ops
 from pensieve_shim import scheduling
+from pensieve_shim import shard as sharding
 from pensieve_shim.batch import RunningBatch
 
 def leave_signals_to_rust():
@@ -133,19 +134,39 @@ class Engine:
                 )
         elif model.startswith(("/", "./", "../", "~")) or os.path.exists(model):
             raise ModelLoadError(f"model path {model} does not exist or is not a folder")
+        # Sharded (a distributed group of more than one rank): this rank
+        # loads only its shard (see shard.py).
+        link = sharding.link() if opts.get("shard") else None
+        group = link.group if link is not None and link.size > 1 else None
+        self.shard = None
+        self.follower = False
         try:
             self.model, self.tokenizer, self.config = mlx_lm.load(
-                model, return_config=True
+                model, return_config=True, lazy=group is not None
             )
-            # The CPU backend: quantized layers to pensieve's kernels, which
-            # keep them quantized; a GGUF conversion's other packed layers
-            # (or all of them, with the kernels off) to float32.
-            if opts.get("cpu_kernels", True):
-                self.cpu_kernels = cpu_kernels.install(self.model)
+            if group is not None:
+                if pensieve_gguf.dequantize_if_marked(self.model, model):
+                    self.config.pop("quantization", None)
+                mode = sharding.shard_model(self.model, self.config, opts["shard"], group)
+                mx.eval(self.model.parameters())
+                self.shard = link
+                self.shard.mode = mode
+                self.follower = group.rank() > 0
+                # pensieve's CPU kernels replace whole layers; mlx-lm's
+                # sharded layers stay MLX's own.
+                self.cpu_kernels = {"used": False, "why": f"sharded ({mode} parallel over {group.size()} ranks)"}
             else:
-                self.cpu_kernels = {"used": False, "why": "--cpu-kernels off"}
-            if pensieve_gguf.dequantize_if_marked(self.model, model):
-                self.config.pop("quantization", None)
+                # The CPU backend: quantized layers to pensieve's kernels, which
+                # keep them quantized; a GGUF conversion's other packed layers
+                # (or all of them, with the kernels off) to float32.
+                if opts.get("cpu_kernels", True):
+                    self.cpu_kernels = cpu_kernels.install(self.model)
+                else:
+                    self.cpu_kernels = {"used": False, "why": "--cpu-kernels off"}
+                if pensieve_gguf.dequantize_if_marked(self.model, model):
+                    self.config.pop("quantization", None)
+        except ModelLoadError:
+            raise
         except Exception as e:  # hub failures, bad configs, missing tokenizer
             raise ModelLoadError(f"could not load model {model}: {e}") from e
         self.load_seconds = time.perf_counter() - t0
@@ -169,8 +190,14 @@ class Engine:
         cache_limit = opts.get("mlx_cache_limit")
         if cache_limit is not None:
             mx.set_cache_limit(int(cache_limit))
-        self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
-        self.persist_dir = opts.get("prompt_cache_dir")
+        if self.shard is None:
+            self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
+            self.persist_dir = opts.get("prompt_cache_dir")
+        else:
+            self.prompt_cache = sharding.MirroredPromptCache(256, self.prompt_cache_bytes, self.follower)
+            # Each rank holds a shard of every entry: saving and restoring
+            # them in step is not built yet (the in-memory cache works).
+            self.persist_dir = None
         self.sampling_defaults = sampling_defaults(model, opts)
         # Request text that spells a control token stays text (unless the
         # operator allows it: --special-tokens-in-content).
@@ -193,6 +220,10 @@ class Engine:
         self.waiting = []  # Seq still prefilling, in arrival order
         self.by_rid = {}  # rid -> Seq
         self.batch = RunningBatch()
+        self.leader = sharding.Leader(self, self.shard) if self.shard is not None and not self.follower else None
+        if self.shard is not None:
+            # Every rank ready before the first operation.
+            self.shard.broadcast(b"" if not self.follower else None)
 
     # ---- prefix cache on disk -------------------------------------------
 
@@ -240,6 +271,9 @@ class Engine:
                 "thinking": bool(self.tokenizer.has_thinking),
                 "late_system": self.chat.late_system_mode(),
                 "template": self.chat.template_info(),
+                "shard": None if self.shard is None else {
+                    "mode": self.shard.mode, "ranks": self.shard.size, "rank": self.shard.rank,
+                },
             }
         )
 
@@ -268,6 +302,8 @@ class Engine:
         served from the prefix cache, max_tokens after clamping). `matcher`:
         the request's grammar state (pensieve_constraints.Matcher), if its
         output is constrained."""
+        if self.leader is not None:
+            self.leader.tell(["submit", rid, list(tokens), params_json, matcher is not None])
         p = json.loads(params_json)
         if not tokens:
             raise InvalidPrompt("the prompt is empty (no tokens to start from)")
@@ -311,9 +347,9 @@ class Engine:
             splitter=self.chat.splitter(tokens, p),
             fault_after=p.get("fault_after"),
         )
-        if matcher is not None:
+        if matcher is not None and matcher is not sharding.LEADER_CONSTRAINS:
             seq.constraint = constrain.Constrained(matcher, len(tokens), self._think_end_for(seq))
-        if p.get("logprobs") is not None:
+        if p.get("logprobs") is not None and not self.follower:
             seq.logprobs = int(p["logprobs"])
         fault = p.get("fault")
         if p.get("fault_forward_after") is not None:
@@ -362,6 +398,8 @@ class Engine:
         self.prompt_cache.trim_to(n_bytes=max(0, self.prompt_cache_bytes - active))
 
     def cancel(self, rid):
+        if self.leader is not None:
+            self.leader.tell(["cancel", rid])
         s = self.by_rid.pop(rid, None)
         if s is None:
             return
@@ -378,10 +416,34 @@ class Engine:
             self.batch.keep([j for j in range(len(self.batch.seqs)) if j != i])
             self._trim_prompt_cache()
 
+    def drop(self, rid):
+        """A follower: rank 0 no longer runs this request (it failed there
+        alone): drop it as rank 0 did, keeping nothing."""
+        s = self.by_rid.pop(rid, None)
+        if s is None:
+            return
+        if s in self.waiting:
+            self.waiting.remove(s)
+        elif s in self.batch.seqs:
+            i = self.batch.seqs.index(s)
+            self.batch.keep([j for j in range(len(self.batch.seqs)) if j != i])
+
+    def heartbeat(self):
+        """Rank 0, idle: tells the followers it is alive (their watchdog
+        bounds the wait for the next operation)."""
+        if self.leader is not None:
+            self.leader.tell(["ping"])
+
     def close(self):
         """The engine stops: drop every sequence and wait for MLX's queued
         work (the pipelined next decode step), so nothing computes while the
-        process tears the libraries down."""
+        process tears the libraries down. Sharded, rank 0 tells the followers
+        to stop too (unless the group is already broken)."""
+        if self.leader is not None and self.shard.lost is None:
+            try:
+                self.leader.tell(["close"])
+            except sharding.ShardLost:
+                pass
         self.waiting.clear()
         self.by_rid.clear()
         self.batch.clear()
@@ -400,7 +462,7 @@ class Engine:
 
     # ---- scheduling ------------------------------------------------------
 
-    def step(self):
+    def step(self, decision=None):
         """One engine step: a prefill chunk of one waiting prompt, or one
         decode token for every running sequence.
 
@@ -420,19 +482,33 @@ class Engine:
         already running.
         """
         out = []
+        if decision is None:
+            decision = self._decide()
+            if self.leader is not None and decision is not None:
+                self.leader.tell(["step", decision])
         with mx.stream(generation_stream):
-            if self.waiting and self._may_prefill():
+            if decision is not None and decision[0] == "prefill":
                 self._decoded_since_prefill = False
-                self._prefill(out)
+                self._prefill(out, self.by_rid[decision[1]])
                 # A prefill's activations are large and short-lived: give
                 # them back rather than keep them in MLX's buffer cache.
                 mx.clear_cache()
-            elif self.batch.seqs:
+            elif decision is not None:
                 self._decode(out)
         if any(item[2] is not None or item[3] is not None for item in out):
             self._trim_prompt_cache()
         self._kv_peak = max(self._kv_peak, self.prompt_cache.nbytes + self._active_cache_bytes())
         return [StepItem(*item) for item in out]
+
+    def _decide(self):
+        """What the next step does: ["prefill", rid] (a chunk of that
+        waiting prompt, with the prompts that go with it), ["decode"], or
+        None (nothing to run). Sharded, rank 0's decision is every rank's."""
+        if self.waiting and self._may_prefill():
+            return ["prefill", self._pick().rid]
+        if self.batch.seqs:
+            return ["decode"]
+        return None
 
     def _may_prefill(self):
         return scheduling.may_prefill(
@@ -447,8 +523,7 @@ class Engine:
     def _pick(self):
         return scheduling.pick(self.waiting, time.perf_counter())
 
-    def _prefill(self, out):
-        s = self._pick()
+    def _prefill(self, out, s):
         if len(s.todo) > self.prefill_step:
             # A long prompt: one chunk now, the rest in later steps. Only the
             # cache is evaluated (no logits: the head never runs on it).
@@ -661,7 +736,11 @@ class Engine:
         state as it was (see RandomStateGuard). Returns the tokens and, for
         the sequences that report log-probabilities, {index: (chosen, top)}."""
         with RandomStateGuard():
-            return self._sample_unguarded(seqs, logits, inputs, masks)
+            sampled, lps = self._sample_unguarded(seqs, logits, inputs, masks)
+        if self.shard is not None:
+            # Every rank feeds rank 0's tokens (see shard.py).
+            sampled = self.shard.agree(sampled)
+        return sampled, lps
 
     def _sample_unguarded(self, seqs, logits, inputs, masks):
         if any(s.processors for s in seqs):

@@ -166,7 +166,14 @@ impl Generation {
                 return Some(e);
             }
             let rx = self.rx.as_mut()?;
-            match rx.recv().await {
+            let event = tokio::select! {
+                biased;
+                e = rx.recv() => e,
+                why = crate::shard::when_lost() => {
+                    Some(TokenEvent::Failed(ApiError::Unavailable(format!("the model's shard group is lost ({why}): the server is restarting"))))
+                }
+            };
+            match event {
                 Some(TokenEvent::Token(pieces, logprob)) => {
                     self.output_tokens += 1;
                     if let (Some(lp), Some(vocab)) = (logprob, &self.vocab) {
@@ -319,6 +326,10 @@ pub struct ModelInfo {
     /// Tokenizer file and chat template, for the Rust-side tokenizer.
     #[serde(default, skip_serializing)]
     pub template: crate::tokenizer::TemplateInfo,
+    /// Sharded over a distributed group: {mode, ranks, rank} (this rank's
+    /// `model_bytes` are its shard's).
+    #[serde(default)]
+    pub shard: Option<serde_json::Value>,
 }
 
 fn yes() -> bool {
@@ -466,7 +477,7 @@ impl EngineStatus {
         self.decode_tps_bits.store(v.to_bits(), Ordering::Relaxed);
     }
 
-    fn set_state(&self, s: EngineState) {
+    pub(crate) fn set_state(&self, s: EngineState) {
         self.state.store(s as u8, Ordering::Release);
     }
 }
@@ -508,6 +519,48 @@ pub(crate) struct EngineOptions {
     pub special_tokens_in_content: bool,
     /// --temperature, --top-p, --top-k, --min-p (over the model's defaults).
     pub sampling_flags: serde_json::Value,
+    /// The shard mode, when this process is a rank of a distributed group.
+    pub shard: Option<&'static str>,
+    /// --shard-timeout.
+    pub shard_timeout: std::time::Duration,
+}
+
+impl EngineOptions {
+    fn of(config: &Config, model: Option<&str>) -> EngineOptions {
+        let sharded = crate::shard::distributed();
+        EngineOptions {
+            model: model.map(str::to_string),
+            cache_root: config.cache_root(),
+            venv: config.venv_dir(),
+            blas: config.blas,
+            cpu_kernels: config.cpu_kernels,
+            max_batch: config.max_concurrent,
+            prefill_step: config.prefill_step,
+            prefill_batch: config.prefill_batch,
+            mlx_cache_limit: config.mlx_cache_limit,
+            max_decode_stall_ms: config.max_decode_stall_ms,
+            prompt_cache_bytes: config.prompt_cache_bytes,
+            context_length: config.context_length,
+            prompt_cache_dir: if sharded { None } else { config.prompt_cache_persist_dir() },
+            special_tokens_in_content: config.special_tokens_in_content,
+            sampling_flags: serde_json::json!({
+                "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k, "min_p": config.min_p,
+            }),
+            shard: sharded.then(|| config.shard.as_str()),
+            shard_timeout: std::time::Duration::from_secs_f64(config.shard_timeout.max(0.1)),
+        }
+    }
+}
+
+/// A rank above 0 of a sharded group: loads its shard of the model rank 0
+/// names and runs every operation rank 0 broadcasts, until rank 0 stops the
+/// group (Ok) or the group breaks (Err). No HTTP, no engine thread: this is
+/// the process's main thread.
+pub fn follow(config: &Config, timeout: std::time::Duration) -> anyhow::Result<()> {
+    crate::memory::tune_heap();
+    let mut opts = EngineOptions::of(config, None);
+    opts.shard_timeout = timeout;
+    py::follow(opts)
 }
 
 /// Engines alive in this process, stopped at exit (see `stop_engines_at_exit`).
@@ -630,25 +683,7 @@ impl EngineHandle {
                 tracing::info!("prefix cache: restricted {tightened} folders and files under {} to this user", dir.display());
             }
         }
-        let opts = EngineOptions {
-            model: Some(model.to_string()),
-            cache_root: config.cache_root(),
-            venv: config.venv_dir(),
-            blas: config.blas,
-            cpu_kernels: config.cpu_kernels,
-            max_batch: config.max_concurrent,
-            prefill_step: config.prefill_step,
-            prefill_batch: config.prefill_batch,
-            mlx_cache_limit: config.mlx_cache_limit,
-            max_decode_stall_ms: config.max_decode_stall_ms,
-            prompt_cache_bytes: config.prompt_cache_bytes,
-            context_length: config.context_length,
-            prompt_cache_dir: config.prompt_cache_persist_dir(),
-            special_tokens_in_content: config.special_tokens_in_content,
-            sampling_flags: serde_json::json!({
-                "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k, "min_p": config.min_p,
-            }),
-        };
+        let opts = EngineOptions::of(config, Some(model));
         let (tx, rx) = std::sync::mpsc::channel();
         let status = Arc::new(EngineStatus::new());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -85,6 +85,7 @@ const SHIM_PACKAGE: &[(&str, &str)] = &[
     ("batch", include_str!("../../python/pensieve_shim/batch.py")),
     ("cpu_kernels", include_str!("../../python/pensieve_shim/cpu_kernels.py")),
     ("model", include_str!("../../python/pensieve_shim/model.py")),
+    ("shard", include_str!("../../python/pensieve_shim/shard.py")),
     ("engine", include_str!("../../python/pensieve_shim/engine.py")),
     ("__init__", include_str!("../../python/pensieve_shim/__init__.py")),
 ];
@@ -194,6 +195,14 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         if !info.batching {
             tracing::warn!("this model cannot run sequences in one batch (its attention or caches do not take batch masks): requests run one at a time");
         }
+        let sharded = info.shard.is_some();
+        if let Some(shard) = &info.shard {
+            tracing::info!(
+                weights_mib_this_rank = info.model_bytes >> 20,
+                "sharded: {shard} (rank 0 serves; the other ranks follow it)"
+            );
+            crate::shard::watch(opts.shard_timeout, Some(status.clone()));
+        }
         let _ = status.info.set(info);
         status.set_state(EngineState::Ready);
         let _ = ready.send(Ok(()));
@@ -206,7 +215,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
                 return;
             }
         };
-        let mut backend = PyBackend { py, engine, invalid_prompt };
+        let mut backend = PyBackend { py, engine, invalid_prompt, sharded };
         worker::serve(&mut backend, rx, &status);
         persist_prompt_cache(&backend.engine, &opts);
         if let Err(e) = backend.engine.call_method0("close") {
@@ -437,6 +446,7 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         "prompt_cache_dir": opts.prompt_cache_dir.as_ref().map(|d| d.to_string_lossy().to_string()),
         "special_tokens_in_content": opts.special_tokens_in_content,
         "sampling_flags": opts.sampling_flags,
+        "shard": opts.shard,
         // Model-card recommendations for built-ins that ship none in their files.
         "model_sampling": match opts.model.as_deref() {
             None | Some(BUILTIN_SMOLLM2) => serde_json::json!({"temperature": 0.2, "top_p": 0.9}),
@@ -444,6 +454,15 @@ fn load<'py>(py: Python<'py>, opts: &EngineOptions, site_packages: &Path) -> PyR
         },
     })
     .to_string();
+    if opts.shard.is_some() {
+        // Rank 0 of a group: the other ranks load what it names.
+        let sh = py.import("pensieve_shim.shard")?;
+        let link = sh.call_method0("link")?;
+        if link.getattr("size")?.extract::<u32>()? > 1 {
+            let spec = opts.model.clone().unwrap_or_else(|| BUILTIN_SMOLLM2.to_string());
+            sh.call_method1("hello", (&link, spec, &options))?;
+        }
+    }
     tracing::info!("loading model {path}");
     let engine = shim.getattr("Engine")?.call1((path, options))?;
     Ok((shim, engine))
@@ -536,6 +555,8 @@ struct PyBackend<'py> {
     engine: Bound<'py, PyAny>,
     /// protocol.InvalidPrompt: errors in a request's own prompt (400).
     invalid_prompt: Bound<'py, PyType>,
+    /// A rank 0 of a sharded group (see shard.py).
+    sharded: bool,
 }
 
 // The boundary's results, read by field name from the NamedTuples of
@@ -670,6 +691,22 @@ fn piece((kind, text): (String, String)) -> Piece {
 }
 
 impl PyBackend<'_> {
+    /// Runs an engine operation in this engine's MLX turn; sharded, every
+    /// rank runs it (under the watchdog) and a lost group is noted.
+    fn op<'a>(&'a self, f: impl FnOnce() -> PyResult<Bound<'a, PyAny>>) -> PyResult<Bound<'a, PyAny>> {
+        if !self.sharded {
+            return mlx_turn(self.py, f);
+        }
+        let r = mlx_turn(self.py, || crate::shard::operation(f));
+        if let Err(e) = &r {
+            if raised(self.py, e, "pensieve_shim.shard", "ShardLost") || raised(self.py, e, "pensieve_shim.shard", "ShardDesync")
+            {
+                crate::shard::declare_lost(&format!("{}", e.value(self.py)));
+            }
+        }
+        r
+    }
+
     fn render_json(prompt: &Prompt) -> String {
         serde_json::to_string(prompt).expect("prompt serializes")
     }
@@ -696,7 +733,7 @@ impl Backend for PyBackend<'_> {
             ),
             None => None,
         };
-        let submitted = mlx_turn(self.py, || self.engine.call_method1("submit", (rid, tokens, params, matcher)));
+        let submitted = self.op(|| self.engine.call_method1("submit", (rid, tokens, params, matcher)));
         let r: PySubmitted = submitted.and_then(|r| r.extract()).map_err(|e| {
             if e.is_instance(self.py, &self.invalid_prompt) {
                 self.prompt_error(e)
@@ -715,13 +752,14 @@ impl Backend for PyBackend<'_> {
     }
 
     fn cancel(&mut self, rid: u64) {
-        if let Err(e) = mlx_turn(self.py, || self.engine.call_method1("cancel", (rid,))) {
+        if let Err(e) = self.op(|| self.engine.call_method1("cancel", (rid,))) {
             tracing::warn!(rid, "cancel failed: {e}");
         }
     }
 
     fn step(&mut self) -> Result<Vec<StepItem>, ApiError> {
-        let items: Vec<PyStepItem> = mlx_turn(self.py, || self.engine.call_method0("step"))
+        let items: Vec<PyStepItem> = self
+            .op(|| self.engine.call_method0("step"))
             .and_then(|r| r.extract())
             .map_err(|e| ApiError::Internal(format!("generation step failed: {e}")))?;
         Ok(items
@@ -761,4 +799,57 @@ impl Backend for PyBackend<'_> {
     fn wait<T: Send>(&mut self, f: impl FnOnce() -> T + Send) -> T {
         self.py.detach(f)
     }
+
+    fn heartbeat_every(&self) -> Option<std::time::Duration> {
+        self.sharded.then(|| std::time::Duration::from_secs(1))
+    }
+
+    fn heartbeat(&mut self) {
+        if let Err(e) = self.op(|| self.engine.call_method0("heartbeat")) {
+            tracing::warn!("shard heartbeat failed: {e}");
+        }
+    }
+
+    fn fatal(&self) -> Option<String> {
+        if !self.sharded {
+            return None;
+        }
+        crate::shard::lost().map(str::to_string)
+    }
+}
+
+/// A rank above 0 (see `engine::follow`).
+pub(crate) fn follow(opts: EngineOptions) -> anyhow::Result<()> {
+    let (site_packages, blas) = prepare(&opts.venv, opts.blas).map_err(anyhow::Error::msg)?;
+    Python::attach(|py| -> anyhow::Result<()> {
+        let shim = load_shim(py, &site_packages)?;
+        let sh = py.import("pensieve_shim.shard")?;
+        let link = sh.call_method0("link")?;
+        let (rank, size): (u32, u32) = (link.getattr("rank")?.extract()?, link.getattr("size")?.extract()?);
+        anyhow::ensure!(size > 1, "this process is rank {rank} of a group of {size}: there is no rank 0 to follow");
+        tracing::info!("rank {rank} of {size}: waiting for rank 0 to name the model (BLAS: {blas})");
+        let (spec, options): (String, String) = sh.call_method1("await_hello", (&link,))?.extract()?;
+        let path = model_path(&shim, Some(&spec), &opts.cache_root, &site_packages)?;
+        tracing::info!("rank {rank}: loading my shard of {path}");
+        let engine = shim.getattr("Engine")?.call1((path, options)).map_err(|e| {
+            anyhow::anyhow!("{}", describe_load_error(py, &e, &EngineOptions { model: Some(spec.clone()), ..opts.clone() }))
+        })?;
+        let info: ModelInfo = serde_json::from_str(&engine.call_method0("info")?.extract::<String>()?)?;
+        tracing::info!(
+            weights_mib_this_rank = info.model_bytes >> 20,
+            "rank {rank}: shard loaded in {:.2}s: {}",
+            info.load_seconds,
+            info.shard.as_ref().map(|s| s.to_string()).unwrap_or_default()
+        );
+        crate::shard::watch(opts.shard_timeout, None);
+        let follower = sh.getattr("Follower")?.call1((&engine,))?;
+        loop {
+            let more = crate::shard::operation(|| follower.call_method0("serve_one")).and_then(|r| r.extract::<bool>());
+            match more {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) => anyhow::bail!("{}", e.value(py)),
+            }
+        }
+    })
 }

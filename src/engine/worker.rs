@@ -52,6 +52,33 @@ pub(crate) trait Backend {
     fn check_sampling(&mut self) -> Option<String>;
     /// Runs `f` with the interpreter released (waiting for work).
     fn wait<T: Send>(&mut self, f: impl FnOnce() -> T + Send) -> T;
+    /// How often to call `heartbeat` while idle (sharded: the other ranks
+    /// learn rank 0 is alive); None: never.
+    fn heartbeat_every(&self) -> Option<Duration> {
+        None
+    }
+    fn heartbeat(&mut self) {}
+    /// Why the engine cannot go on (its shard group is lost), once it cannot.
+    fn fatal(&self) -> Option<String> {
+        None
+    }
+}
+
+enum Waited {
+    Command(Command),
+    Idle,
+    Closed,
+}
+
+/// Fails every running request and the engine when the backend cannot go
+/// on. Returns true when the loop must end.
+fn gave_up<B: Backend>(backend: &B, active: &mut HashMap<u64, Active>, status: &EngineStatus) -> bool {
+    let Some(why) = backend.fatal() else { return false };
+    for (_, a) in active.drain() {
+        let _ = a.events.send(TokenEvent::Failed(ApiError::Unavailable(format!("the model's shard group is lost: {why}"))));
+    }
+    status.set_state(super::EngineState::Failed);
+    true
 }
 
 struct Active {
@@ -76,18 +103,33 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
             }
             refresh_memory(backend, status, &mut last_memory, true);
             let r = rx.take().unwrap();
-            let (r, cmd) = backend.wait(move || {
-                let c = r.recv();
-                (r, c)
+            let every = backend.heartbeat_every();
+            let (r, waited) = backend.wait(move || {
+                let w = match every {
+                    None => r.recv().map(Waited::Command).unwrap_or(Waited::Closed),
+                    Some(d) => match r.recv_timeout(d) {
+                        Ok(c) => Waited::Command(c),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Waited::Idle,
+                        Err(_) => Waited::Closed,
+                    },
+                };
+                (r, w)
             });
             rx = Some(r);
-            match cmd {
-                Ok(c) => {
+            match waited {
+                Waited::Command(c) => {
                     if !handle(backend, c, &mut active) {
                         return;
                     }
                 }
-                Err(_) => return,
+                Waited::Idle => backend.heartbeat(),
+                Waited::Closed => return,
+            }
+            if gave_up(backend, &mut active, status) {
+                return;
+            }
+            if active.is_empty() {
+                continue;
             }
         }
         loop {
@@ -100,6 +142,9 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return,
             }
+        }
+        if gave_up(backend, &mut active, status) {
+            return;
         }
 
         // 2. Cancellation: a closed channel means nobody reads this stream.
@@ -141,6 +186,9 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
                 }
                 probe_sampling(backend, status);
             }
+        }
+        if gave_up(backend, &mut active, status) {
+            return;
         }
         refresh_memory(backend, status, &mut last_memory, false);
     }

@@ -56,17 +56,28 @@ impl Catalog {
             let id = if i == 0 { config.served_model_id() } else { model_id_of(spec) };
             c.add(id, spec.clone(), "--model");
         }
-        if let Some(dir) = &config.models_dir {
+        if crate::shard::distributed() {
+            // A sharded server serves its one model (every rank holds a shard of it).
+            c.entries.truncate(1);
+            for a in &config.alias {
+                let target = a.split_once('=').map(|(_, t)| t.trim()).unwrap_or_default();
+                let Some(_) = c.find_name(target) else {
+                    return Err(format!("--alias {a:?}: a sharded server serves only its one model ({})", c.entries[0].id));
+                };
+            }
+        } else if let Some(dir) = &config.models_dir {
             let found = scan_models_dir(dir).map_err(|e| format!("--models-dir {}: {e}", dir.display()))?;
             for spec in found {
                 c.add(model_id_of(&spec), spec, "--models-dir");
             }
         }
-        for b in [BUILTIN_SMOLLM2, BUILTIN_DEMO] {
-            c.add(model_id_of(b), b.to_string(), "builtin");
-        }
-        for name in crate::ollama::list(&crate::ollama::models_dir()) {
-            c.add(name.clone(), format!("ollama:{name}"), "ollama");
+        if !crate::shard::distributed() {
+            for b in [BUILTIN_SMOLLM2, BUILTIN_DEMO] {
+                c.add(model_id_of(b), b.to_string(), "builtin");
+            }
+            for name in crate::ollama::list(&crate::ollama::models_dir()) {
+                c.add(name.clone(), format!("ollama:{name}"), "ollama");
+            }
         }
         for a in &config.alias {
             let (pattern, target) = a

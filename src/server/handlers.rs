@@ -72,7 +72,8 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
     let loaded = state.models.loaded();
     let sampling = loaded.iter().find_map(|e| e.status().sampling_error());
     let draining = state.draining();
-    let ok = loaded.iter().all(|e| e.status().state() == EngineState::Ready) && sampling.is_none() && !draining;
+    let lost = crate::shard::lost();
+    let ok = loaded.iter().all(|e| e.status().state() == EngineState::Ready) && sampling.is_none() && !draining && lost.is_none();
     let info = default.info();
     let models: Vec<Value> = state.models.all().iter().map(|m| state.models.describe(m)).collect();
     let mut body = json!({
@@ -85,6 +86,11 @@ pub fn health(state: &AppState, detail: bool) -> Response<Body> {
             None => default.state(),
         },
         "checks": {"sampling": match &sampling { None => "ok".to_string(), Some(e) => format!("broken: {e}") }},
+        "shard": info.as_ref().and_then(|i| i.shard.clone()).map(|mut s| {
+            s["group"] = json!(match lost { None => "ok".to_string(), Some(why) => format!("lost: {why}") });
+            s["local_ranks"] = json!(crate::shard::child_pids().iter().map(|(rank, pid)| json!({"rank": rank, "pid": pid})).collect::<Vec<_>>());
+            s
+        }),
         "model": {"id": default.id()},
         "models": models,
         "aliases": state.models.aliases().iter().map(|a| json!({"pattern": a.pattern, "model": state.models.all()[a.target].id()})).collect::<Vec<_>>(),

@@ -137,7 +137,10 @@ pub async fn run_with(
     // Keep answering (with 503 and `draining` on /health) while running
     // requests finish, so clients and supervisors learn why.
     let mut tick = tokio::time::interval(Duration::from_millis(50));
-    while in_use() > 0 && tokio::time::Instant::now() < deadline {
+    // A dead engine: keep answering 503 a moment, so health checks see why.
+    let answer_until = tokio::time::Instant::now()
+        + if matches!(outcome, RunOutcome::EngineDied) { Duration::from_secs(2) } else { Duration::ZERO };
+    while (in_use() > 0 || tokio::time::Instant::now() < answer_until) && tokio::time::Instant::now() < deadline {
         tokio::select! {
             accepted = accept(&listener, extra.as_ref(), &connections) => spawn_connection(&state, accepted),
             _ = tick.tick() => {}
