@@ -1,5 +1,7 @@
 """Makes a random-weight model folder (a benchmark shape or a built-in test
-model): python python/make_model.py SHAPE DEST [float32|bfloat16|float16]"""
+model): python python/make_model.py SHAPE DEST [float32|bfloat16|float16];
+or the Qwen2-architecture twin of a llama model folder (same answers; mlx-lm
+shards Qwen2 in pipeline mode): python python/make_model.py qwen2-twin SRC DEST"""
 import os
 import sys
 

@@ -248,11 +248,44 @@ def make_model(dest, shape="demo", dtype="float32"):
     return dest
 
 
+def qwen2_twin(src, dest):
+    """A Qwen2-architecture copy of a llama-architecture model folder `src`
+    (the trained demo): Qwen2's attention adds biases to q/k/v, here zero,
+    so the twin computes what the original does, token for token. mlx-lm
+    shards Qwen2 in pipeline mode as well as tensor mode, which llama lacks:
+    the twin is how the demo's answers test pipeline sharding."""
+    import shutil
+
+    os.makedirs(dest, exist_ok=True)
+    for f in os.listdir(src):
+        if f.endswith(".json") and f != "config.json":
+            shutil.copy(os.path.join(src, f), dest)
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    if config.get("model_type") != "llama":
+        raise ValueError(f"{src} is a {config.get('model_type')!r} model, not llama")
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    weights = {}
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            weights.update(mx.load(os.path.join(src, f)))
+    for k in list(weights):
+        if k.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            weights[k[: -len("weight")] + "bias"] = mx.zeros((weights[k].shape[0],), weights[k].dtype)
+    mx.save_safetensors(os.path.join(dest, "model.safetensors"), weights)
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return dest
+
+
 def main(argv):
-    """make-model SHAPE DEST [DTYPE] (python/make_model.py)."""
+    """make-model SHAPE DEST [DTYPE] (python/make_model.py), or
+    make-model qwen2-twin SRC DEST (see qwen2_twin)."""
     import sys
 
-    if len(argv) >= 2:
+    if len(argv) == 3 and argv[0] == "qwen2-twin":
+        print(qwen2_twin(argv[1], argv[2]))
+    elif len(argv) >= 2:
         t0 = time.perf_counter()
         path = make_model(argv[1], argv[0], *(argv[2:3] or []))
         print(f"{path} ready in {time.perf_counter() - t0:.1f}s")
