@@ -226,9 +226,17 @@ pub fn launch(config: &Config) -> anyhow::Result<()> {
     let hostfile = write_hostfile(&config.cache_root().join("shard"), &endpoints)?;
     std::env::set_var("MLX_RANK", "0");
     std::env::set_var("MLX_HOSTFILE", &hostfile);
+    let host_of = |ep: &String| ep.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default();
+    let first_host = host_of(&endpoints[0]);
+    let local = endpoints.iter().filter(|ep| is_local(&host_of(ep)) || host_of(ep) == first_host).count();
+    if local > 1 && std::env::var_os("OPENBLAS_NUM_THREADS").is_none() {
+        // Ranks sharing this machine share its cores: each gets its part for
+        // OpenBLAS's threads (read when it loads), not all of them each.
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("OPENBLAS_NUM_THREADS", (cores / local).max(1).to_string());
+    }
     let exe = std::env::current_exe()?;
     let ring_arg = endpoints.join(",");
-    let first_host = endpoints[0].rsplit_once(':').map(|(h, _)| h).unwrap_or_default().to_string();
     let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
     for (rank, ep) in endpoints.iter().enumerate().skip(1) {
         let host = ep.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();

@@ -69,6 +69,11 @@ async fn answers(base: &str) -> Vec<(String, u64)> {
         json!({"model": "m", "max_tokens": n, "temperature": 0, "stream": stream,
                "messages": [{"role": "user", "content": q}]})
     };
+    // A client that hangs up mid-stream: its request is cancelled (on every rank).
+    let mut gone =
+        c.post(format!("{base}/v1/messages")).json(&body("Tell me about the weather in Lima.", 200, true)).send().await.unwrap();
+    common::read_events(&mut gone, 5).await;
+    drop(gone);
     let mut out = Vec::new();
     for q in ["What is the weather in Paris?", "Hello there", "Is it raining in Oslo?"] {
         let v: Value =
@@ -121,9 +126,11 @@ fn tool_round_trip(base: &str) -> Value {
 async fn tensor_and_pipeline_shards_answer_as_the_unsharded_server() {
     let twin = qwen2_twin();
     let result = |out: &str| out.lines().find_map(|l| l.strip_prefix("RESULT ")).map(str::to_string).unwrap();
-    // The trained demo (llama: tensor parallel only) and its Qwen2 twin in pipeline mode.
-    for (model, mode) in [("builtin:demo", "tensor"), (twin.as_str(), "pipeline")] {
-        let single = binary::spawn(&["--model", model]);
+    // The trained demo (llama: tensor parallel only) and its Qwen2 twin in
+    // both modes. Prefill chunks of 16 tokens: longer prompts take several
+    // steps (chunked prefill on every rank).
+    for (model, mode) in [("builtin:demo", "tensor"), (twin.as_str(), "pipeline"), (twin.as_str(), "tensor")] {
+        let single = binary::spawn(&["--model", model, "--prefill-step", "16"]);
         let base = format!("http://{}", single.addr);
         let expected = answers(&base).await;
         assert!(expected.iter().all(|(t, n)| !t.is_empty() && *n > 0), "{expected:?}");
@@ -132,7 +139,7 @@ async fn tensor_and_pipeline_shards_answer_as_the_unsharded_server() {
         assert_eq!(tools_expected["anthropic_call"]["calls"][0]["input"], json!({"city": "Paris"}), "{tools_expected}");
         drop(single);
 
-        let s = sharded(model, mode, &[]);
+        let s = sharded(model, mode, &["--prefill-step", "16"]);
         let base = format!("http://{}", s.addr);
         let h = health(&base).await;
         assert_eq!(h["shard"]["mode"], mode, "{h}");

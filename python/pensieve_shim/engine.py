@@ -141,6 +141,9 @@ class Engine:
         self.shard = None
         self.follower = False
         try:
+            if group is not None and opts.get("mlx_cache_limit") is not None:
+                # Bound MLX's buffer cache before the shard loads (see below).
+                mx.set_cache_limit(int(opts["mlx_cache_limit"]))
             self.model, self.tokenizer, self.config = mlx_lm.load(
                 model, return_config=True, lazy=group is not None
             )
@@ -148,7 +151,7 @@ class Engine:
                 if pensieve_gguf.dequantize_if_marked(self.model, model):
                     self.config.pop("quantization", None)
                 mode = sharding.shard_model(self.model, self.config, opts["shard"], group)
-                mx.eval(self.model.parameters())
+                sharding.materialize(self.model)
                 self.shard = link
                 self.shard.mode = mode
                 self.follower = group.rank() > 0

@@ -215,6 +215,19 @@ def shard_model(model, config, mode, g):
     return mode
 
 
+def materialize(model):
+    """Reads this rank's shard from the lazily loaded weights, one layer at a
+    time: each of a layer's tensors is read whole and cut to this rank's
+    part, and the whole ones are freed before the next layer, so the peak is
+    the shard plus one layer, not the model."""
+    for layer in getattr(model, "layers", None) or []:
+        if layer is not None:
+            mx.eval(layer.parameters())
+            mx.clear_cache()
+    mx.eval(model.parameters())
+    mx.clear_cache()
+
+
 class Leader:
     """Rank 0's side: tells every rank each operation before running it."""
 

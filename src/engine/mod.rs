@@ -166,12 +166,18 @@ impl Generation {
                 return Some(e);
             }
             let rx = self.rx.as_mut()?;
-            let event = tokio::select! {
-                biased;
-                e = rx.recv() => e,
-                why = crate::shard::when_lost() => {
-                    Some(TokenEvent::Failed(ApiError::Unavailable(format!("the model's shard group is lost ({why}): the server is restarting"))))
+            let event = if crate::shard::distributed() {
+                // Sharded: a lost group fails the stream even while the
+                // engine thread is stuck in a collective.
+                tokio::select! {
+                    biased;
+                    e = rx.recv() => e,
+                    why = crate::shard::when_lost() => Some(TokenEvent::Failed(ApiError::Unavailable(format!(
+                        "the model's shard group is lost ({why}): the server is restarting"
+                    )))),
                 }
+            } else {
+                rx.recv().await
             };
             match event {
                 Some(TokenEvent::Token(pieces, logprob)) => {
