@@ -354,3 +354,53 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub config: Config,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> Config {
+        Config::parse_from(std::iter::once("pensieve").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_ring_has_one_endpoint_per_rank() {
+        assert_eq!(
+            ring(&config(&["--ranks", "3", "--shard-port", "4000"])).unwrap(),
+            ["127.0.0.1:4000", "127.0.0.1:4001", "127.0.0.1:4002"]
+        );
+        assert_eq!(ring(&config(&["--hosts", "10.0.0.1,10.0.0.2"])).unwrap(), ["10.0.0.1:32323", "10.0.0.2:32324"]);
+        assert_eq!(ring(&config(&["--hosts", "10.0.0.1,10.0.0.2", "--ranks", "2"])).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn bad_hosts_are_refused_with_the_reason() {
+        let e = ring(&config(&["--hosts", "mac-studio.local,10.0.0.2"])).unwrap_err().to_string();
+        assert!(e.contains("not an IP address"), "{e}");
+        let e = ring(&config(&["--hosts", "10.0.0.1,10.0.0.2", "--ranks", "3"])).unwrap_err().to_string();
+        assert!(e.contains("one rank per host"), "{e}");
+    }
+
+    #[test]
+    fn the_printed_command_survives_a_shell() {
+        let args: Vec<String> = ["worker", "--rank", "1", "--ring", "10.0.0.1:1,10.0.0.2:2", "--cache-dir", "/my models/x'y"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let line = shell_words(&args);
+        let out = std::process::Command::new("sh").arg("-c").arg(format!("printf '%s\\n' {line}")).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(), args);
+    }
+
+    #[test]
+    fn a_group_is_lost_once_with_its_first_reason() {
+        // The process-wide state: this test binary has no sharded engine.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let waiter = rt.spawn(when_lost());
+        declare_lost("rank 1 is gone");
+        declare_lost("a later reason");
+        assert_eq!(rt.block_on(waiter).unwrap(), "rank 1 is gone");
+        assert_eq!(lost(), Some("rank 1 is gone"));
+    }
+}

@@ -159,6 +159,28 @@ async fn tensor_and_pipeline_shards_answer_as_the_unsharded_server() {
     let _ = std::fs::remove_dir_all(&twin);
 }
 
+/// A greedy stream of up to `max_tokens` to "hi", with its first events read.
+async fn streaming(base: &str, max_tokens: u32) -> (reqwest::Response, Vec<(String, Value)>) {
+    let mut resp = common::client()
+        .post(format!("{base}/v1/messages"))
+        .json(&json!({"model": "m", "max_tokens": max_tokens, "temperature": 0, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let first = common::read_events(&mut resp, 4).await;
+    (resp, first)
+}
+
+/// The rest of a stream, as its raw text.
+async fn rest_of(mut resp: reqwest::Response) -> String {
+    let mut rest = String::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    rest
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped) counts as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -173,23 +195,13 @@ async fn lose_the_worker(sig: libc::c_int) {
     let h = health(&base).await;
     let worker = h["shard"]["local_ranks"][0]["pid"].as_u64().unwrap() as u32;
     assert!(alive(worker));
-    let mut resp = common::client()
-        .post(format!("{base}/v1/messages"))
-        .json(&json!({"model": "m", "max_tokens": 4000, "temperature": 0, "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    let first = common::read_events(&mut resp, 4).await;
+    let (resp, first) = streaming(&base, 4000).await;
     assert!(first.iter().any(|(e, _)| e == "content_block_delta"), "{first:?}");
     let t0 = Instant::now();
     // SAFETY: kill(2) on the worker this test's server started.
     unsafe { libc::kill(worker as libc::pid_t, sig) };
     // The stream ends with an error event.
-    let mut rest = String::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        rest.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let rest = rest_of(resp).await;
     let events = common::parse_sse(&rest);
     let err = events.iter().find(|(e, _)| e == "error").unwrap_or_else(|| panic!("no error event: {rest}"));
     assert!(err.1["error"]["message"].as_str().unwrap().contains("shard group is lost"), "{err:?}");
@@ -221,19 +233,9 @@ async fn sigterm_on_rank_0_drains_and_stops_every_rank() {
     let mut s = sharded("builtin:random", "auto", &[]);
     let base = format!("http://{}", s.addr);
     let worker = health(&base).await["shard"]["local_ranks"][0]["pid"].as_u64().unwrap() as u32;
-    let mut resp = common::client()
-        .post(format!("{base}/v1/messages"))
-        .json(&json!({"model": "m", "max_tokens": 60, "temperature": 0, "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    common::read_events(&mut resp, 4).await;
+    let (resp, _) = streaming(&base, 60).await;
     binary::signal(&s, libc::SIGTERM);
-    let mut rest = String::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        rest.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let rest = rest_of(resp).await;
     let events = common::parse_sse(&rest);
     assert!(events.iter().any(|(e, _)| e == "message_stop"), "the running stream finished: {rest}");
     let status = binary::wait_exit(&mut s, 30);

@@ -403,25 +403,16 @@ class Engine:
     def cancel(self, rid):
         if self.leader is not None:
             self.leader.tell(["cancel", rid])
-        s = self.by_rid.pop(rid, None)
-        if s is None:
-            return
-        if s in self.waiting:
-            self.waiting.remove(s)
-        elif s in self.batch.seqs:
-            # Keep what it computed: a client that stops a turn early usually
-            # sends the same conversation again.
-            i = self.batch.seqs.index(s)
-            try:
-                self.prompt_cache.insert_cache(self.model_path, list(s.tokens), compact(self.batch.cache_of(i)))
-            except Exception:
-                pass  # only an optimisation; the sequence leaves the batch regardless
-            self.batch.keep([j for j in range(len(self.batch.seqs)) if j != i])
-            self._trim_prompt_cache()
+        # Keep what it computed: a client that stops a turn early usually
+        # sends the same conversation again.
+        self._remove(rid, keep=True)
 
     def drop(self, rid):
         """A follower: rank 0 no longer runs this request (it failed there
         alone): drop it as rank 0 did, keeping nothing."""
+        self._remove(rid, keep=False)
+
+    def _remove(self, rid, keep):
         s = self.by_rid.pop(rid, None)
         if s is None:
             return
@@ -429,7 +420,14 @@ class Engine:
             self.waiting.remove(s)
         elif s in self.batch.seqs:
             i = self.batch.seqs.index(s)
+            if keep:
+                try:
+                    self.prompt_cache.insert_cache(self.model_path, list(s.tokens), compact(self.batch.cache_of(i)))
+                except Exception:
+                    pass  # only an optimisation; the sequence leaves the batch regardless
             self.batch.keep([j for j in range(len(self.batch.seqs)) if j != i])
+            if keep:
+                self._trim_prompt_cache()
 
     def heartbeat(self):
         """Rank 0, idle: tells the followers it is alive (their watchdog
@@ -639,6 +637,8 @@ class Engine:
             self._fail([group[i] for i in keep], e, out)
 
     def _fail(self, seqs, e, out):
+        if self.shard is not None:
+            self.shard.raise_if_lost(e)
         msg = f"{type(e).__name__}: {e}"
         for s in seqs:
             if s in self.waiting:
@@ -674,6 +674,8 @@ class Engine:
             mx.async_eval(sampled)
             tokens = inputs.tolist()
         except Exception as e:
+            if self.shard is not None:
+                self.shard.raise_if_lost(e)
             if len(seqs) > 1 and self._decode_apart(seqs, inputs, out):
                 return
             self._fail(seqs, e, out)

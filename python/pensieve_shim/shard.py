@@ -109,6 +109,18 @@ class Link:
             self.lost = f"{e}"
             raise ShardLost(f"a rank of the group is gone: {e}") from e
 
+    def raise_if_lost(self, e):
+        """A step's error that is the group's (a collective failed: MLX's
+        backends prefix theirs with their name) is no request's: raises
+        ShardLost, which ends the engine, instead of failing requests one by
+        one with it."""
+        text = str(e)
+        if isinstance(e, ShardLost):
+            raise e
+        if isinstance(e, RuntimeError) and text.startswith(("[ring]", "[jaccl]", "[mpi]", "[nccl]")):
+            self.lost = text
+            raise ShardLost(f"a rank of the group is gone: {text}") from e
+
     def agree(self, tokens):
         """`tokens` as rank 0 sampled them, on every rank (lazy: part of the
         step's graph). Followers contribute zeros; theirs still depend on the

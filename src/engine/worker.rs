@@ -180,6 +180,9 @@ pub(crate) fn serve<B: Backend>(backend: &mut B, rx: Receiver<Command>, status: 
                 }
             }
             Err(e) => {
+                if gave_up(backend, &mut active, status) {
+                    return;
+                }
                 // The backend could not step at all: fail everything running.
                 for (_, a) in active.drain() {
                     let _ = a.events.send(TokenEvent::Failed(e.clone()));
