@@ -157,7 +157,7 @@ fn main() {
         let cfg: Value = serde_json::from_str(&std::fs::read_to_string(format!("{model}/config.json")).unwrap()).unwrap();
         cfg["num_key_value_heads"].as_u64().unwrap()
     };
-    if heads % 2 == 0 {
+    if heads.is_multiple_of(2) {
         rows.push(measure("tensor parallel, 2 ranks", &model, &["--ranks", "2", "--shard", "tensor", "--shard-port", &port(1)]));
     }
     rows.push(measure(
