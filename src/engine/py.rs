@@ -218,7 +218,8 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
         let mut backend = PyBackend { py, engine, invalid_prompt, sharded };
         worker::serve(&mut backend, rx, &status);
         persist_prompt_cache(&backend.engine, &opts);
-        if let Err(e) = backend.engine.call_method0("close") {
+        // Sharded, the close reaches every rank: under the watchdog too.
+        if let Err(e) = crate::shard::operation(|| backend.engine.call_method0("close")) {
             tracing::warn!("engine close: {e}");
         }
         drop(backend);
