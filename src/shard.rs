@@ -226,9 +226,11 @@ pub fn launch(config: &Config) -> anyhow::Result<()> {
     let hostfile = write_hostfile(&config.cache_root().join("shard"), &endpoints)?;
     std::env::set_var("MLX_RANK", "0");
     std::env::set_var("MLX_HOSTFILE", &hostfile);
-    let host_of = |ep: &String| ep.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default();
+    // Which ranks run on this machine (a loopback address, or rank 0's).
+    let host_of = |ep: &str| ep.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default();
     let first_host = host_of(&endpoints[0]);
-    let local = endpoints.iter().filter(|ep| is_local(&host_of(ep)) || host_of(ep) == first_host).count();
+    let here: Vec<bool> = endpoints.iter().map(|ep| is_local(&host_of(ep)) || host_of(ep) == first_host).collect();
+    let local = here.iter().filter(|h| **h).count();
     if local > 1 && std::env::var_os("OPENBLAS_NUM_THREADS").is_none() {
         // Ranks sharing this machine share its cores: each gets its part for
         // OpenBLAS's threads (read when it loads), not all of them each.
@@ -239,10 +241,9 @@ pub fn launch(config: &Config) -> anyhow::Result<()> {
     let ring_arg = endpoints.join(",");
     let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
     for (rank, ep) in endpoints.iter().enumerate().skip(1) {
-        let host = ep.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
         let mut args: Vec<String> = vec!["worker".into(), "--rank".into(), rank.to_string(), "--ring".into(), ring_arg.clone()];
         args.extend(worker_flags(config));
-        if is_local(host) || host == first_host {
+        if here[rank] {
             let mut cmd = Command::new(&exe);
             cmd.args(&args).stdin(Stdio::null());
             #[cfg(target_os = "linux")]
@@ -265,7 +266,7 @@ pub fn launch(config: &Config) -> anyhow::Result<()> {
             eprintln!("pensieve: started rank {rank} of {} (pid {}) on {ep}", endpoints.len(), child.id());
             children.push((rank as u32, child));
         } else {
-            eprintln!("pensieve: rank {rank} runs on {host}; start it there with:\n  pensieve {}", shell_words(&args));
+            eprintln!("pensieve: rank {rank} runs on {}; start it there with:\n  pensieve {}", host_of(ep), shell_words(&args));
         }
     }
     Ok(())

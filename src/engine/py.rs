@@ -168,7 +168,7 @@ pub(crate) fn run(opts: EngineOptions, rx: Receiver<Command>, status: Arc<Engine
             Ok(x) => x,
             Err(e) => {
                 status.set_state(EngineState::Failed);
-                let _ = ready.send(Err(describe_load_error(py, &e, &opts)));
+                let _ = ready.send(Err(describe_load_error(py, &e, opts.model.as_deref().unwrap_or(BUILTIN_SMOLLM2))));
                 return;
             }
         };
@@ -522,8 +522,8 @@ fn python_class<'py>(py: Python<'py>, module: &str, class: &str) -> PyResult<Bou
     Ok(py.import(module)?.getattr(class)?.cast_into::<PyType>()?)
 }
 
-fn describe_load_error(py: Python<'_>, e: &PyErr, opts: &EngineOptions) -> String {
-    let what = opts.model.as_deref().unwrap_or(BUILTIN_SMOLLM2);
+/// `what`: the model as --model gave it.
+fn describe_load_error(py: Python<'_>, e: &PyErr, what: &str) -> String {
     if raised(py, e, "pensieve_shim.protocol", "ModelLoadError") {
         format!("cannot load --model {what}: {}", e.value(py))
     } else {
@@ -832,9 +832,10 @@ pub(crate) fn follow(opts: EngineOptions) -> anyhow::Result<()> {
         let (spec, options): (String, String) = sh.call_method1("await_hello", (&link,))?.extract()?;
         let path = model_path(&shim, Some(&spec), &opts.cache_root, &site_packages)?;
         tracing::info!("rank {rank}: loading my shard of {path}");
-        let engine = shim.getattr("Engine")?.call1((path, options)).map_err(|e| {
-            anyhow::anyhow!("{}", describe_load_error(py, &e, &EngineOptions { model: Some(spec.clone()), ..opts.clone() }))
-        })?;
+        let engine = shim
+            .getattr("Engine")?
+            .call1((path, options))
+            .map_err(|e| anyhow::anyhow!("{}", describe_load_error(py, &e, &spec)))?;
         let info: ModelInfo = serde_json::from_str(&engine.call_method0("info")?.extract::<String>()?)?;
         tracing::info!(
             weights_mib_this_rank = info.model_bytes >> 20,
