@@ -140,10 +140,13 @@ class Engine:
         group = link.group if link is not None and link.size > 1 else None
         self.shard = None
         self.follower = False
+        # MLX keeps freed buffers for reuse; bound that cache (from the load
+        # on: a shard's whole tensors are freed as it loads) so resident
+        # memory tracks the live KV caches instead of past peaks.
+        cache_limit = opts.get("mlx_cache_limit")
+        if cache_limit is not None:
+            mx.set_cache_limit(int(cache_limit))
         try:
-            if group is not None and opts.get("mlx_cache_limit") is not None:
-                # Bound MLX's buffer cache before the shard loads (see below).
-                mx.set_cache_limit(int(opts["mlx_cache_limit"]))
             self.model, self.tokenizer, self.config = mlx_lm.load(
                 model, return_config=True, lazy=group is not None
             )
@@ -188,11 +191,6 @@ class Engine:
         self.eos_set = set(self.eos_ids)
         self.max_decode_stall = float(opts.get("max_decode_stall", 1.0))
         self._last_decode = time.perf_counter()
-        # MLX keeps freed buffers for reuse; bound that cache so resident
-        # memory tracks the live KV caches instead of past peaks.
-        cache_limit = opts.get("mlx_cache_limit")
-        if cache_limit is not None:
-            mx.set_cache_limit(int(cache_limit))
         if self.shard is None:
             self.prompt_cache = LRUPromptCache(max_size=256, max_bytes=self.prompt_cache_bytes)
             self.persist_dir = opts.get("prompt_cache_dir")
